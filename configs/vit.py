@@ -1,0 +1,26 @@
+"""Fine-tune a published ViT: `--config=configs/vit.py:MODEL,DATASET`.
+
+MODEL is a short name from `vit_jax.models.registry` (ti16, s16, b16, l16,
+h14, b8, s32, b32, l32, r_ti16, r50_b16, r26_s32, r26_b32, r50_l32, ...);
+DATASET is a preset of `configs/common.py` or any tfds name / image folder.
+
+  python -m vit_jax.main --config=configs/vit.py:b16,cifar10 \
+      --workdir=/tmp/vit --config.pretrained_dir=DIR
+"""
+
+from configs import common
+from vit_jax.models import registry
+
+
+def get_config(model_dataset: str = 'b16,cifar10'):
+  """Returns the config for fine-tuning MODEL on DATASET ('MODEL,DATASET')."""
+  model, sep, dataset = model_dataset.partition(',')
+  if not sep or not model or not dataset:
+    raise ValueError(
+        f'configs/vit.py expects MODEL,DATASET (e.g. b16,cifar10), got '
+        f'{model_dataset!r}.')
+  config = common.with_dataset(common.get_config(), dataset)
+  config.model = registry.get_config(model)
+  if (model, dataset) == ('b16', 'cifar10'):
+    config.base_lr = 0.01  # vit_jax's tuned value for this pair.
+  return config

@@ -1,0 +1,28 @@
+"""vit_jax: Vision Transformers in JAX/Flax, compatible with Google's vit_jax."""
+
+import setuptools
+
+TEST_REQUIRES = ['pytest>=8', 'chex>=0.1.90']
+
+setuptools.setup(
+    name='vit_jax',
+    version='0.1.0',
+    description=('Vision Transformer (ViT), hybrid and MLP-Mixer models in '
+                 'JAX/Flax with Google vit_jax checkpoint compatibility.'),
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+    install_requires=[
+        'absl-py>=2.1',
+        'flax>=0.12,<0.13',
+        'jax>=0.10,<0.11',
+        'ml_collections>=1.0',
+        'numpy>=1.26',
+    ],
+    extras_require={
+        'test': TEST_REQUIRES,
+        'dev': TEST_REQUIRES + ['ruff>=0.6'],
+    },
+    license='Apache-2.0',
+)

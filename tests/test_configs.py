@@ -1,0 +1,104 @@
+"""Experiment configs parse from the command line exactly as vit_jax's."""
+
+import pathlib
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import common
+from vit_jax import models
+from vit_jax.models import registry
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def parse(*args: str) -> ml_collections.ConfigDict:
+  """Parses `--config=...` flags as `vit_jax.main` will."""
+  argv = ['main', *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_vit_b16_cifar10():
+  config = parse(f'--config={REPO}/configs/vit.py:b16,cifar10')
+  assert config.model.model_name == 'ViT-B_16'
+  assert (config.model.to_dict() ==
+          models.MODEL_CONFIGS['ViT-B_16'].to_dict())
+  assert config.dataset == 'cifar10'
+  assert config.pp.to_dict() == {'train': 'train[:98%]', 'test': 'test',
+                                 'crop': 384}
+  assert config.total_steps == 10_000
+  assert config.base_lr == 0.01
+  assert config.is_locked
+
+
+def test_dataset_argument_is_honoured():
+  # vit_jax's vit.py applies the cifar10 preset whatever the dataset is.
+  config = parse(f'--config={REPO}/configs/vit.py:s16,oxford_iiit_pet')
+  assert config.dataset == 'oxford_iiit_pet'
+  assert config.total_steps == 500
+  assert config.pp.train == 'train[:90%]'
+  assert config.base_lr == 0.03
+
+
+def test_overrides():
+  config = parse(f'--config={REPO}/configs/vit.py:b16,cifar10',
+                 '--config.total_steps=7',
+                 '--config.model.transformer.num_layers=3',
+                 '--config.pp.crop=224')
+  assert config.total_steps == 7
+  assert config.model.transformer.num_layers == 3
+  assert config.pp.crop == 224
+
+
+def test_misspelt_key_is_an_error_naming_it():
+  with pytest.raises(AttributeError,
+                     match='totl_steps.*Did you mean "total_steps"'):
+    parse(f'--config={REPO}/configs/vit.py:b16,cifar10',
+          '--config.totl_steps=7')
+
+
+def test_unknown_model_lists_short_names():
+  with pytest.raises(flags.IllegalFlagValueError, match='b17'):
+    parse(f'--config={REPO}/configs/vit.py:b17,cifar10')
+  with pytest.raises(ValueError, match='r50_b16'):
+    registry.get_config('b17')
+
+
+def test_missing_dataset_is_an_error():
+  with pytest.raises(flags.IllegalFlagValueError, match='MODEL,DATASET'):
+    parse(f'--config={REPO}/configs/vit.py:b16')
+
+
+def test_mixer_config():
+  config = parse(f'--config={REPO}/configs/mixer_base16_cifar10.py')
+  assert config.model.model_name == 'Mixer-B_16'
+  assert config.pp.crop == 224
+  assert isinstance(models.build_model(config.model, num_classes=10),
+                    models.MlpMixer)
+
+
+@pytest.mark.parametrize('dataset', sorted(common.DATASET_PRESETS))
+def test_every_dataset_preset_parses(dataset):
+  config = parse(f'--config={REPO}/configs/vit.py:ti16,{dataset}')
+  assert config.dataset == dataset
+  assert config.total_steps == common.DATASET_PRESETS[dataset].total_steps
+
+
+def test_every_short_name_is_a_registered_model():
+  short_names = [name[len('get_'):-len('_config')] for name in dir(registry)
+                 if name.startswith('get_') and name.endswith('_config')
+                 and name != 'get_config']
+  built = {registry.get_config(short).model_name for short in short_names}
+  assert built == set(models.MODEL_CONFIGS)
+
+
+def test_common_config_is_locked():
+  config = common.get_config()
+  with pytest.raises(AttributeError):
+    config.no_such_knob = 1

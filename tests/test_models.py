@@ -1,0 +1,161 @@
+"""Every registered model: exact size, output shape, jit == no-jit."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from vit_jax import models
+from vit_jax.models import table
+
+from tests import helpers
+
+# Published by vit_jax (models_test.py), 1000 classes at 224x224.
+VIT_JAX_SIZES = {
+    'Mixer-B_16': 59_880_472,
+    'Mixer-B_32': 60_293_428,
+    'Mixer-L_16': 208_196_168,
+    'R+ViT-Ti_16': 6_337_704,
+    'R26+ViT-B_32': 101_383_976,
+    'R26+ViT-S_32': 36_431_912,
+    'R50+ViT-B_16': 98_659_112,
+    'R50+ViT-L_32': 328_994_856,
+    'ViT-B_8': 86_576_872,
+    'ViT-B_16': 86_567_656,
+    'ViT-B_16-gap-norep': 86_566_120,
+    'ViT-B_32': 88_224_232,
+    'ViT-B_32-gap-norep': 88_222_696,
+    'ViT-H_14': 632_045_800,
+    'ViT-L_16': 304_326_632,
+    'ViT-L_32': 306_535_400,
+    'ViT-S_16': 22_050_664,
+    'ViT-S_16-gap-norep': 22_049_896,
+    'ViT-S_32': 22_878_952,
+    'ViT-S_32-gap-norep': 22_878_184,
+    'ViT-Ti_16': 5_717_416,
+    'testing': 21_390,
+    'testing-unpooled': 21_370,
+}
+
+
+def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
+  """Parameter count from the architecture's dimensions alone.
+
+  Written from the papers' definitions, independently of the model code, for
+  the plain (non-hybrid) ViTs and Mixers.
+  """
+  config = models.MODEL_CONFIGS[name]
+  patch = config.patches.size[0]
+  tokens = (resolution // patch)**2
+  if name.startswith('Mixer-'):
+    d, t, c = config.hidden_dim, config.tokens_mlp_dim, config.channels_mlp_dim
+    block = (4 * d + (tokens * t + t + t * tokens + tokens)
+             + (d * c + c + c * d + d))
+    return (patch * patch * 3 * d + d + config.num_blocks * block + 2 * d
+            + d * num_classes + num_classes)
+  d, m = config.hidden_size, config.transformer.mlp_dim
+  cls = config.classifier in ('token', 'token_unpooled')
+  layer = 4 * d + 4 * (d * d + d) + (d * m + m + m * d + d)
+  posemb = (tokens + cls) * d if config.get('posemb', 'learned') == 'learned' else 0
+  return (patch * patch * 3 * d + d + cls * d + posemb
+          + config.transformer.num_layers * layer + 2 * d
+          + d * num_classes + num_classes)
+
+
+def test_every_vit_jax_model_is_registered():
+  assert set(VIT_JAX_SIZES) <= set(models.MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize('name', sorted(models.MODEL_CONFIGS))
+def test_parameter_count_is_exact(name):
+  resolution = models.DEFAULT_RESOLUTIONS[name]
+  model = models.get_model(name, num_classes=1000)
+  count = table.count_params(table.abstract_variables(model, resolution))
+  if name in VIT_JAX_SIZES:
+    assert count == VIT_JAX_SIZES[name]
+  if '+' not in name:  # Hybrids: the published count is the reference.
+    assert count == closed_form_size(name, resolution, 1000)
+
+
+def test_closed_form_agrees_with_published_counts():
+  for name, size in VIT_JAX_SIZES.items():
+    if '+' not in name:
+      assert closed_form_size(name, 224, 1000) == size, name
+
+
+def test_vit_b16_count_printed_by_model_table():
+  stats = table.model_stats('ViT-B_16')
+  assert stats.params == 86_567_656
+  # 17.6 G multiply-adds, the figure papers quote as "FLOPs".
+  assert 34.5 < stats.gflops < 36.0
+
+
+def small_resolution(name: str) -> int:
+  """Two tokens per side: the cheapest input every layer accepts."""
+  config = models.MODEL_CONFIGS[name]
+  stride = config.patches.size[0]
+  if 'resnet' in config:
+    stride *= 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
+  return 2 * stride
+
+
+@functools.lru_cache(maxsize=1)  # Variants of one model run back to back.
+def model_setup(name: str):
+  """(forward fn, variables, images, eager logits) for `name`, 7 classes."""
+  resolution = small_resolution(name)
+  model = models.get_model(name, num_classes=7)
+  images = jax.random.uniform(
+      jax.random.key(1), (2, resolution, resolution, 3), minval=-1, maxval=1)
+  variables = helpers.random_variables(model, images)
+  forward = lambda v, x: model.apply(v, x, train=False)
+  return forward, variables, images, forward(variables, images)
+
+
+class ForwardTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*sorted(models.MODEL_CONFIGS))
+  def test_output_shape_and_jit_consistency(self, name):
+    forward, variables, images, eager_logits = model_setup(name)
+
+    logits = self.variant(forward)(variables, images)
+
+    if models.MODEL_CONFIGS[name].get('classifier') == 'unpooled':
+      chex.assert_shape(logits, (2, 4, 7))
+    else:
+      chex.assert_shape(logits, (2, 7))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+    self.assertGreater(float(jnp.std(logits)), 0.1)
+    chex.assert_trees_all_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_b16_runs_a_224_batch():
+  model = models.get_model('ViT-B_16', num_classes=1000)
+  images = jnp.ones((2, 224, 224, 3))
+  variables = model.init(jax.random.key(0), images, train=False)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, images)
+  chex.assert_shape(logits, (2, 1000))
+  chex.assert_tree_all_finite(logits)
+  np.testing.assert_array_equal(logits, 0.0)  # Zero-initialised head.
+
+
+def test_unknown_model_name_lists_registered_names():
+  with pytest.raises(KeyError, match='ViT-B_16'):
+    models.get_model('ViT-B_61', num_classes=10)
+
+
+def test_unknown_option_is_named():
+  with pytest.raises(TypeError, match='hidden_sise'):
+    models.get_model('ViT-B_16', num_classes=10, hidden_sise=3)
+
+
+def test_overrides_take_precedence_over_registry():
+  model = models.get_model('ViT-B_16', num_classes=10, classifier='gap')
+  assert model.classifier == 'gap'
+  assert models.MODEL_CONFIGS['ViT-B_16'].classifier == 'token'

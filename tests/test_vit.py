@@ -1,0 +1,272 @@
+"""Behaviour of the ViT modules: names, precision, embeddings, options."""
+
+import subprocess
+import sys
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.models import resnet
+from vit_jax.models import vit
+
+from tests import helpers
+
+
+def expected_vit_b16_tree(num_classes: int = 1000) -> dict:
+  """ViT-B/16's parameter shapes, from the paper's Table 1 and vit_jax names.
+
+  Hidden 768, MLP 3072, 12 heads of 64, 12 layers, 16x16 patches, so
+  (224/16)^2 + 1 = 197 tokens.
+  """
+  d, m, heads, head_dim, tokens = 768, 3072, 12, 64, 197
+  tree = {
+      'embedding/kernel': (16, 16, 3, d),
+      'embedding/bias': (d,),
+      'cls': (1, 1, d),
+      'Transformer/posembed_input/pos_embedding': (1, tokens, d),
+      'Transformer/encoder_norm/scale': (d,),
+      'Transformer/encoder_norm/bias': (d,),
+      'head/kernel': (d, num_classes),
+      'head/bias': (num_classes,),
+  }
+  for i in range(12):
+    block = f'Transformer/encoderblock_{i}'
+    attention = f'{block}/MultiHeadDotProductAttention_0'
+    for norm in ('LayerNorm_0', 'LayerNorm_1'):
+      tree[f'{block}/{norm}/scale'] = (d,)
+      tree[f'{block}/{norm}/bias'] = (d,)
+    for projection in ('query', 'key', 'value'):
+      tree[f'{attention}/{projection}/kernel'] = (d, heads, head_dim)
+      tree[f'{attention}/{projection}/bias'] = (heads, head_dim)
+    tree[f'{attention}/out/kernel'] = (heads, head_dim, d)
+    tree[f'{attention}/out/bias'] = (d,)
+    tree[f'{block}/MlpBlock_0/Dense_0/kernel'] = (d, m)
+    tree[f'{block}/MlpBlock_0/Dense_0/bias'] = (m,)
+    tree[f'{block}/MlpBlock_0/Dense_1/kernel'] = (m, d)
+    tree[f'{block}/MlpBlock_0/Dense_1/bias'] = (d,)
+  return tree
+
+
+def param_shapes(model, resolution: int) -> dict:
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), images)
+  flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+  return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def test_vit_b16_tree_matches_vit_jax_names_and_shapes():
+  model = models.get_model('ViT-B_16', num_classes=1000)
+  assert param_shapes(model, 224) == expected_vit_b16_tree()
+
+
+def test_representation_size_adds_pre_logits():
+  model = models.get_model('ViT-B_16', num_classes=10,
+                           representation_size=768)
+  shapes = param_shapes(model, 224)
+  assert shapes['pre_logits/kernel'] == (768, 768)
+  assert shapes['head/kernel'] == (768, 10)
+
+
+def test_hybrid_root_names_match_vit_jax():
+  shapes = param_shapes(models.get_model('R50+ViT-B_16', num_classes=10), 224)
+  assert shapes['conv_root/kernel'] == (7, 7, 3, 64)
+  assert shapes['gn_root/scale'] == (64,)
+  assert shapes['block1/unit1/conv_proj/kernel'] == (1, 1, 64, 256)
+  assert shapes['block1/unit1/gn_proj/bias'] == (256,)
+  assert shapes['block2/unit1/conv2/kernel'] == (3, 3, 128, 128)
+  assert shapes['block3/unit9/conv3/kernel'] == (1, 1, 256, 1024)
+  assert 'block4/unit1/conv1/kernel' not in shapes
+  assert shapes['embedding/kernel'] == (1, 1, 1024, 768)
+  # 224 / 16 = 14 → 196 patch tokens + 1 class token.
+  assert shapes['Transformer/posembed_input/pos_embedding'] == (1, 197, 768)
+
+
+def test_mixer_names_match_vit_jax():
+  shapes = param_shapes(models.get_model('Mixer-B_16', num_classes=10), 224)
+  assert shapes['stem/kernel'] == (16, 16, 3, 768)
+  assert shapes['MixerBlock_0/token_mixing/Dense_0/kernel'] == (196, 384)
+  assert shapes['MixerBlock_11/channel_mixing/Dense_1/kernel'] == (3072, 768)
+  assert shapes['MixerBlock_3/LayerNorm_1/scale'] == (768,)
+  assert shapes['pre_head_layer_norm/bias'] == (768,)
+
+
+# Mixed precision.
+##################
+
+
+@pytest.mark.parametrize('name', ['ViT-Mini_4', 'R+ViT-Ti_16', 'Mixer-Mini_4'])
+def test_bfloat16_is_close_to_float32_and_params_stay_float32(name):
+  resolution = 64 if name.startswith('R+') else 32
+  images = jax.random.uniform(jax.random.key(0), (4, resolution, resolution, 3),
+                              minval=-1, maxval=1)
+  model32 = models.get_model(name, num_classes=10)
+  model16 = models.get_model(name, num_classes=10, dtype=jnp.bfloat16)
+  variables = helpers.random_variables(model32, images)
+
+  init16 = jax.eval_shape(
+      lambda x: model16.init(jax.random.key(0), x, train=False), images)
+  assert {leaf.dtype for leaf in jax.tree.leaves(init16)} == {
+      jnp.dtype(jnp.float32)}
+
+  logits32 = model32.apply(variables, images, train=False)
+  logits16, state = model16.apply(variables, images, train=False,
+                                  capture_intermediates=True)
+  chex.assert_type(logits16, jnp.float32)
+  # bf16 keeps 8 significant bits (relative error 2^-8 ≈ 0.4% per rounding);
+  # after a whole network the logits agree to a few percent of their scale.
+  scale = float(jnp.max(jnp.abs(logits32)))
+  chex.assert_trees_all_close(logits16, logits32, atol=0.05 * scale)
+  assert float(jnp.max(jnp.abs(logits16 - logits32))) > 0  # bf16 really ran.
+
+  # Every layer computes in bf16 (vit_jax's encoder blocks ignore `dtype`).
+  outputs = flax.traverse_util.flatten_dict(state['intermediates'], sep='/')
+  inner = {path: out[0].dtype for path, out in outputs.items()
+           if path != '__call__'}  # The model's own output is float32.
+  assert inner and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}, inner
+
+
+# Position embeddings.
+######################
+
+
+def test_sincos2d_matches_hand_computed_values():
+  table = vit.sincos2d_embedding(height=3, width=4, dim=8)
+  chex.assert_shape(table, (12, 8))
+  # dim 8 → two frequencies: 1 and 1/10000. Layout per token:
+  # [sin(c w), cos(c w), sin(r w), cos(r w)].
+  np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+  row, col = 1, 2  # token 1 * 4 + 2 = 6
+  np.testing.assert_allclose(table[6], [
+      np.sin(2), np.sin(2e-4), np.cos(2), np.cos(2e-4),
+      np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4)], rtol=1e-6)
+  np.testing.assert_allclose(table[11][:2], [np.sin(3), np.sin(3e-4)],
+                             rtol=1e-6)
+
+
+def test_sincos2d_rejects_width_not_multiple_of_4():
+  with pytest.raises(ValueError, match='multiple of 4'):
+    vit.sincos2d_embedding(2, 2, 10)
+
+
+def test_sincos2d_is_added_and_not_trainable():
+  encoder = vit.Encoder(num_layers=0, mlp_dim=8, num_heads=2,
+                        posemb='sincos2d', posemb_grid=(2, 3))
+  tokens = jnp.zeros((1, 7, 8))  # A class token + a 2x3 grid.
+  variables = encoder.init(jax.random.key(0), tokens, train=False)
+  assert set(variables['params']) == {'encoder_norm'}
+  out = encoder.apply(variables, tokens, train=False)
+  table = np.concatenate([np.zeros((1, 8)), vit.sincos2d_embedding(2, 3, 8)])
+  mean = table.mean(-1, keepdims=True)
+  expected = (table - mean) / np.sqrt(table.var(-1, keepdims=True) + 1e-6)
+  chex.assert_trees_all_close(out[0], expected, atol=1e-5)
+
+
+def test_model_with_sincos2d_has_no_position_parameter():
+  model = models.get_model('ViT-B_16', num_classes=10, posemb='sincos2d')
+  shapes = param_shapes(model, 224)
+  assert not any('posembed' in path for path in shapes)
+
+
+def test_no_position_embedding():
+  model = models.get_model('testing', num_classes=10, posemb='none')
+  assert not any('posembed' in path for path in param_shapes(model, 32))
+
+
+# Classifiers, dropout, attention weights.
+##########################################
+
+
+@pytest.mark.parametrize('classifier, shape', [
+    ('token', (2, 5)), ('gap', (2, 5)), ('unpooled', (2, 4, 5)),
+    ('token_unpooled', (2, 5, 5))])
+def test_classifier_output_shapes(classifier, shape):
+  model = models.get_model('testing', num_classes=5, classifier=classifier)
+  images = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images, train=False)
+  chex.assert_shape(model.apply(variables, images, train=False), shape)
+  assert ('cls' in variables['params']) == classifier.startswith('token')
+
+
+def test_invalid_classifier_is_rejected():
+  model = models.get_model('testing', num_classes=5, classifier='tokn')
+  with pytest.raises(ValueError, match="classifier='tokn'"):
+    model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False)
+
+
+def test_dropout_only_in_training():
+  model = models.get_model('testing', num_classes=5)  # dropout_rate 0.1
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = helpers.random_variables(model, images)
+  apply = lambda train, seed: model.apply(
+      variables, images, train=train, rngs={'dropout': jax.random.key(seed)})
+  chex.assert_trees_all_equal(apply(False, 0), apply(False, 1))
+  assert not np.allclose(apply(True, 0), apply(True, 1))
+
+
+def test_sown_attention_weights_leave_output_unchanged():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  plain = models.get_model('ViT-Micro_4', num_classes=5)
+  sowing = models.get_model('ViT-Micro_4', num_classes=5,
+                            sow_attention_weights=True)
+  variables = helpers.random_variables(plain, images)
+
+  logits, state = sowing.apply(variables, images, train=False,
+                               mutable=['intermediates'])
+  chex.assert_trees_all_close(
+      logits, plain.apply(variables, images, train=False), atol=1e-6)
+  _, plain_state = plain.apply(variables, images, train=False,
+                               mutable=['intermediates'])
+  assert not plain_state
+
+  weights = state['intermediates']['Transformer']
+  assert len(weights) == 4  # One per layer.
+  attention = weights['encoderblock_0']['MultiHeadDotProductAttention_0'][
+      'attention_weights'][0]
+  chex.assert_shape(attention, (2, 2, 64, 64))  # batch, heads, query, key
+  chex.assert_trees_all_close(attention.sum(-1), jnp.ones((2, 2, 64)),
+                              atol=1e-5)
+
+
+# Hybrid root.
+##############
+
+
+def test_std_conv_standardises_its_kernel():
+  conv = resnet.StdConv(features=4, kernel_size=(3, 3), use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
+  kernel = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+  out = conv.apply({'params': {'kernel': kernel}}, x)
+
+  k = np.asarray(kernel, np.float64)
+  k = (k - k.mean((0, 1, 2))) / (k.std((0, 1, 2)) + 1e-5)
+  expected = jax.lax.conv_general_dilated(
+      x, jnp.asarray(k, jnp.float32), (1, 1), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  chex.assert_trees_all_close(out, expected, atol=1e-4)
+
+
+def test_wrong_input_rank_is_a_clear_error():
+  model = models.get_model('testing', num_classes=5)
+  with pytest.raises(ValueError, match=r'\[batch, height, width, channels\]'):
+    model.init(jax.random.key(0), jnp.ones((32, 32, 3)), train=False)
+
+
+# Model table.
+##############
+
+
+def test_model_table_cli():
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.models', '--table', '--models',
+       'ViT-B_16', 'testing'],
+      capture_output=True, text=True, check=True)
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].startswith('| model | resolution | parameters')
+  assert '| ViT-B_16 | 224 | 86,567,656 |' in result.stdout
+  assert '| testing | 224 | 21,390 |' in result.stdout

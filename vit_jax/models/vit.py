@@ -1,0 +1,363 @@
+"""Vision Transformer (Dosovitskiy et al., 2020) in Flax linen.
+
+Module and parameter names follow Google's `vit_jax`, so a parameter tree of
+this model is interchangeable with one of theirs:
+
+  embedding/{kernel,bias}                       patch embedding (a strided conv)
+  cls                                           class token (token classifiers)
+  Transformer/posembed_input/pos_embedding      learned position embeddings
+  Transformer/encoderblock_{i}/LayerNorm_0
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value,out}
+  Transformer/encoderblock_{i}/LayerNorm_1
+  Transformer/encoderblock_{i}/MlpBlock_0/{Dense_0,Dense_1}
+  Transformer/encoder_norm
+  pre_logits/{kernel,bias}                      only with `representation_size`
+  head/{kernel,bias}                            only with `num_classes`
+
+Hybrid models (R50+ViT-B/16 and friends) add vit_jax's ResNet root
+(`conv_root`, `gn_root`, `block{i}/unit{j}/...`) in front of the embedding.
+
+Mixed precision: `dtype` is the compute dtype of every layer; parameters are
+always created in float32, LayerNorm statistics and the attention softmax are
+computed in float32, and the logits are returned in float32.
+"""
+
+from typing import Any, Callable, Optional, Sequence, Tuple, Type
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import resnet
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
+POSITION_EMBEDDINGS = ('learned', 'sincos2d', 'none')
+
+
+class IdentityLayer(nn.Module):
+  """Returns its input; gives a name (e.g. `pre_logits`) to an activation."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return x
+
+
+def sincos2d_embedding(height: int, width: int, dim: int,
+                       temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embeddings, shape `[height * width, dim]`.
+
+  Token `p = r * width + c` (row `r`, column `c`) gets
+  `[sin(c * w), cos(c * w), sin(r * w), cos(r * w)]`, each block of width
+  `dim // 4`, with frequencies `w_k = temperature ** (-k / (dim // 4 - 1))`
+  for `k = 0 .. dim // 4 - 1` (so they span 1 down to 1 / temperature), as in
+  big_vision's `posemb_sincos_2d`.
+
+  Args:
+    height: number of patch rows.
+    width: number of patch columns.
+    dim: embedding width; a multiple of 4, at least 8.
+    temperature: the longest wavelength, in patches.
+
+  Returns:
+    A float32 numpy array (a compile-time constant, never a parameter).
+  """
+  if dim % 4 or dim < 8:
+    raise ValueError(
+        f'sincos2d position embeddings need a hidden size that is a multiple '
+        f'of 4 and at least 8, got {dim}; use posemb="learned" for this width.')
+  quarter = dim // 4
+  omega = 1.0 / temperature**(np.arange(quarter) / (quarter - 1))
+  rows, cols = np.mgrid[:height, :width]
+  row_angles = rows.reshape(-1, 1) * omega[None, :]
+  col_angles = cols.reshape(-1, 1) * omega[None, :]
+  return np.concatenate([
+      np.sin(col_angles), np.cos(col_angles),
+      np.sin(row_angles), np.cos(row_angles)
+  ], axis=1).astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds learned position embeddings (`pos_embedding`, `[1, seq, dim]`).
+
+  Attributes:
+    posemb_init: initializer of the embedding table.
+  """
+
+  posemb_init: Initializer = nn.initializers.normal(stddev=0.02)  # as BERT.
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    if inputs.ndim != 3:
+      raise ValueError(
+          f'AddPositionEmbs expects [batch, seq, dim], got shape {inputs.shape}')
+    shape = (1, inputs.shape[1], inputs.shape[2])
+    table = self.param('pos_embedding', self.posemb_init, shape, jnp.float32)
+    return inputs + table.astype(inputs.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Transformer feed-forward block: Dense → GELU → Dropout → Dense → Dropout.
+
+  Attributes:
+    mlp_dim: hidden width.
+    dtype: compute dtype.
+    out_dim: output width (default: the input width).
+    dropout_rate: dropout after each Dense.
+    kernel_init: initializer of both kernels.
+    bias_init: initializer of both biases.
+  """
+
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  out_dim: Optional[int] = None
+  dropout_rate: float = 0.1
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.normal(stddev=1e-6)
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
+    out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
+    dense = lambda features: nn.Dense(  # pylint: disable=g-long-lambda
+        features, dtype=self.dtype, kernel_init=self.kernel_init,
+        bias_init=self.bias_init)
+    x = dense(self.mlp_dim)(inputs)
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim)(x)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm Transformer layer: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  Attributes:
+    mlp_dim: hidden width of the MLP.
+    num_heads: number of attention heads.
+    dtype: compute dtype.
+    dropout_rate: dropout on the attention and MLP outputs.
+    attention_dropout_rate: dropout on the attention weights.
+    sow_attention_weights: record the softmaxed attention weights,
+      `[batch, heads, query, key]`, in the `intermediates` collection under
+      `MultiHeadDotProductAttention_0/attention_weights`.
+  """
+
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  sow_attention_weights: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
+    if inputs.ndim != 3:
+      raise ValueError(
+          f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}')
+    x = nn.LayerNorm(dtype=self.dtype)(inputs)
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        broadcast_dropout=False,
+        dropout_rate=self.attention_dropout_rate,
+        deterministic=deterministic,
+        force_fp32_for_softmax=True,
+    )(x, x, sow_weights=self.sow_attention_weights)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = x + inputs
+
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = MlpBlock(
+        mlp_dim=self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
+    )(y, deterministic=deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Position embeddings, a stack of `Encoder1DBlock`s and a final LayerNorm.
+
+  Attributes:
+    num_layers: number of Transformer layers.
+    mlp_dim: hidden width of each MLP.
+    num_heads: attention heads per layer.
+    dropout_rate: dropout rate.
+    attention_dropout_rate: dropout on attention weights.
+    posemb: 'learned' (trainable table, vit_jax's), 'sincos2d' (fixed, no
+      parameter) or 'none'.
+    posemb_grid: (rows, columns) of the patch grid; needed by 'sincos2d'.
+      Tokens in front of the grid (a class token) get a zero embedding.
+    dtype: compute dtype.
+    sow_attention_weights: see `Encoder1DBlock`.
+  """
+
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  posemb: str = 'learned'
+  posemb_grid: Optional[Tuple[int, int]] = None
+  dtype: Dtype = jnp.float32
+  sow_attention_weights: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if x.ndim != 3:
+      raise ValueError(f'Encoder expects [batch, seq, dim], got {x.shape}')
+    if self.posemb == 'learned':
+      x = AddPositionEmbs(name='posembed_input')(x)
+    elif self.posemb == 'sincos2d':
+      x = x + self._sincos2d_table(x.shape[1], x.shape[2]).astype(x.dtype)
+    elif self.posemb != 'none':
+      raise ValueError(
+          f'Unknown posemb={self.posemb!r}; expected one of '
+          f'{POSITION_EMBEDDINGS}.')
+    if self.posemb != 'none':
+      x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+
+    for layer in range(self.num_layers):
+      x = Encoder1DBlock(
+          mlp_dim=self.mlp_dim,
+          num_heads=self.num_heads,
+          dtype=self.dtype,
+          dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          sow_attention_weights=self.sow_attention_weights,
+          name=f'encoderblock_{layer}',
+      )(x, deterministic=not train)
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+
+  def _sincos2d_table(self, seq_len: int, dim: int) -> Array:
+    """The fixed table for `seq_len` tokens: zeros for prefix tokens."""
+    if self.posemb_grid is None:
+      raise ValueError('posemb="sincos2d" needs posemb_grid=(rows, columns).')
+    rows, cols = self.posemb_grid
+    num_prefix = seq_len - rows * cols
+    if num_prefix < 0:
+      raise ValueError(
+          f'Sequence of {seq_len} tokens is shorter than the {rows}x{cols} '
+          'patch grid given in posemb_grid.')
+    table = sincos2d_embedding(rows, cols, dim)
+    table = np.concatenate([np.zeros((num_prefix, dim), np.float32), table])
+    return jnp.asarray(table)[None]
+
+
+class VisionTransformer(nn.Module):
+  """Vision Transformer classifier (optionally with a ResNet root: hybrid).
+
+  Attributes:
+    num_classes: width of the `head`; 0 or None leaves the head out and returns
+      the (pre-logits) representation.
+    patches: {'size': (ph, pw)}: patch size of the `embedding` conv.
+    transformer: keyword arguments of `Encoder` (num_layers, mlp_dim,
+      num_heads, dropout_rate, attention_dropout_rate); None stops after the
+      patch embedding.
+    hidden_size: token width.
+    resnet: {'num_layers': (...), 'width_factor': w} for a hybrid model.
+    representation_size: width of a tanh `pre_logits` layer before the head.
+    classifier: 'token' (class token, vit_jax's default), 'gap' (mean over
+      tokens), 'unpooled' (every patch token) or 'token_unpooled' (class token
+      plus every patch token, unpooled).
+    head_bias_init: constant initial value of the head bias.
+    encoder: the Encoder class (swappable for experiments).
+    model_name: the registry name; informational.
+    posemb: position embedding kind, see `Encoder`.
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    sow_attention_weights: record every layer's attention weights in the
+      `intermediates` collection (pass `mutable=['intermediates']` to apply).
+  """
+
+  num_classes: Optional[int]
+  patches: Any
+  transformer: Any
+  hidden_size: int
+  resnet: Optional[Any] = None
+  representation_size: Optional[int] = None
+  classifier: str = 'token'
+  head_bias_init: float = 0.
+  encoder: Type[nn.Module] = Encoder
+  model_name: Optional[str] = None
+  posemb: str = 'learned'
+  dtype: Dtype = jnp.float32
+  sow_attention_weights: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, train: bool) -> Array:
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(
+          f'Invalid classifier={self.classifier!r}; expected one of '
+          f'{CLASSIFIERS}.')
+    if inputs.ndim != 4:
+      raise ValueError(
+          f'VisionTransformer expects images [batch, height, width, channels],'
+          f' got shape {inputs.shape}.')
+    x = inputs
+    if self.resnet is not None:
+      x = self._resnet_root(x)
+
+    x = nn.Conv(
+        features=self.hidden_size,
+        kernel_size=tuple(self.patches['size']),
+        strides=tuple(self.patches['size']),
+        padding='VALID',
+        dtype=self.dtype,
+        name='embedding')(x)
+
+    if self.transformer is not None:
+      n, h, w, c = x.shape
+      x = jnp.reshape(x, [n, h * w, c])
+      if self.classifier in ('token', 'token_unpooled'):
+        cls = self.param('cls', nn.initializers.zeros, (1, 1, c), jnp.float32)
+        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], 1)
+      x = self.encoder(
+          name='Transformer',
+          posemb=self.posemb,
+          posemb_grid=(h, w),
+          dtype=self.dtype,
+          sow_attention_weights=self.sow_attention_weights,
+          **self.transformer)(x, train=train)
+
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+    if self.representation_size is not None:
+      x = nn.Dense(
+          self.representation_size, dtype=self.dtype, name='pre_logits')(x)
+      x = nn.tanh(x)
+    else:
+      x = IdentityLayer(name='pre_logits')(x)
+
+    if self.num_classes:
+      x = nn.Dense(
+          self.num_classes,
+          dtype=self.dtype,
+          kernel_init=nn.initializers.zeros,
+          bias_init=nn.initializers.constant(self.head_bias_init),
+          name='head')(x)
+    return x.astype(jnp.float32)
+
+  def _resnet_root(self, x: Array) -> Array:
+    """vit_jax's hybrid root: StdConv 7x7/2, GroupNorm, max-pool, stages."""
+    width = int(64 * self.resnet['width_factor'])
+    x = resnet.StdConv(
+        features=width, kernel_size=(7, 7), strides=(2, 2), use_bias=False,
+        dtype=self.dtype, name='conv_root')(x)
+    x = nn.GroupNorm(dtype=self.dtype, name='gn_root')(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+    stage_sizes: Sequence[int] = tuple(self.resnet['num_layers'])
+    for i, block_size in enumerate(stage_sizes):
+      x = resnet.ResNetStage(
+          block_size=block_size,
+          nout=width * 2**i,
+          first_stride=(1, 1) if i == 0 else (2, 2),
+          dtype=self.dtype,
+          name=f'block{i + 1}')(x)
+    return x
