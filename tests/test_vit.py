@@ -270,3 +270,25 @@ def test_model_table_cli():
   assert lines[0].startswith('| model | resolution | parameters')
   assert '| ViT-B_16 | 224 | 86,567,656 |' in result.stdout
   assert '| testing | 224 | 21,390 |' in result.stdout
+
+
+def test_gelu_and_layernorm_options_change_the_function():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  base = models.get_model('ViT-Micro_4', num_classes=5)
+  variables = helpers.random_variables(base, images)
+  reference = base.apply(variables, images, train=False)
+  for option in ({'approximate_gelu': False}, {'layernorm_epsilon': 1e-12}):
+    model = models.get_model('ViT-Micro_4', num_classes=5, **option)
+    logits = model.apply(variables, images, train=False)
+    assert not np.array_equal(logits, reference), option
+    chex.assert_trees_all_close(logits, reference, atol=0.05)
+
+
+def test_mlp_block_exact_gelu_matches_erf_formula():
+  x = jnp.linspace(-3, 3, 16).reshape(1, 16)
+  block = vit.MlpBlock(mlp_dim=16, approximate_gelu=False, dropout_rate=0.0)
+  eye = {'params': {'Dense_0': {'kernel': jnp.eye(16), 'bias': jnp.zeros(16)},
+                    'Dense_1': {'kernel': jnp.eye(16), 'bias': jnp.zeros(16)}}}
+  out = block.apply(eye, x, deterministic=True)
+  expected = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
+  chex.assert_trees_all_close(out, expected, atol=1e-6)

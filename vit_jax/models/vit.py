@@ -110,6 +110,8 @@ class MlpBlock(nn.Module):
     dropout_rate: dropout after each Dense.
     kernel_init: initializer of both kernels.
     bias_init: initializer of both biases.
+    approximate_gelu: tanh-approximated GELU (Google's checkpoints were
+      trained with it) instead of the exact erf form (timm, transformers).
   """
 
   mlp_dim: int
@@ -118,6 +120,7 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.1
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.normal(stddev=1e-6)
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
@@ -126,7 +129,7 @@ class MlpBlock(nn.Module):
         features, dtype=self.dtype, kernel_init=self.kernel_init,
         bias_init=self.bias_init)
     x = dense(self.mlp_dim)(inputs)
-    x = nn.gelu(x)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim)(x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -144,6 +147,9 @@ class Encoder1DBlock(nn.Module):
     sow_attention_weights: record the softmaxed attention weights,
       `[batch, heads, query, key]`, in the `intermediates` collection under
       `MultiHeadDotProductAttention_0/attention_weights`.
+    approximate_gelu: see `MlpBlock`.
+    layernorm_epsilon: epsilon of both LayerNorms (1e-6 as Flax and timm;
+      Hugging Face transformers' ViT uses 1e-12).
   """
 
   mlp_dim: int
@@ -152,13 +158,15 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   sow_attention_weights: bool = False
+  approximate_gelu: bool = True
+  layernorm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
     if inputs.ndim != 3:
       raise ValueError(
           f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}')
-    x = nn.LayerNorm(dtype=self.dtype)(inputs)
+    x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads,
         dtype=self.dtype,
@@ -171,9 +179,10 @@ class Encoder1DBlock(nn.Module):
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
 
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
+        approximate_gelu=self.approximate_gelu,
     )(y, deterministic=deterministic)
     return x + y
 
@@ -193,6 +202,8 @@ class Encoder(nn.Module):
       Tokens in front of the grid (a class token) get a zero embedding.
     dtype: compute dtype.
     sow_attention_weights: see `Encoder1DBlock`.
+    approximate_gelu: see `MlpBlock`.
+    layernorm_epsilon: epsilon of every LayerNorm, see `Encoder1DBlock`.
   """
 
   num_layers: int
@@ -204,6 +215,8 @@ class Encoder(nn.Module):
   posemb_grid: Optional[Tuple[int, int]] = None
   dtype: Dtype = jnp.float32
   sow_attention_weights: bool = False
+  approximate_gelu: bool = True
+  layernorm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -228,9 +241,12 @@ class Encoder(nn.Module):
           dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
           sow_attention_weights=self.sow_attention_weights,
+          approximate_gelu=self.approximate_gelu,
+          layernorm_epsilon=self.layernorm_epsilon,
           name=f'encoderblock_{layer}',
       )(x, deterministic=not train)
-    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+    return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
+                        name='encoder_norm')(x)
 
   def _sincos2d_table(self, seq_len: int, dim: int) -> Array:
     """The fixed table for `seq_len` tokens: zeros for prefix tokens."""
@@ -270,6 +286,8 @@ class VisionTransformer(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     sow_attention_weights: record every layer's attention weights in the
       `intermediates` collection (pass `mutable=['intermediates']` to apply).
+    approximate_gelu: tanh GELU (Google's weights) or exact (timm, HF).
+    layernorm_epsilon: epsilon of the encoder's LayerNorms (HF uses 1e-12).
   """
 
   num_classes: Optional[int]
@@ -285,6 +303,8 @@ class VisionTransformer(nn.Module):
   posemb: str = 'learned'
   dtype: Dtype = jnp.float32
   sow_attention_weights: bool = False
+  approximate_gelu: bool = True
+  layernorm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
@@ -320,6 +340,8 @@ class VisionTransformer(nn.Module):
           posemb_grid=(h, w),
           dtype=self.dtype,
           sow_attention_weights=self.sow_attention_weights,
+          approximate_gelu=self.approximate_gelu,
+          layernorm_epsilon=self.layernorm_epsilon,
           **self.transformer)(x, train=train)
 
     if self.classifier == 'token':
