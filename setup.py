@@ -19,6 +19,10 @@ setuptools.setup(
         'jax>=0.10,<0.11',
         'ml_collections>=1.0',
         'numpy>=1.26',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12,<0.13',
+        'safetensors>=0.4',
+        'scipy>=1.11',
     ],
     extras_require={
         'test': TEST_REQUIRES,

@@ -45,3 +45,78 @@ def random_variables(model, images, seed: int = 0):
     return jnp.asarray(0.1 * noise)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def vit_tree_shapes(*, hidden: int, mlp: int, heads: int, layers: int,
+                    patch: int, tokens: int, num_classes: int,
+                    representation: int = 0, in_channels: int = 3) -> dict:
+  """A ViT's {path: shape} written from its dimensions and vit_jax's names.
+
+  `tokens` counts the class token. Written independently of the model code,
+  so tests can check the model (and checkpoint files) against it.
+  """
+  d, head_dim = hidden, hidden // heads
+  tree = {
+      'embedding/kernel': (patch, patch, in_channels, d),
+      'embedding/bias': (d,),
+      'cls': (1, 1, d),
+      'Transformer/posembed_input/pos_embedding': (1, tokens, d),
+      'Transformer/encoder_norm/scale': (d,),
+      'Transformer/encoder_norm/bias': (d,),
+      'head/kernel': (representation or d, num_classes),
+      'head/bias': (num_classes,),
+  }
+  if representation:
+    tree['pre_logits/kernel'] = (d, representation)
+    tree['pre_logits/bias'] = (representation,)
+  for i in range(layers):
+    block = f'Transformer/encoderblock_{i}'
+    attention = f'{block}/MultiHeadDotProductAttention_0'
+    for norm in ('LayerNorm_0', 'LayerNorm_1'):
+      tree[f'{block}/{norm}/scale'] = (d,)
+      tree[f'{block}/{norm}/bias'] = (d,)
+    for projection in ('query', 'key', 'value'):
+      tree[f'{attention}/{projection}/kernel'] = (d, heads, head_dim)
+      tree[f'{attention}/{projection}/bias'] = (heads, head_dim)
+    tree[f'{attention}/out/kernel'] = (heads, head_dim, d)
+    tree[f'{attention}/out/bias'] = (d,)
+    tree[f'{block}/MlpBlock_0/Dense_0/kernel'] = (d, mlp)
+    tree[f'{block}/MlpBlock_0/Dense_0/bias'] = (mlp,)
+    tree[f'{block}/MlpBlock_0/Dense_1/kernel'] = (mlp, d)
+    tree[f'{block}/MlpBlock_0/Dense_1/bias'] = (d,)
+  return tree
+
+
+def bit_root_shapes(stages, width: int = 64) -> dict:
+  """{path: shape} of vit_jax's hybrid ResNet root (BiT, bottleneck x4)."""
+  tree = {'conv_root/kernel': (7, 7, 3, width),
+          'gn_root/scale': (width,), 'gn_root/bias': (width,)}
+  channels = width
+  for s, units in enumerate(stages):
+    features = width * 2**s
+    for u in range(units):
+      unit = f'block{s + 1}/unit{u + 1}'
+      if u == 0:
+        tree[f'{unit}/conv_proj/kernel'] = (1, 1, channels, 4 * features)
+        tree[f'{unit}/gn_proj/scale'] = (4 * features,)
+        tree[f'{unit}/gn_proj/bias'] = (4 * features,)
+      tree[f'{unit}/conv1/kernel'] = (1, 1, channels if u == 0 else
+                                      4 * features, features)
+      tree[f'{unit}/conv2/kernel'] = (3, 3, features, features)
+      tree[f'{unit}/conv3/kernel'] = (1, 1, features, 4 * features)
+      for norm, size in (('gn1', features), ('gn2', features),
+                         ('gn3', 4 * features)):
+        tree[f'{unit}/{norm}/scale'] = (size,)
+        tree[f'{unit}/{norm}/bias'] = (size,)
+    channels = 4 * features
+  return tree
+
+
+def pre_linen(path: str) -> str:
+  """Our encoder-block path → the name in Google's first published files."""
+  for new, old in (('MultiHeadDotProductAttention_0',
+                    'MultiHeadDotProductAttention_1'),
+                   ('LayerNorm_1', 'LayerNorm_2'), ('MlpBlock_0', 'MlpBlock_3')):
+    if 'encoderblock_' in path:
+      path = path.replace(f'/{new}/', f'/{old}/')
+  return path

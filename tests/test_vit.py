@@ -17,41 +17,6 @@ from vit_jax.models import vit
 from tests import helpers
 
 
-def expected_vit_b16_tree(num_classes: int = 1000) -> dict:
-  """ViT-B/16's parameter shapes, from the paper's Table 1 and vit_jax names.
-
-  Hidden 768, MLP 3072, 12 heads of 64, 12 layers, 16x16 patches, so
-  (224/16)^2 + 1 = 197 tokens.
-  """
-  d, m, heads, head_dim, tokens = 768, 3072, 12, 64, 197
-  tree = {
-      'embedding/kernel': (16, 16, 3, d),
-      'embedding/bias': (d,),
-      'cls': (1, 1, d),
-      'Transformer/posembed_input/pos_embedding': (1, tokens, d),
-      'Transformer/encoder_norm/scale': (d,),
-      'Transformer/encoder_norm/bias': (d,),
-      'head/kernel': (d, num_classes),
-      'head/bias': (num_classes,),
-  }
-  for i in range(12):
-    block = f'Transformer/encoderblock_{i}'
-    attention = f'{block}/MultiHeadDotProductAttention_0'
-    for norm in ('LayerNorm_0', 'LayerNorm_1'):
-      tree[f'{block}/{norm}/scale'] = (d,)
-      tree[f'{block}/{norm}/bias'] = (d,)
-    for projection in ('query', 'key', 'value'):
-      tree[f'{attention}/{projection}/kernel'] = (d, heads, head_dim)
-      tree[f'{attention}/{projection}/bias'] = (heads, head_dim)
-    tree[f'{attention}/out/kernel'] = (heads, head_dim, d)
-    tree[f'{attention}/out/bias'] = (d,)
-    tree[f'{block}/MlpBlock_0/Dense_0/kernel'] = (d, m)
-    tree[f'{block}/MlpBlock_0/Dense_0/bias'] = (m,)
-    tree[f'{block}/MlpBlock_0/Dense_1/kernel'] = (m, d)
-    tree[f'{block}/MlpBlock_0/Dense_1/bias'] = (d,)
-  return tree
-
-
 def param_shapes(model, resolution: int) -> dict:
   images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
   variables = jax.eval_shape(
@@ -62,7 +27,11 @@ def param_shapes(model, resolution: int) -> dict:
 
 def test_vit_b16_tree_matches_vit_jax_names_and_shapes():
   model = models.get_model('ViT-B_16', num_classes=1000)
-  assert param_shapes(model, 224) == expected_vit_b16_tree()
+  # Hidden 768, MLP 3072, 12 heads of 64, 12 layers, 16x16 patches, so
+  # (224/16)^2 + 1 = 197 tokens (the paper's Table 1).
+  expected = helpers.vit_tree_shapes(hidden=768, mlp=3072, heads=12, layers=12,
+                                     patch=16, tokens=197, num_classes=1000)
+  assert param_shapes(model, 224) == expected
 
 
 def test_representation_size_adds_pre_logits():

@@ -1,0 +1,104 @@
+"""Checks checkpoint interchange with timm itself (needs torch and timm).
+
+  pip install torch timm && python scripts/verify_timm.py [--model vit_tiny_patch16_224]
+
+1. timm → here: a timm ViT's `state_dict`, saved as safetensors, is read by
+   `checkpoint.read`; our model built with the returned options computes the
+   same logits as timm.
+2. here → timm (safetensors): `checkpoint.save(..., '.safetensors')` is
+   loaded by `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`
+   and computes our logits.
+3. here → timm (Google .npz): `checkpoint.save(..., '.npz')` is loaded by
+   timm's own npz loader (`model.load_pretrained`); timm computes exact GELU,
+   so it is compared with our model in that mode.
+
+Prints the largest absolute logit difference of each check; exits non-zero
+if one exceeds the tolerance.
+"""
+
+import argparse
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import timm
+import torch
+from safetensors.torch import save_file
+
+from vit_jax import checkpoint
+from vit_jax import models
+
+# timm architecture → (our registered model, heads)
+ARCHITECTURES = {
+    'vit_tiny_patch16_224': ('ViT-Ti_16', 3),
+    'vit_small_patch16_224': ('ViT-S_16', 6),
+    'vit_base_patch16_224': ('ViT-B_16', 12),
+}
+
+
+def timm_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+def our_logits(name: str, params, images: np.ndarray, **options) -> np.ndarray:
+  model = models.get_model(name, num_classes=1000, **options)
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  return np.asarray(apply(params, images))
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', default='vit_tiny_patch16_224',
+                      choices=sorted(ARCHITECTURES))
+  parser.add_argument('--tolerance', type=float, default=1e-3)
+  args = parser.parse_args()
+  name, heads = ARCHITECTURES[args.model]
+  torch.manual_seed(0)
+  source = timm.create_model(args.model, pretrained=False).eval()
+  # timm zero-initialises the head; give it weights so logits differ.
+  torch.nn.init.normal_(source.head.weight, std=0.02)
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (2, 224, 224, 3)).astype(np.float32)
+  reference = timm_logits(source, images)
+  failures = 0
+
+  with tempfile.TemporaryDirectory() as tmp:
+    timm_file = f'{tmp}/timm.safetensors'
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              timm_file)
+    ckpt = checkpoint.read(timm_file, num_heads=heads)
+    ours = our_logits(name, ckpt.params, images, **ckpt.model_options)
+    failures += report('timm safetensors → vit_jax', ours, reference,
+                       args.tolerance)
+
+    exported = f'{tmp}/exported.safetensors'
+    checkpoint.save(exported, ckpt.params, num_heads=heads)
+    loaded = timm.create_model(
+        args.model, pretrained=True,
+        pretrained_cfg_overlay=dict(file=exported)).eval()
+    failures += report('vit_jax → timm safetensors',
+                       timm_logits(loaded, images), ours, args.tolerance)
+
+    npz = f'{tmp}/exported.npz'
+    checkpoint.save(npz, ckpt.params)
+    from_npz = timm.create_model(args.model, pretrained=False).eval()
+    from_npz.load_pretrained(npz)
+    failures += report('vit_jax → Google npz → timm npz loader',
+                       timm_logits(from_npz, images), ours, args.tolerance)
+  return 1 if failures else 0
+
+
+def report(what: str, got: np.ndarray, want: np.ndarray,
+           tolerance: float) -> int:
+  diff = float(np.max(np.abs(got - want)))
+  scale = float(np.max(np.abs(want)))
+  ok = diff <= tolerance * max(scale, 1.0)
+  print(f'{what:<42} max |Δlogit| = {diff:.2e} (logit scale {scale:.2f}) '
+        f'{"OK" if ok else "FAIL"}')
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,211 @@
+"""Checkpoints: load any supported format, inspect, adapt, and export.
+
+  params = checkpoint.load('ViT-B_16.npz')                      # Google
+  ckpt = checkpoint.read('model.safetensors', num_heads=12)     # timm / HF
+  model = models.get_model('ViT-B_16', num_classes=10, **ckpt.model_options)
+  params = checkpoint.load_pretrained(
+      pretrained_path='ViT-B_16.npz', init_params=init['params'],
+      model_config=config.model)
+  checkpoint.save('exported.safetensors', params, num_heads=12)  # timm names
+
+Formats, detected from the file's keys: Google `.npz` (ImageNet-21k, AugReg
+and big_vision layouts, see `google_npz`), timm and Hugging Face transformers
+ViT weights as `.safetensors` or as a PyTorch `state_dict` saved to `.npz`
+(see `torch_names`). Every error is a `CheckpointError` naming the file.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import numpy as np
+
+from vit_jax.checkpoint import adapt
+from vit_jax.checkpoint import files
+from vit_jax.checkpoint import google_npz
+from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import torch_names
+from vit_jax.checkpoint.errors import CheckpointError
+
+__all__ = ['Checkpoint', 'CheckpointError', 'inspect_params', 'load',
+           'load_pretrained', 'read', 'save']
+
+# VisionTransformer's defaults of the options that imports may require.
+_MODEL_DEFAULTS = {'approximate_gelu': True, 'layernorm_epsilon': 1e-6}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A loaded checkpoint.
+
+  Attributes:
+    path: the file it came from.
+    format: 'google', 'timm' or 'hf'.
+    params: nested dict of float32 numpy arrays, this project's names.
+    model_options: `VisionTransformer` options under which `params` compute
+      what they computed in their source (e.g. exact GELU for timm).
+  """
+  path: str
+  format: str
+  params: Dict[str, Any]
+  model_options: Dict[str, Any]
+
+
+def _read_arrays(path: str) -> Dict[str, np.ndarray]:
+  """The flat {key: array} content of an .npz or .safetensors file."""
+  if path.endswith('.safetensors'):
+    return torch_names.read_safetensors(path)
+  return google_npz.read_npz(path)
+
+
+def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
+  """Reads a checkpoint of any supported format.
+
+  Args:
+    path: an `.npz` or `.safetensors` file.
+    num_heads: attention heads; needed for timm/HF files, whose fused or
+      per-projection matrices do not record how they split into heads.
+  """
+  arrays = _read_arrays(path)
+  source = torch_names.detect(arrays)
+  if source is None:
+    flat, source, options = google_npz.from_google(arrays), 'google', {}
+    if not any(key.startswith(('embedding/', 'stem/')) for key in flat):
+      raise CheckpointError(
+          f'{path}: not a ViT/Mixer checkpoint of a known format (no '
+          f'Google embedding/stem, timm or Hugging Face keys); first keys: '
+          f'{sorted(arrays)[:5]}.')
+    params = inspect.unflatten(flat)
+  else:
+    if num_heads is None:
+      raise CheckpointError(
+          f'{path}: a {source} checkpoint does not record its number of '
+          'attention heads; pass num_heads (e.g. 12 for ViT-B).')
+    try:
+      params, architecture = (torch_names.from_timm if source == 'timm' else
+                              torch_names.from_hf)(arrays, num_heads=num_heads)
+    except CheckpointError as e:
+      raise CheckpointError(f'{path}: {e}') from e
+    options = {key: architecture[key] for key in _MODEL_DEFAULTS}
+  return Checkpoint(path, source, params, options)
+
+
+def load(path: str, *, num_heads: Optional[int] = None) -> Dict[str, Any]:
+  """The parameter tree of a checkpoint file (see `read`)."""
+  return read(path, num_heads=num_heads).params
+
+
+def inspect_params(*, params: Mapping[str, Any], expected: Mapping[str, Any],
+                   fail_if_extra: bool = True, fail_if_missing: bool = True,
+                   source: str = 'checkpoint') -> inspect.TreeDiff:
+  """Compares `params` with the `expected` tree, by path and shape.
+
+  Raises:
+    CheckpointError: with the full report, if there are shape mismatches, or
+      missing (unexpected) paths and `fail_if_missing` (`fail_if_extra`).
+  """
+  diff = inspect.compare(inspect.shapes(params), inspect.shapes(expected))
+  if (diff.mismatched or (fail_if_missing and diff.missing)
+      or (fail_if_extra and diff.unexpected)):
+    raise CheckpointError(f'{source} does not fit the model:\n{diff.report()}')
+  return diff
+
+
+def load_pretrained(*, pretrained_path: str, init_params: Mapping[str, Any],
+                    model_config: Mapping[str, Any],
+                    reset_head: bool = True,
+                    resize_method: str = 'bilinear',
+                    grid: Optional[adapt.Grid] = None,
+                    pretrained_grid: Optional[adapt.Grid] = None,
+                    log: Callable[[str], None] = logging.info
+                    ) -> Dict[str, Any]:
+  """Loads a checkpoint and adapts it to the model that `init_params` is of.
+
+  Adapted (and logged): the head is replaced by the model's freshly
+  initialised (zero) head when `reset_head` or when its shape differs;
+  `pre_logits` is dropped when the model has none (representation_size
+  None); position embeddings are resized to the model's grid. Any other
+  difference is an error with the full report.
+
+  Args:
+    pretrained_path: checkpoint file, any supported format.
+    init_params: the model's initialised params (their structure and dtypes
+      are the target).
+    model_config: the model's config (e.g. `config.model`), for the number
+      of heads and to check the checkpoint's model options.
+    reset_head: start from a zero head even if the sizes match (vit_jax's
+      behaviour for fine-tuning); False keeps a head that fits.
+    resize_method: 'bilinear' (vit_jax) or 'bicubic'.
+    grid: the model's patch grid (rows, columns); default: square.
+    pretrained_grid: the checkpoint's patch grid; default: square.
+    log: where the adaptations are reported.
+
+  Returns:
+    A params tree with exactly `init_params`' paths, shapes and dtypes.
+  """
+  transformer = model_config.get('transformer') or {}
+  ckpt = read(pretrained_path, num_heads=transformer.get('num_heads'))
+  for option, value in ckpt.model_options.items():
+    if model_config.get(option, _MODEL_DEFAULTS.get(option)) != value:
+      raise CheckpointError(
+          f'{pretrained_path}: {ckpt.format} weights compute their source\'s '
+          f'function only with {option}={value!r}; build the model with '
+          f'`**checkpoint.read(path).model_options` (or '
+          f'--config.model.{option}={value}).')
+  loaded = inspect.flatten(ckpt.params)
+  expected = inspect.flatten(init_params)
+
+  if 'pre_logits/kernel' in loaded and 'pre_logits/kernel' not in expected:
+    log(f'{pretrained_path}: dropping pre_logits (model has no '
+        'representation layer).')
+    loaded = {k: v for k, v in loaded.items() if not k.startswith('pre_logits/')}
+  for key in ('head/kernel', 'head/bias'):
+    if key in expected and (reset_head or key not in loaded or
+                            np.shape(loaded[key]) != np.shape(expected[key])):
+      log(f'{pretrained_path}: {key} {np.shape(loaded.get(key))} → '
+          f'initialised {np.shape(expected[key])}.')
+      loaded[key] = np.asarray(expected[key])
+  posemb = 'Transformer/posembed_input/pos_embedding'
+  if (posemb in loaded and posemb in expected and
+      np.shape(loaded[posemb]) != np.shape(expected[posemb])):
+    num_prefix = 1 if 'cls' in expected else 0
+    new_tokens = np.shape(expected[posemb])[1] - num_prefix
+    new_grid = grid or adapt.square_grid(new_tokens, 'model pos_embedding')
+    try:
+      resized = adapt.resize_posemb(
+          loaded[posemb], new_grid, num_prefix=num_prefix,
+          old_grid=pretrained_grid, method=resize_method)
+    except CheckpointError as e:
+      raise CheckpointError(f'{pretrained_path}: {e}') from e
+    log(f'{pretrained_path}: resized {posemb} {np.shape(loaded[posemb])} → '
+        f'{resized.shape} ({resize_method}).')
+    loaded[posemb] = resized
+
+  inspect_params(params=inspect.unflatten(loaded), expected=init_params,
+                 source=pretrained_path)
+  return inspect.unflatten({key: np.asarray(loaded[key], dtype=value.dtype)
+                           for key, value in expected.items()})
+
+
+def save(path: str, params: Mapping[str, Any], *,
+         num_heads: Optional[int] = None) -> None:
+  """Writes `params` atomically, in the format of `path`'s extension.
+
+  `.npz`: Google's published naming (read by vit_jax and timm's npz loader).
+  `.safetensors`: timm's names and layouts (needs `num_heads`), loadable by
+  `timm.create_model(..., pretrained_cfg_overlay=dict(file=path))`.
+  """
+  flat = {key: np.asarray(value, np.float32)
+          for key, value in inspect.flatten(params).items()}
+  if path.endswith('.safetensors'):
+    if num_heads is None:
+      raise CheckpointError(f'{path}: saving timm names needs num_heads.')
+    torch_names.write_safetensors(
+        path, torch_names.to_timm(inspect.unflatten(flat), num_heads))
+  elif path.endswith('.npz'):
+    files.write_npz(path, google_npz.to_google(flat))
+  else:
+    raise CheckpointError(
+        f'{path}: unknown extension {os.path.splitext(path)[1]!r}; use .npz '
+        '(Google names) or .safetensors (timm names).')

@@ -1,0 +1,255 @@
+"""Task files: only the fine-tuned parameters, applied on top of a base model.
+
+Parameter-efficient fine-tuning trains a few leaves (the head, injected
+adapters, ...) of a large frozen base. A task file stores just those leaves,
+so one base checkpoint serves many small task files:
+
+  save_task_params('cifar10.npz', params, trainable=['head', r'.*/adapter/.*'])
+  params = load_task_params('cifar10.npz', base_params)
+
+The file is an `.npz` readable with `np.load(path, allow_pickle=False)`: one
+array per selected leaf, keyed by its '/'-joined path, plus a JSON description
+under `META_KEY` (a uint8 array) that records the base it was trained on:
+each base path's shape, and a SHA-256 fingerprint of the base's paths, shapes,
+dtypes and values. Loading checks the given base against it, so a task file is
+never silently applied to a different backbone.
+
+In multi-host training, save from one process (`jax.process_index() == 0`):
+the parameters saved are replicated, and one writer is enough.
+"""
+
+import hashlib
+import json
+import re
+import zipfile
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.checkpoint import files
+from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint.errors import CheckpointError
+
+PyTree = Any
+Trainable = Union[Callable[[str], bool], Collection[str]]
+
+META_PREFIX = '__meta__/'
+META_KEY = META_PREFIX + 'json'
+FORMAT = 'vit_jax task params'
+VERSION = 1
+# Hex digits of a fingerprint shown in error messages.
+_SHORT = 12
+
+
+def _predicate(trainable: Trainable) -> Callable[[str], bool]:
+  """Turns a predicate, or a collection of path prefixes/regexes, into one.
+
+  A string selects the paths it is a '/'-component prefix of ('head' selects
+  'head/kernel' but not 'header/kernel') and the paths it matches in full as a
+  regular expression (r'.*/adapter/.*').
+  """
+  if callable(trainable):
+    return trainable
+  if isinstance(trainable, str):
+    trainable = [trainable]
+  try:
+    patterns = [(prefix, re.compile(prefix)) for prefix in trainable]
+  except re.error as e:
+    raise CheckpointError(
+        f'Invalid regular expression in trainable={trainable!r}: {e}. Escape '
+        f'it with re.escape to match it literally.') from e
+  return lambda path: any(
+      path == prefix or path.startswith(prefix + '/') or regex.fullmatch(path)
+      for prefix, regex in patterns)
+
+
+def _flat_numpy(tree: PyTree) -> Dict[str, np.ndarray]:
+  """{'a/b': leaf} of a nested dict, with leaves as host numpy arrays."""
+  return {path: np.asarray(x) for path, x in inspect.flatten(tree).items()}
+
+
+def fingerprint(flat: Mapping[str, np.ndarray]) -> str:
+  """SHA-256 (hex) of the sorted paths, shapes, dtypes and raw values.
+
+  Each leaf contributes a JSON header (path, shape, dtype) and its C-order
+  bytes, prefixed by their length, so no two different trees share a stream.
+  """
+  sha = hashlib.sha256()
+  for path in sorted(flat):
+    value = np.ascontiguousarray(flat[path])
+    header = json.dumps([path, value.shape, value.dtype.name])
+    data = value.tobytes()
+    sha.update(header.encode() + b'\0' + len(data).to_bytes(8, 'little'))
+    sha.update(data)
+  return sha.hexdigest()
+
+
+def save_task_params(path: str, params: PyTree, trainable: Trainable,
+                     base_params: Optional[PyTree] = None) -> None:
+  """Writes the `trainable` leaves of `params` and a record of their base.
+
+  Args:
+    path: the `.npz` file to write (replaced atomically if it exists).
+    params: the fine-tuned parameter tree (nested dicts of arrays).
+    trainable: a predicate on '/'-joined paths, or a collection of path
+      prefixes / regular expressions (see `_predicate`), naming the leaves
+      that were trained.
+    base_params: the base the fine-tuning started from. Default: the leaves
+      of `params` that are not trainable, which were frozen so still equal
+      the base. If given, those frozen leaves must equal it.
+
+  Raises:
+    CheckpointError: if nothing is selected, a path uses the reserved
+      `META_PREFIX`, or a frozen leaf differs from `base_params`.
+  """
+  selected = _predicate(trainable)
+  flat = _flat_numpy(params)
+  task = {p: v for p, v in flat.items() if selected(p)}
+  if not task:
+    raise CheckpointError(
+        f'{path}: trainable={trainable!r} selects none of the parameters '
+        f'(e.g. {sorted(flat)[:5]}); name the trained leaves by path prefix '
+        f'(e.g. "head") or regex.')
+  reserved = sorted(p for p in flat if p.startswith(META_PREFIX))
+  if reserved:
+    raise CheckpointError(
+        f'{path}: parameter paths {reserved} start with the reserved prefix '
+        f'{META_PREFIX!r}; rename those modules.')
+  frozen = {p: v for p, v in flat.items() if p not in task}
+  if base_params is None:
+    base = frozen
+  else:
+    base = {p: v for p, v in _flat_numpy(base_params).items() if p not in task}
+    changed = sorted(p for p, v in frozen.items()
+                     if p not in base or not np.array_equal(v, base[p]))
+    if changed:
+      raise CheckpointError(
+          f'{path}: these parameters are not selected as trainable but differ '
+          f'from base_params, so the task file would lose them: {changed}. '
+          f'Add them to `trainable`, or pass the base they were trained on.')
+  meta = {
+      'format': FORMAT,
+      'version': VERSION,
+      'task_dtypes': {p: v.dtype.name for p, v in task.items()},
+      'base_shapes': {p: list(v.shape) for p, v in base.items()},
+      'base_fingerprint': fingerprint(base),
+  }
+  meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  files.write_npz(path, {**task, META_KEY: meta_bytes})
+
+
+def _read(path: str) -> Dict[str, np.ndarray]:
+  """All arrays of the `.npz` at `path`, with file errors as CheckpointError."""
+  try:
+    data = np.load(path, allow_pickle=False)
+  except FileNotFoundError as e:
+    raise CheckpointError(
+        f'{path}: no such task file; check the path, or save one with '
+        f'save_task_params.') from e
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise CheckpointError(
+        f'{path}: not an .npz file ({e}); it is corrupt or truncated, save '
+        f'it again.') from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise CheckpointError(
+        f'{path}: holds a single array, not a task file (.npz written by '
+        f'save_task_params).')
+  try:
+    with data:
+      return {key: data[key] for key in data.files}
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+    raise CheckpointError(
+        f'{path}: corrupt or truncated ({type(e).__name__}: {e}); save it '
+        f'again.') from e
+
+
+def _parse_meta(path: str, arrays: Mapping[str, np.ndarray]) -> dict:
+  """The JSON description stored under META_KEY, checked for format/version."""
+  if META_KEY not in arrays:
+    raise CheckpointError(
+        f'{path}: not a task file, it has no {META_KEY!r} entry (keys: '
+        f'{sorted(arrays)[:5]}...). Full checkpoints load with '
+        f'vit_jax.checkpoint.load; task files are written by save_task_params.')
+  try:
+    meta = json.loads(arrays[META_KEY].tobytes().decode())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(
+        f'{path}: the {META_KEY!r} entry is not valid JSON ({e}); the file is '
+        f'corrupt, save it again.') from e
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    raise CheckpointError(
+        f'{path}: {META_KEY!r} does not describe a task file (expected format '
+        f'{FORMAT!r}).')
+  if meta.get('version') != VERSION:
+    raise CheckpointError(
+        f'{path}: task file version {meta.get("version")!r}, this code reads '
+        f'version {VERSION}; update vit_jax.')
+  return meta
+
+
+def _describe(diff: inspect.TreeDiff, limit: int = 10) -> str:
+  """Lists, `limit` per kind, how base_params differs from the recorded base."""
+
+  def listing(paths):
+    more = f' and {len(paths) - limit} more' if len(paths) > limit else ''
+    return f'{paths[:limit]}{more}'
+
+  lines = []
+  if diff.missing:
+    lines.append(f'  missing from base_params: {listing(diff.missing)}')
+  if diff.unexpected:
+    lines.append(f'  in base_params but not in the recorded base: '
+                 f'{listing(diff.unexpected)}')
+  lines += [f'  {p}: base_params has shape {got}, the task was trained on '
+            f'{want}' for p, got, want in diff.mismatched[:limit]]
+  if len(diff.mismatched) > limit:
+    lines.append(f'  ... and {len(diff.mismatched) - limit} more shapes')
+  return '\n'.join(lines)
+
+
+def load_task_params(path: str, base_params: PyTree,
+                     strict: bool = True) -> PyTree:
+  """Applies the task file at `path` on top of `base_params`.
+
+  Args:
+    path: a file written by `save_task_params`.
+    base_params: the base parameter tree the task was fine-tuned from. Its
+      leaves that the task file replaces (e.g. a head with another number of
+      classes) are not compared.
+    strict: if True, the base's values must be those the task was trained on
+      (same fingerprint); if False only its paths and shapes are checked, e.g.
+      to try a task on a base in another dtype or a re-export.
+
+  Returns:
+    `base_params` (a new nested dict) with the task's leaves inserted: they
+    replace base leaves or add new paths (e.g. adapters). Task leaves are
+    numpy arrays in the dtype they were saved in.
+
+  Raises:
+    CheckpointError: naming `path`, if the file is missing, corrupt or not a
+      task file, or `base_params` is not the base the task was trained on.
+  """
+  arrays = _read(path)
+  meta = _parse_meta(path, arrays)
+  task = {p: v.view(jnp.dtype(meta['task_dtypes'][p]))
+          for p, v in arrays.items() if not p.startswith(META_PREFIX)}
+  flat = inspect.flatten(base_params)
+  base = {p: v for p, v in flat.items() if p not in task}
+  diff = inspect.compare({p: np.shape(v) for p, v in base.items()},
+                         {p: tuple(s) for p, s in meta['base_shapes'].items()})
+  if not diff.ok:
+    raise CheckpointError(
+        f'{path}: base_params is not the base this task was trained on:\n'
+        f'{_describe(diff)}\nPass the base checkpoint the task was '
+        f'fine-tuned from.')
+  if strict:
+    expected, actual = meta['base_fingerprint'], fingerprint(base)
+    if expected != actual:
+      raise CheckpointError(
+          f'{path}: the task file was trained on a different base checkpoint '
+          f'(fingerprint {expected[:_SHORT]}, base_params has '
+          f'{actual[:_SHORT]}): same paths and shapes, other values or '
+          f'dtypes. Pass the base it was fine-tuned from, or strict=False to '
+          f'apply it anyway.')
+  return inspect.unflatten({**flat, **task})
