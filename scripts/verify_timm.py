@@ -1,6 +1,7 @@
-"""Checks checkpoint interchange with timm itself (needs torch and timm).
+"""Checks checkpoint interchange with timm and transformers themselves.
 
-  pip install torch timm && python scripts/verify_timm.py [--model vit_tiny_patch16_224]
+  pip install torch timm transformers
+  python scripts/verify_timm.py [--model vit_tiny_patch16_224] [--hf]
 
 1. timm → here: a timm ViT's `state_dict`, saved as safetensors, is read by
    `checkpoint.read`; our model built with the returned options computes the
@@ -11,6 +12,9 @@
 3. here → timm (Google .npz): `checkpoint.save(..., '.npz')` is loaded by
    timm's own npz loader (`model.load_pretrained`); timm computes exact GELU,
    so it is compared with our model in that mode.
+4. (--hf) Hugging Face transformers → here: a `ViTForImageClassification`
+   of the same size, saved both as its `state_dict()` (transformers 5 names)
+   and by `save_pretrained` (the Hub's names), computes the same logits here.
 
 Prints the largest absolute logit difference of each check; exits non-zero
 if one exceeds the tolerance.
@@ -53,6 +57,8 @@ def main() -> int:
   parser.add_argument('--model', default='vit_tiny_patch16_224',
                       choices=sorted(ARCHITECTURES))
   parser.add_argument('--tolerance', type=float, default=1e-3)
+  parser.add_argument('--hf', action='store_true',
+                      help='also check a transformers ViT (needs transformers)')
   args = parser.parse_args()
   name, heads = ARCHITECTURES[args.model]
   torch.manual_seed(0)
@@ -87,7 +93,38 @@ def main() -> int:
     from_npz.load_pretrained(npz)
     failures += report('vit_jax → Google npz → timm npz loader',
                        timm_logits(from_npz, images), ours, args.tolerance)
+
+    if args.hf:
+      failures += check_hf(source, name, heads, images, f'{tmp}/hf',
+                           args.tolerance)
   return 1 if failures else 0
+
+
+def check_hf(like: torch.nn.Module, name: str, heads: int,
+             images: np.ndarray, path: str, tolerance: float) -> int:
+  """A random transformers ViT of `like`'s size, imported here."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.ViTConfig(
+      hidden_size=like.embed_dim, num_hidden_layers=len(like.blocks),
+      num_attention_heads=heads,
+      intermediate_size=like.blocks[0].mlp.fc1.out_features,
+      image_size=224, patch_size=16, num_labels=1000)
+  torch.manual_seed(1)
+  hf = transformers.ViTForImageClassification(config).eval()
+  file = path + '.safetensors'
+  save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, file)
+  with torch.no_grad():
+    want = hf(pixel_values=torch.from_numpy(
+        images.transpose(0, 3, 1, 2))).logits.numpy()
+  hf.save_pretrained(path)  # Hub layout: transformers 4 names.
+  failures = 0
+  for what, saved in (('transformers state_dict (v5 names)', file),
+                      ('transformers save_pretrained (Hub names)',
+                       path + '/model.safetensors')):
+    ckpt = checkpoint.read(saved, num_heads=heads)
+    got = our_logits(name, ckpt.params, images, **ckpt.model_options)
+    failures += report(f'{what} → vit_jax', got, want, tolerance)
+  return failures
 
 
 def report(what: str, got: np.ndarray, want: np.ndarray,
@@ -95,7 +132,7 @@ def report(what: str, got: np.ndarray, want: np.ndarray,
   diff = float(np.max(np.abs(got - want)))
   scale = float(np.max(np.abs(want)))
   ok = diff <= tolerance * max(scale, 1.0)
-  print(f'{what:<42} max |Δlogit| = {diff:.2e} (logit scale {scale:.2f}) '
+  print(f'{what:<52} max |Δlogit| = {diff:.2e} (logit scale {scale:.2f}) '
         f'{"OK" if ok else "FAIL"}')
   return 0 if ok else 1
 

@@ -314,3 +314,26 @@ def test_load_pretrained_requires_the_sources_gelu(tmp_path, small_params):
       pretrained_path=path, init_params=init_params, reset_head=False,
       model_config={**config, **options}, log=lambda m: None)
   chex.assert_trees_all_equal(loaded, params)
+
+
+def test_timm_architecture_builds_the_source_model(tmp_path, small_params):
+  model, params = small_params
+  path = str(tmp_path / 'timm.safetensors')
+  checkpoint.save(path, params, num_heads=2)
+  ckpt = checkpoint.read(path, num_heads=2)
+  rebuilt = models.VisionTransformer(**ckpt.architecture)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  exact = models.get_model('testing', num_classes=5, approximate_gelu=False)
+  chex.assert_trees_all_close(
+      rebuilt.apply({'params': ckpt.params}, images, train=False),
+      exact.apply({'params': params}, images, train=False), atol=1e-6)
+
+
+def test_mixer_npz_round_trip(tmp_path):
+  model = models.get_model('Mixer-Mini_4', num_classes=5)
+  params = jax.tree.map(np.asarray, helpers.random_variables(
+      model, jnp.ones((1, 32, 32, 3)))['params'])
+  path = str(tmp_path / 'mixer.npz')
+  checkpoint.save(path, params)
+  assert 'MixerBlock_0/token_mixing/Dense_0/kernel' in np.load(path).files
+  chex.assert_trees_all_equal(checkpoint.load(path), params)

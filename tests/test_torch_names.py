@@ -414,3 +414,23 @@ def test_to_timm_rejects_what_timm_cannot_hold():
   del params['Transformer']['posembed_input']  # As with posemb='sincos2d'.
   with pytest.raises(CheckpointError, match="posemb='learned'"):
     torch_names.to_timm(params)
+
+
+def test_transformers_5_names_import_identically():
+  """transformers 5 renames layers in memory; its state dicts must load."""
+  v4 = random_state(hf_shapes())
+  renames = {'encoder.layer.': 'layers.',
+             'attention.attention.query.': 'attention.q_proj.',
+             'attention.attention.key.': 'attention.k_proj.',
+             'attention.attention.value.': 'attention.v_proj.',
+             'attention.output.dense.': 'attention.o_proj.',
+             'intermediate.dense.': 'mlp.fc1.', 'output.dense.': 'mlp.fc2.'}
+  v5 = {}
+  for key, value in v4.items():
+    for old, new in renames.items():
+      key = key.replace(old, new)
+    v5[key] = value
+  assert 'vit.layers.0.attention.q_proj.weight' in v5
+  assert torch_names.detect(v5) == 'hf'
+  chex.assert_trees_all_equal(torch_names.from_hf(v5, num_heads=HEADS),
+                              torch_names.from_hf(v4, num_heads=HEADS))

@@ -45,11 +45,16 @@ class Checkpoint:
     params: nested dict of float32 numpy arrays, this project's names.
     model_options: `VisionTransformer` options under which `params` compute
       what they computed in their source (e.g. exact GELU for timm).
+    architecture: for timm/HF files, every `VisionTransformer` keyword
+      argument inferred from the tensors (`VisionTransformer(**architecture)`
+      computes the source model); None for Google files, whose registry name
+      says it.
   """
   path: str
   format: str
   params: Dict[str, Any]
   model_options: Dict[str, Any]
+  architecture: Optional[Dict[str, Any]] = None
 
 
 def _read_arrays(path: str) -> Dict[str, np.ndarray]:
@@ -70,25 +75,35 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
   arrays = _read_arrays(path)
   source = torch_names.detect(arrays)
   if source is None:
-    flat, source, options = google_npz.from_google(arrays), 'google', {}
-    if not any(key.startswith(('embedding/', 'stem/')) for key in flat):
-      raise CheckpointError(
-          f'{path}: not a ViT/Mixer checkpoint of a known format (no '
-          f'Google embedding/stem, timm or Hugging Face keys); first keys: '
-          f'{sorted(arrays)[:5]}.')
-    params = inspect.unflatten(flat)
-  else:
-    if num_heads is None:
-      raise CheckpointError(
-          f'{path}: a {source} checkpoint does not record its number of '
-          'attention heads; pass num_heads (e.g. 12 for ViT-B).')
-    try:
-      params, architecture = (torch_names.from_timm if source == 'timm' else
-                              torch_names.from_hf)(arrays, num_heads=num_heads)
-    except CheckpointError as e:
-      raise CheckpointError(f'{path}: {e}') from e
-    options = {key: architecture[key] for key in _MODEL_DEFAULTS}
-  return Checkpoint(path, source, params, options)
+    return _read_google(path, arrays)
+  return _read_torch(path, arrays, source, num_heads)
+
+
+def _read_google(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+  """A Google/big_vision `.npz` (no model options: vit_jax's defaults)."""
+  flat = google_npz.from_google(arrays)
+  if not any(key.startswith(('embedding/', 'stem/')) for key in flat):
+    raise CheckpointError(
+        f'{path}: not a ViT/Mixer checkpoint of a known format (no Google '
+        f'embedding/stem, timm or Hugging Face keys); first keys: '
+        f'{sorted(arrays)[:5]}.')
+  return Checkpoint(path, 'google', inspect.unflatten(flat), {})
+
+
+def _read_torch(path: str, arrays: Mapping[str, np.ndarray], source: str,
+                num_heads: Optional[int]) -> Checkpoint:
+  """A timm or Hugging Face state dict, with the options of its source."""
+  if num_heads is None:
+    raise CheckpointError(
+        f'{path}: a {source} checkpoint does not record its number of '
+        'attention heads; pass num_heads (e.g. 12 for ViT-B).')
+  convert = torch_names.from_timm if source == 'timm' else torch_names.from_hf
+  try:
+    params, architecture = convert(arrays, num_heads=num_heads)
+  except CheckpointError as e:
+    raise CheckpointError(f'{path}: {e}') from e
+  options = {key: architecture[key] for key in _MODEL_DEFAULTS}
+  return Checkpoint(path, source, params, options, architecture)
 
 
 def load(path: str, *, num_heads: Optional[int] = None) -> Dict[str, Any]:

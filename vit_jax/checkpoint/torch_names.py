@@ -9,6 +9,8 @@ layouts. The correspondence, for layer `i`:
   cls_token           embeddings.cls_token                       cls
   pos_embed           embeddings.position_embeddings             posembed_input
   blocks.i.norm1      encoder.layer.i.layernorm_before           LayerNorm_0
+  (transformers 5 names layer i `layers.i`, with attention.{q,k,v,o}_proj and
+  mlp.fc{1,2}; files on the Hub keep the names below; both are read)
   blocks.i.attn.qkv   encoder.layer.i.attention.attention.{query,key,value}
   blocks.i.attn.proj  encoder.layer.i.attention.output.dense     out
   blocks.i.norm2      encoder.layer.i.layernorm_after            LayerNorm_1
@@ -52,6 +54,33 @@ TIMM_LAYERNORM_EPSILON = 1e-6
 HF_LAYERNORM_EPSILON = 1e-12
 
 _QKV = ('query', 'key', 'value')
+# Within one layer: our module name → the source's tensor-name prefix, for
+# everything but query/key/value (fused in timm, separate in HF).
+_TIMM_BLOCK = {'out': 'attn.proj.', 'LayerNorm_0': 'norm1.',
+               'LayerNorm_1': 'norm2.', 'Dense_0': 'mlp.fc1.',
+               'Dense_1': 'mlp.fc2.'}
+
+
+class _HFNames(NamedTuple):
+  """Tensor names of one transformers version's ViT layers."""
+  layers: str  # Layer i's tensors start with f'{layers}{i}.'.
+  qkv: Dict[str, str]  # query/key/value → name prefix within a layer.
+  rest: Dict[str, str]  # As _TIMM_BLOCK.
+
+
+# transformers 4, and the files published on the Hugging Face Hub.
+_HF_V4 = _HFNames(
+    'encoder.layer.', {name: f'attention.attention.{name}.' for name in _QKV},
+    {'out': 'attention.output.dense.', 'LayerNorm_0': 'layernorm_before.',
+     'LayerNorm_1': 'layernorm_after.', 'Dense_0': 'intermediate.dense.',
+     'Dense_1': 'output.dense.'})
+# transformers 5's `state_dict()` (it renames v4 files when loading them).
+_HF_V5 = _HFNames(
+    'layers.', {'query': 'attention.q_proj.', 'key': 'attention.k_proj.',
+                'value': 'attention.v_proj.'},
+    {'out': 'attention.o_proj.', 'LayerNorm_0': 'layernorm_before.',
+     'LayerNorm_1': 'layernorm_after.', 'Dense_0': 'mlp.fc1.',
+     'Dense_1': 'mlp.fc2.'})
 _HF_PREFIX = 'vit.'
 # Used only for masked-image-modelling inputs (`bool_masked_pos`), never by
 # the classification or feature forward pass, so dropping it loses nothing.
@@ -102,6 +131,9 @@ class _Source:
 
   def has(self, key: str) -> bool:
     return key in self._tensors
+
+  def has_prefix(self, prefix: str) -> bool:
+    return any(key.startswith(prefix) for key in self._tensors)
 
   def take(self, key: str, shape: Sequence[Optional[int]]) -> np.ndarray:
     """Removes and returns `key`, which must have `shape`."""
@@ -306,12 +338,7 @@ def _timm_block(source: _Source, prefix: str, d: int,
   """One timm block; its fused qkv Linear split into query, key and value."""
   qkv_weight, qkv_bias = source.pair(prefix + 'attn.qkv.', (3 * d, d))
   block = dict(zip(_QKV, zip(np.split(qkv_weight, 3), np.split(qkv_bias, 3))))
-  block['out'] = source.pair(prefix + 'attn.proj.', (d, d))
-  block['LayerNorm_0'] = source.pair(prefix + 'norm1.', (d,))
-  block['LayerNorm_1'] = source.pair(prefix + 'norm2.', (d,))
-  block['Dense_0'] = source.pair(prefix + 'mlp.fc1.', (mlp_dim, d))
-  block['Dense_1'] = source.pair(prefix + 'mlp.fc2.',
-                                 (d, block['Dense_0'][0].shape[0]))
+  block.update(_read_block_rest(source, prefix, _TIMM_BLOCK, d, mlp_dim))
   return block
 
 
@@ -329,11 +356,8 @@ def _timm_state(vit: _TorchViT) -> Dict[str, np.ndarray]:
         [block[name][0] for name in _QKV])
     state[prefix + 'attn.qkv.bias'] = np.concatenate(
         [block[name][1] for name in _QKV])
-    pairs.update({prefix + 'attn.proj': block['out'],
-                  prefix + 'norm1': block['LayerNorm_0'],
-                  prefix + 'norm2': block['LayerNorm_1'],
-                  prefix + 'mlp.fc1': block['Dense_0'],
-                  prefix + 'mlp.fc2': block['Dense_1']})
+    pairs.update({prefix + name.rstrip('.'): block[module]
+                  for module, name in _TIMM_BLOCK.items()})
   for name, pair in pairs.items():
     if pair is not None:
       state[name + '.weight'], state[name + '.bias'] = pair
@@ -353,10 +377,11 @@ def _hf_parts(source: _Source) -> _TorchViT:
       'embeddings.patch_embeddings.projection.bias', (d,))
   cls = source.take('embeddings.cls_token', (1, 1, d))
   pos = source.take('embeddings.position_embeddings', (1, None, d))
+  names = _HF_V4 if source.has_prefix(_HF_V4.layers) else _HF_V5
   blocks = []
-  for i in range(source.num_layers('encoder.layer.')):
+  for i in range(source.num_layers(names.layers)):
     mlp_dim = blocks[0]['Dense_0'][0].shape[0] if blocks else None
-    blocks.append(_hf_block(source, f'encoder.layer.{i}.', d, mlp_dim))
+    blocks.append(_hf_block(source, f'{names.layers}{i}.', names, d, mlp_dim))
   norm = source.pair('layernorm.', (d,))
   head = None
   if source.has('classifier.weight'):
@@ -369,16 +394,23 @@ def _hf_parts(source: _Source) -> _TorchViT:
   return _TorchViT(patch, cls, pos, blocks, norm, pre_logits, head)
 
 
-def _hf_block(source: _Source, prefix: str, d: int,
+def _hf_block(source: _Source, prefix: str, names: _HFNames, d: int,
               mlp_dim: Optional[int]) -> Dict[str, Pair]:
-  """One HF `ViTLayer`."""
-  block = {name: source.pair(f'{prefix}attention.attention.{name}.', (d, d))
+  """One HF `ViTLayer`, named as `names` says."""
+  block = {name: source.pair(prefix + names.qkv[name], (d, d))
            for name in _QKV}
-  block['out'] = source.pair(prefix + 'attention.output.dense.', (d, d))
-  block['LayerNorm_0'] = source.pair(prefix + 'layernorm_before.', (d,))
-  block['LayerNorm_1'] = source.pair(prefix + 'layernorm_after.', (d,))
-  block['Dense_0'] = source.pair(prefix + 'intermediate.dense.', (mlp_dim, d))
-  block['Dense_1'] = source.pair(prefix + 'output.dense.',
+  block.update(_read_block_rest(source, prefix, names.rest, d, mlp_dim))
+  return block
+
+
+def _read_block_rest(source: _Source, prefix: str, names: Mapping[str, str],
+                     d: int, mlp_dim: Optional[int]) -> Dict[str, Pair]:
+  """A layer's attention output, norms and MLP, named through `names`."""
+  block = {module: source.pair(prefix + names[module], shape)
+           for module, shape in (('out', (d, d)), ('LayerNorm_0', (d,)),
+                                 ('LayerNorm_1', (d,)),
+                                 ('Dense_0', (mlp_dim, d)))}
+  block['Dense_1'] = source.pair(prefix + names['Dense_1'],
                                  (d, block['Dense_0'][0].shape[0]))
   return block
 
