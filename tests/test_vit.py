@@ -111,9 +111,10 @@ def test_sincos2d_matches_hand_computed_values():
   # [sin(c w), cos(c w), sin(r w), cos(r w)].
   np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
   row, col = 1, 2  # token 1 * 4 + 2 = 6
-  np.testing.assert_allclose(table[6], [
-      np.sin(2), np.sin(2e-4), np.cos(2), np.cos(2e-4),
-      np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4)], rtol=1e-6)
+  np.testing.assert_allclose(table[row * 4 + col], [
+      np.sin(col), np.sin(col * 1e-4), np.cos(col), np.cos(col * 1e-4),
+      np.sin(row), np.sin(row * 1e-4), np.cos(row), np.cos(row * 1e-4)],
+                             rtol=1e-6)
   np.testing.assert_allclose(table[11][:2], [np.sin(3), np.sin(3e-4)],
                              rtol=1e-6)
 
