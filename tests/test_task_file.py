@@ -119,10 +119,10 @@ def test_base_with_other_shapes_lists_paths(saved):
     task_file.load_task_params(saved, inspect.unflatten(flat), strict=False)
   message = str(error.value)
   assert saved in message
-  assert "missing from base_params: ['embedding/bias']" in message
-  assert "not in the recorded base: ['cls']" in message
-  assert ('embedding/kernel: base_params has shape (4, 4, 3, 4), the task was '
-          'trained on (2, 2, 3, 4)') in message
+  assert 'missing from the base_params:\n  embedding/bias' in message
+  assert 'not in the recorded base:\n  cls' in message
+  assert ('(base_params vs recorded base):\n'
+          '  embedding/kernel: (4, 4, 3, 4) vs (2, 2, 3, 4)') in message
 
 
 def test_missing_file(tmp_path):

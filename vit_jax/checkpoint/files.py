@@ -7,9 +7,14 @@ crash (or a full disk) while writing leaves the previous file intact.
 import contextlib
 import os
 import uuid
-from typing import Iterator, Mapping
+import zipfile
+from typing import Dict, Iterator, Mapping
 
 import numpy as np
+
+from vit_jax.checkpoint.errors import CheckpointError
+
+_READ_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
 
 
 @contextlib.contextmanager
@@ -31,6 +36,29 @@ def atomic_path(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
+
+
+def read_npz(path: str) -> Dict[str, np.ndarray]:
+  """Every array of the `.npz` at `path`, as stored (no pickles).
+
+  Raises:
+    CheckpointError: naming `path` if it is missing, truncated, corrupt, a
+      single `.npy` array, or holds pickled objects instead of arrays.
+  """
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such file; check the path.')
+  try:
+    archive = np.load(path, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+      raise CheckpointError(
+          f'{path}: holds a single array, not an .npz archive of named arrays.')
+    with archive:
+      return {key: archive[key] for key in archive.files}
+  except _READ_ERRORS as e:
+    raise CheckpointError(
+        f'{path}: not a readable .npz archive ({type(e).__name__}: {e}). The '
+        'file may be truncated (write or download it again) or not a '
+        'checkpoint.') from e
 
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:

@@ -18,13 +18,12 @@ Files are written in the first layout (pre-linen names), the one both
 vit_jax's `checkpoint.load` and timm's `.npz` loader read by default.
 """
 
-import os
 import re
-import zipfile
 from typing import Dict, Mapping
 
 import numpy as np
 
+from vit_jax.checkpoint import files
 from vit_jax.checkpoint.errors import CheckpointError
 
 Flat = Dict[str, np.ndarray]
@@ -45,19 +44,10 @@ def read_npz(path: str) -> Flat:
   """All arrays of an `.npz` file, keyed by name, as float32 where float.
 
   Raises:
-    CheckpointError: naming `path` if it is missing, truncated, corrupt, or
-      holds pickled objects instead of arrays.
+    CheckpointError: naming `path` if it is unreadable (see `files.read_npz`)
+      or empty.
   """
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path}: no such file.')
-  try:
-    with np.load(path, allow_pickle=False) as archive:
-      flat = {key: archive[key] for key in archive.files}
-  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-    raise CheckpointError(
-        f'{path}: not a readable .npz archive ({type(e).__name__}: {e}). '
-        'The file may be truncated (re-download it) or not a checkpoint.'
-    ) from e
+  flat = files.read_npz(path)
   if not flat:
     raise CheckpointError(f'{path}: the archive holds no arrays.')
   return {key: _as_float32(value) for key, value in flat.items()}

@@ -35,11 +35,15 @@ class TreeDiff:
   def ok(self) -> bool:
     return not (self.missing or self.unexpected or self.mismatched)
 
-  def report(self, limit: int = 20) -> str:
-    """Human-readable listing, at most `limit` paths per kind."""
+  def report(self, limit: int = 20, loaded: str = 'checkpoint',
+             expected: str = 'model') -> str:
+    """Human-readable listing, at most `limit` paths per kind.
+
+    `loaded` and `expected` name the two trees compared.
+    """
     lines = []
-    for title, items in (('missing from the checkpoint', self.missing),
-                         ('not in the model', self.unexpected)):
+    for title, items in ((f'missing from the {loaded}', self.missing),
+                         (f'not in the {expected}', self.unexpected)):
       if items:
         lines.append(f'{len(items)} parameter(s) {title}:')
         lines += [f'  {path}' for path in items[:limit]]
@@ -47,7 +51,7 @@ class TreeDiff:
           lines.append(f'  ... and {len(items) - limit} more')
     if self.mismatched:
       lines.append(f'{len(self.mismatched)} shape mismatch(es) '
-                   '(checkpoint vs model):')
+                   f'({loaded} vs {expected}):')
       lines += [f'  {path}: {got} vs {want}'
                 for path, got, want in self.mismatched[:limit]]
       if len(self.mismatched) > limit:

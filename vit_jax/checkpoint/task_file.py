@@ -21,7 +21,6 @@ the parameters saved are replicated, and one writer is enough.
 import hashlib
 import json
 import re
-import zipfile
 from typing import Any, Callable, Collection, Dict, Mapping, Optional, Union
 
 import jax.numpy as jnp
@@ -139,31 +138,6 @@ def save_task_params(path: str, params: PyTree, trainable: Trainable,
   files.write_npz(path, {**task, META_KEY: meta_bytes})
 
 
-def _read(path: str) -> Dict[str, np.ndarray]:
-  """All arrays of the `.npz` at `path`, with file errors as CheckpointError."""
-  try:
-    data = np.load(path, allow_pickle=False)
-  except FileNotFoundError as e:
-    raise CheckpointError(
-        f'{path}: no such task file; check the path, or save one with '
-        f'save_task_params.') from e
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise CheckpointError(
-        f'{path}: not an .npz file ({e}); it is corrupt or truncated, save '
-        f'it again.') from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise CheckpointError(
-        f'{path}: holds a single array, not a task file (.npz written by '
-        f'save_task_params).')
-  try:
-    with data:
-      return {key: data[key] for key in data.files}
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-    raise CheckpointError(
-        f'{path}: corrupt or truncated ({type(e).__name__}: {e}); save it '
-        f'again.') from e
-
-
 def _parse_meta(path: str, arrays: Mapping[str, np.ndarray]) -> dict:
   """The JSON description stored under META_KEY, checked for format/version."""
   if META_KEY not in arrays:
@@ -188,26 +162,6 @@ def _parse_meta(path: str, arrays: Mapping[str, np.ndarray]) -> dict:
   return meta
 
 
-def _describe(diff: inspect.TreeDiff, limit: int = 10) -> str:
-  """Lists, `limit` per kind, how base_params differs from the recorded base."""
-
-  def listing(paths):
-    more = f' and {len(paths) - limit} more' if len(paths) > limit else ''
-    return f'{paths[:limit]}{more}'
-
-  lines = []
-  if diff.missing:
-    lines.append(f'  missing from base_params: {listing(diff.missing)}')
-  if diff.unexpected:
-    lines.append(f'  in base_params but not in the recorded base: '
-                 f'{listing(diff.unexpected)}')
-  lines += [f'  {p}: base_params has shape {got}, the task was trained on '
-            f'{want}' for p, got, want in diff.mismatched[:limit]]
-  if len(diff.mismatched) > limit:
-    lines.append(f'  ... and {len(diff.mismatched) - limit} more shapes')
-  return '\n'.join(lines)
-
-
 def load_task_params(path: str, base_params: PyTree,
                      strict: bool = True) -> PyTree:
   """Applies the task file at `path` on top of `base_params`.
@@ -230,7 +184,7 @@ def load_task_params(path: str, base_params: PyTree,
     CheckpointError: naming `path`, if the file is missing, corrupt or not a
       task file, or `base_params` is not the base the task was trained on.
   """
-  arrays = _read(path)
+  arrays = files.read_npz(path)
   meta = _parse_meta(path, arrays)
   task = {p: v.view(jnp.dtype(meta['task_dtypes'][p]))
           for p, v in arrays.items() if not p.startswith(META_PREFIX)}
@@ -241,8 +195,8 @@ def load_task_params(path: str, base_params: PyTree,
   if not diff.ok:
     raise CheckpointError(
         f'{path}: base_params is not the base this task was trained on:\n'
-        f'{_describe(diff)}\nPass the base checkpoint the task was '
-        f'fine-tuned from.')
+        f'{diff.report(loaded="base_params", expected="recorded base")}\n'
+        'Pass the base checkpoint the task was fine-tuned from.')
   if strict:
     expected, actual = meta['base_fingerprint'], fingerprint(base)
     if expected != actual:
