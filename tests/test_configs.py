@@ -31,7 +31,8 @@ def test_vit_b16_cifar10():
           models.MODEL_CONFIGS['ViT-B_16'].to_dict())
   assert config.dataset == 'cifar10'
   assert config.pp.to_dict() == {'train': 'train[:98%]', 'test': 'test',
-                                 'crop': 384}
+                                 'crop': 384, 'augment': 'inception_crop',
+                                 'pad': 0, 'flip': True}
   assert config.total_steps == 10_000
   assert config.base_lr == 0.01
   assert config.is_locked
@@ -102,3 +103,17 @@ def test_common_config_is_locked():
   config = common.get_config()
   with pytest.raises(AttributeError):
     config.no_such_knob = 1
+
+
+def test_optional_paths_can_be_set_from_the_command_line():
+  config = parse(f'--config={REPO}/configs/vit.py:ti16,digits',
+                 '--config.tfds_data_dir=/data/tfds',
+                 '--config.tfds_manual_dir=/data/manual',
+                 '--config.pretrained_dir=/models',
+                 '--config.pretrained_path=/models/x.safetensors')
+  assert (config.tfds_data_dir, config.tfds_manual_dir) == ('/data/tfds',
+                                                            '/data/manual')
+  assert config.pretrained_dir == '/models'
+  assert config.pretrained_path == '/models/x.safetensors'
+  assert parse(f'--config={REPO}/configs/vit.py:ti16,digits'
+               ).pretrained_dir is None

@@ -1,0 +1,146 @@
+"""Input-pipeline throughput against the train step it feeds, in one run.
+
+For each row (dataset, crop, model) this measures, on this machine:
+
+* pipeline: images/s of the training input pipeline alone (tf.data to NumPy,
+  decode + augmentation + batching, after warm-up);
+* step: images/s of a train step (forward, backward, SGD with momentum) of
+  the model on one fixed batch;
+* fed: images/s of the same step fed by the pipeline through
+  `device_prefetch`, both sharing the machine's cores as in training.
+
+The pipeline keeps up when pipeline / step > 1 and fed / step is close to 1.
+CIFAR-10 rows read tfds-format records of random 32x32 PNG images
+(`tfds.testing.mock_data` with CIFAR-10's real features), so decoding costs
+what it would with the real files.
+
+  python scripts/benchmark_input.py [--batch 32] [--steps 5]
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import common
+from vit_jax import input_pipeline
+from vit_jax import models
+from vit_jax.input_pipeline import testing
+
+ROWS = (  # dataset, crop, model
+    ('cifar10', 224, 'ViT-Ti_16'),
+    ('cifar10', 384, 'ViT-Ti_16'),
+    ('digits', 32, 'ViT-Mini_4'),
+    ('mnist5k', 28, 'ViT-Mini_7'),
+)
+
+
+def make_train_step(model_name: str, crop: int, num_classes: int):
+  """A jitted SGD step of `model_name` and its initial state."""
+  model = models.build_model(models.MODEL_CONFIGS[model_name],
+                             num_classes=num_classes)
+  params = jax.jit(lambda key: model.init(
+      key, jnp.zeros([1, crop, crop, 3]), train=False)['params'])(
+          jax.random.key(0))
+  optimizer = optax.sgd(0.01, momentum=0.9)
+
+  def loss_fn(params, images, labels):
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': jax.random.key(1)})
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels).mean()
+
+  @jax.jit
+  def step(state, images, labels):
+    params, opt_state = state
+    grads = jax.grad(loss_fn)(params, images, labels)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step, (params, optimizer.init(params))
+
+
+def images_per_second(run_one: Callable[[], None], batch: int, count: int,
+                      warmup: int = 1, min_seconds: float = 3.0) -> float:
+  """Images per second of `run_one` (one batch each call).
+
+  After `warmup` calls (compilation, tf.data buffers filling), times at
+  least `count` calls and at least `min_seconds`.
+  """
+  for _ in range(warmup):
+    run_one()
+  calls, start = 0, time.perf_counter()
+  while calls < count or time.perf_counter() - start < min_seconds:
+    run_one()
+    calls += 1
+  return batch * calls / (time.perf_counter() - start)
+
+
+def flat(batch: Dict[str, np.ndarray]):
+  """[1, B, ...] host batches (one device) to the step's [B, ...]."""
+  return batch['image'][0], batch['label'][0]
+
+
+def measure_row(dataset: str, crop: int, model_name: str, batch: int,
+                steps: int, data_dir: str) -> Dict[str, float]:
+  config = common.with_dataset(common.get_config(), dataset)
+  config.update({'batch': batch, 'tfds_data_dir': data_dir})
+  config.pp.crop = crop
+  source = input_pipeline.get_source(config)
+  hosts = input_pipeline.Hosts(0, 1, 1)
+
+  batches = input_pipeline.train_dataset(source, config,
+                                         hosts).as_numpy_iterator()
+  pipeline = statistics.median(
+      images_per_second(lambda: next(batches), batch, 10 * steps, warmup=3)
+      for _ in range(3))
+
+  step, state = make_train_step(model_name, crop, source.info.num_classes)
+  fixed = flat(next(batches))
+  holder = {'state': state}
+
+  def run_step(images, labels):
+    holder['state'] = step(holder['state'], images, labels)
+    jax.block_until_ready(holder['state'])
+
+  fixed_rate = images_per_second(lambda: run_step(*fixed), batch, steps)
+  fed_batches: Iterator = input_pipeline.device_prefetch(
+      input_pipeline.train_dataset(source, config, hosts), 2)
+  # Warm-up fills the shuffle buffer and lets tf.data's autotuning settle.
+  fed_rate = images_per_second(lambda: run_step(*flat(next(fed_batches))),
+                               batch, steps, warmup=steps)
+  return {'pipeline': pipeline, 'step': fixed_rate, 'fed': fed_rate}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=5,
+                      help='timed train steps per measurement')
+  args = parser.parse_args()
+  print(f'JAX {jax.__version__} on {jax.devices()[0].device_kind}, '
+        f'batch {args.batch}')
+  header = (f'{"dataset":10} {"crop":>4} {"model":11} {"pipeline img/s":>14} '
+            f'{"step img/s":>10} {"fed img/s":>9} {"pipeline/step":>13} '
+            f'{"fed/step":>8}')
+  print(header)
+  with tempfile.TemporaryDirectory() as data_dir, testing.mock_tfds(
+      data_dir, 'cifar10', {'train': 50_000, 'test': 10_000},
+      num_examples=1_000):
+    for dataset, crop, model_name in ROWS:
+      r = measure_row(dataset, crop, model_name, args.batch, args.steps,
+                      data_dir)
+      print(f'{dataset:10} {crop:4d} {model_name:11} {r["pipeline"]:14.0f} '
+            f'{r["step"]:10.1f} {r["fed"]:9.1f} '
+            f'{r["pipeline"] / r["step"]:13.1f} {r["fed"] / r["step"]:8.2f}',
+            flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,413 @@
+"""Input pipeline: sources, splits, host shards, preprocessing, batching."""
+
+import functools
+import os
+import shutil
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from configs import common
+from tests import data_helpers
+from vit_jax import input_pipeline
+from vit_jax.input_pipeline import embedded
+from vit_jax.input_pipeline import preprocess
+from vit_jax.input_pipeline import sources
+from vit_jax.input_pipeline import testing
+from vit_jax.input_pipeline import tfds_source
+
+Hosts = input_pipeline.Hosts
+
+
+def make_config(dataset: str = 'digits', crop: int = 16, batch: int = 32,
+                **pp) -> ml_collections.ConfigDict:
+  config = common.with_dataset(common.get_config(), dataset)
+  config.pp.crop = crop
+  config.pp.update(pp)
+  config.batch = batch
+  config.batch_eval = batch
+  config.shuffle_buffer = 256
+  return config
+
+
+def first_batches(dataset, count: int):
+  return [batch for _, batch in zip(range(count), dataset.as_numpy_iterator())]
+
+
+def raw_split(source, split: str, process_index: int = 0,
+              process_count: int = 1):
+  """All (image, label) pairs of a split shard, in reading order."""
+  examples = list(source.examples(split, process_index,
+                                  process_count).as_numpy_iterator())
+  return (np.stack([ex['image'] for ex in examples]),
+          np.array([ex['label'] for ex in examples]))
+
+
+def assert_train_batch(batch, devices: int, per_device: int, crop: int,
+                       num_classes: int):
+  chex.assert_shape(batch['image'], (devices, per_device, crop, crop, 3))
+  chex.assert_shape(batch['label'], (devices, per_device))
+  chex.assert_type([batch['image'], batch['label']], [np.float32, np.int32])
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+  assert 0 <= batch['label'].min() and batch['label'].max() < num_classes
+
+
+def eval_labels(source, config, hosts):
+  """Labels of the masked-in examples, and the padded examples' images."""
+  data = input_pipeline.eval_dataset(source, config, hosts)
+  batches = list(data.dataset.as_numpy_iterator())
+  assert len(batches) == data.num_batches
+  masks = np.stack([b['mask'] for b in batches])
+  labels = np.stack([b['label'] for b in batches])[masks]
+  padding = np.stack([b['image'] for b in batches])[~masks]
+  assert masks.sum() == data.num_examples
+  return labels, padding, data
+
+
+# ---------------------------------------------------------------- embedded
+
+
+@pytest.fixture(scope='module')
+def digits():
+  return embedded.load_digits()
+
+
+@pytest.fixture(scope='module')
+def mnist5k():
+  return embedded.load_mnist5k()
+
+
+def nearest_centroid_accuracy(source) -> float:
+  """Test accuracy of classifying by the closest class-mean train image."""
+  train_x, train_y = raw_split(source, 'train')
+  test_x, test_y = raw_split(source, 'test')
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float32)
+  centroids = np.stack([flat(train_x[train_y == c]).mean(0)
+                        for c in range(10)])
+  distances = ((flat(test_x)[:, None] - centroids[None]) ** 2).sum(-1)
+  return float((distances.argmin(1) == test_y).mean())
+
+
+@pytest.mark.parametrize('name,sizes,side,per_class', [
+    ('digits', {'train': 1437, 'test': 360}, 8, None),
+    ('mnist5k', {'train': 4000, 'test': 1000}, 28, (400, 100)),
+])
+def test_embedded_splits(name, sizes, side, per_class, request):
+  source = request.getfixturevalue(name)
+  assert source.info.split_sizes == sizes
+  assert source.info.class_names == tuple('0123456789')
+  for split, size in sizes.items():
+    images, labels = raw_split(source, split)
+    chex.assert_shape(images, (size, side, side, 1))
+    assert images.dtype == np.uint8
+    if per_class:
+      np.testing.assert_array_equal(
+          np.bincount(labels), [per_class[split == 'test']] * 10)
+
+
+def test_embedded_split_is_a_fixed_rule(digits, mnist5k):
+  """Loading again gives the same partition, element for element."""
+  for source, load in [(digits, embedded.load_digits),
+                       (mnist5k, embedded.load_mnist5k)]:
+    for split in ('train', 'test'):
+      chex.assert_trees_all_equal(raw_split(source, split),
+                                  raw_split(load(), split))
+
+
+def test_digits_are_real_images(digits):
+  """Real digits: classes are told apart by their mean image; ink 0..255."""
+  images, _ = raw_split(digits, 'train')
+  assert images.min() == 0 and images.max() == 255
+  assert 0.4 < (images == 0).mean() < 0.6  # Half the 8x8 cells are blank.
+  assert nearest_centroid_accuracy(digits) > 0.8  # Noise: ~0.1.
+
+
+def test_mnist5k_are_real_images(mnist5k):
+  """MNIST's known statistics: mean ~33/255, ~80% black, empty borders."""
+  images, _ = raw_split(mnist5k, 'train')
+  assert 30 < images.mean() < 37
+  assert 0.75 < (images == 0).mean() < 0.85
+  assert images[:, [0, -1]].mean() < 0.1 and images[:, :, [0, -1]].mean() < 0.1
+  assert nearest_centroid_accuracy(mnist5k) > 0.75
+
+
+def test_embedded_train_batches(mnist5k):
+  config = make_config('mnist5k', crop=28, batch=64, pad=4)
+  batch = first_batches(
+      input_pipeline.train_dataset(mnist5k, config, Hosts(0, 1, 8)), 1)[0]
+  assert_train_batch(batch, 8, 8, 28, 10)
+  image = batch['image']
+  np.testing.assert_array_equal(image[..., 0], image[..., 2])  # Grey → RGB.
+
+
+# -------------------------------------------------------------------- tfds
+
+
+@pytest.fixture
+def mock_tfds(tmp_path):
+  """Mocks tfds with real metadata and our split sizes for `name`."""
+  return functools.partial(testing.mock_tfds, str(tmp_path))
+
+
+@pytest.mark.parametrize('name,raw_channels', [('cifar10', 3), ('mnist', 1)])
+def test_tfds_dataset(name, raw_channels, mock_tfds, tmp_path):
+  sizes = {'train': 200, 'test': 40}
+  with mock_tfds(name, sizes, num_examples=40):
+    config = make_config(name, crop=24, batch=32)
+    config.tfds_data_dir = str(tmp_path)
+    config.pp.train = 'train[:90%]'
+    source = input_pipeline.get_source(config)
+    assert source.info.num_classes == 10
+    assert source.info.split_sizes == sizes
+    assert source.num_examples('train[:90%]') == 180
+    train = input_pipeline.train_dataset(source, config, Hosts(0, 1, 4))
+    for batch in first_batches(train, 3):
+      assert_train_batch(batch, 4, 8, 24, 10)
+      if raw_channels == 1:
+        np.testing.assert_array_equal(batch['image'][..., 0],
+                                      batch['image'][..., 1])
+    labels, padding, data = eval_labels(source, config, Hosts(0, 1, 4))
+    assert data.num_batches == 2 and len(labels) == 40
+    assert (padding == 0).all() and len(padding) == 24
+
+
+def test_tfds_host_shards_cover_split(mock_tfds, tmp_path):
+  with mock_tfds('cifar10', {'train': 1001, 'test': 13}, num_examples=1):
+    source = tfds_source.TfdsSource('cifar10', data_dir=str(tmp_path))
+    for split, size in [('train', 1001), ('train[10:511]', 501)]:
+      shards = [source.num_examples(split, i, 2) for i in range(2)]
+      assert sum(shards) == source.num_examples(split) == size
+      assert abs(shards[0] - shards[1]) <= 1
+
+
+def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch,
+                                                         tmp_path):
+  attempts = []
+
+  def offline(self, *args, **kwargs):
+    attempts.append(self.name)
+    raise OSError('Network is unreachable')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      offline)
+  config = make_config('cifar10')
+  config.tfds_data_dir = str(tmp_path)
+  with pytest.raises(input_pipeline.DatasetError) as error:
+    input_pipeline.get_source(config)
+  message = str(error.value)
+  assert "'cifar10' is not prepared in " + str(tmp_path) in message
+  assert f'tfds build cifar10 --data_dir={tmp_path}' in message
+  assert 'Network is unreachable' in message
+
+  config.dataset = 'imagenet2012'
+  config.tfds_manual_dir = str(tmp_path / 'manual')
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r'downloaded by hand.*looked in .*manual'):
+    input_pipeline.get_source(config)
+
+  assert attempts == ['cifar10', 'imagenet2012']
+  config.tfds_download = False
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r'not prepared .* config.tfds_download is False'):
+    input_pipeline.get_source(config)
+  assert len(attempts) == 2  # Failed without trying to download.
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(input_pipeline.DatasetError,
+                     match="Unknown dataset 'no_such_set'"):
+    input_pipeline.get_source(make_config('no_such_set'))
+
+
+# ------------------------------------------------------------ image folder
+
+COLOURS = {'cat': (255, 0, 0), 'dog': (0, 0, 255)}
+
+
+def write_image(path: str, colour, size, mode: str = 'RGB') -> None:
+  Image.new('RGB', size, colour).convert(mode).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  """train/{cat,dog} and test/{cat,dog}: solid colours, mixed formats/sizes."""
+  files = {
+      'train/cat': [('a.png', (40, 30), 'RGB'), ('b.jpg', (17, 50), 'RGB'),
+                    ('c.JPEG', (64, 64), 'RGB')],
+      'train/dog': [('a.png', (20, 20), 'RGBA'), ('b.jpeg', (33, 21), 'RGB')],
+      'test/cat': [('x.png', (31, 31), 'RGB')],
+      'test/dog': [('y.jpg', (45, 60), 'RGB'), ('z.png', (12, 9), 'RGBA')],
+  }
+  for directory, images in files.items():
+    os.makedirs(tmp_path / directory)
+    for name, size, mode in images:
+      write_image(str(tmp_path / directory / name),
+                  COLOURS[directory.split('/')[1]], size, mode)
+  (tmp_path / 'train/cat/notes.txt').write_text('not an image')
+  return tmp_path
+
+
+def test_image_folder(image_folder):
+  config = make_config(str(image_folder), crop=16, batch=8)
+  source = input_pipeline.get_source(config)
+  assert source.info.class_names == ('cat', 'dog')
+  assert source.info.split_sizes == {'train': 5, 'test': 3}
+  batch = first_batches(
+      input_pipeline.train_dataset(source, config, Hosts(0, 1, 2)), 1)[0]
+  assert_train_batch(batch, 2, 4, 16, 2)
+  labels, _, _ = eval_labels(source, config, Hosts(0, 1, 2))
+  assert sorted(labels) == [0, 1, 1]
+  for split_batch in [batch, next(input_pipeline.eval_dataset(
+      source, config, Hosts(0, 1, 2)).dataset.as_numpy_iterator())]:
+    images, labels = split_batch['image'], split_batch['label']
+    # Solid red cats and blue dogs stay red and blue (JPEG: within 0.1).
+    red = (images[..., 0] > 0.8).all((-1, -2))
+    blue = (images[..., 2] > 0.8).all((-1, -2))
+    mask = split_batch.get('mask', np.ones_like(labels, bool))
+    np.testing.assert_array_equal(red[mask], labels[mask] == 0)
+    np.testing.assert_array_equal(blue[mask], labels[mask] == 1)
+
+
+def test_image_folder_errors(image_folder):
+  folder = str(image_folder)
+  load = lambda: input_pipeline.get_source(make_config(folder))
+  (image_folder / 'train/cat/broken.jpg').write_bytes(b'GIF89a....')
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r'train/cat/broken.jpg is not a JPEG or PNG'):
+    load()
+  os.remove(image_folder / 'train/cat/broken.jpg')
+  os.makedirs(image_folder / 'test/bird')
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r"Class 'bird' of .*test has no directory"):
+    load()
+  os.makedirs(image_folder / 'train/bird')
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r'train/bird holds no .jpg/.jpeg/.png images'):
+    load()
+  shutil.rmtree(image_folder / 'test')
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r'lacks test sub-directories'):
+    load()
+
+
+# -------------------------------------------- evaluation, hosts, batching
+
+
+def test_eval_covers_every_example_once_with_masked_padding():
+  source = data_helpers.id_source(num_train=10, num_test=1003)
+  config = make_config(batch=64, crop=4)
+  labels, padding, data = eval_labels(source, config, Hosts(0, 1, 8))
+  assert data.num_batches == 16  # ceil(1003 / 64); vit_jax would run 15.
+  np.testing.assert_array_equal(np.sort(labels), 10 + np.arange(1003))
+  assert len(padding) == 16 * 64 - 1003 and (padding == 0).all()
+
+
+def test_eval_over_two_hosts_scores_each_example_once():
+  source = data_helpers.id_source(num_train=10, num_test=1003)
+  config = make_config(batch=64, crop=4)
+  results = [eval_labels(source, config, Hosts(i, 2, 4)) for i in range(2)]
+  assert results[0][2].num_batches == results[1][2].num_batches == 16
+  labels = np.concatenate([labels for labels, _, _ in results])
+  np.testing.assert_array_equal(np.sort(labels), 10 + np.arange(1003))
+
+
+@pytest.mark.parametrize('split', ['train', 'train[:37%]', 'test[5:]'])
+def test_host_shards_are_disjoint_and_cover_the_split(split):
+  source = data_helpers.id_source(num_train=101, num_test=20)
+  _, whole = raw_split(source, split)
+  shards = [raw_split(source, split, i, 2)[1] for i in range(2)]
+  assert not set(shards[0]) & set(shards[1])
+  np.testing.assert_array_equal(np.sort(np.concatenate(shards)),
+                                np.sort(whole))
+  assert abs(len(shards[0]) - len(shards[1])) <= 1
+
+
+def test_train_stream_pixels_match_labels_and_reshuffle():
+  """Examples keep their labels through shuffling; epochs are reshuffled."""
+  source = data_helpers.id_source(num_train=64, num_test=1)
+  config = make_config(batch=64, crop=4, augment='none', flip=False)
+  config.shuffle_buffer = 1  # Only the source's exact per-epoch shuffle.
+  batches = first_batches(
+      input_pipeline.train_dataset(source, config, Hosts(0, 1, 4)), 2)
+  for batch in batches:
+    pixels = np.round((batch['image'][..., 0, 0, 0] + 1) * 127.5)
+    np.testing.assert_array_equal(pixels, batch['label'] % 251)
+  epochs = [b['label'].ravel() for b in batches]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(64))
+  assert list(epochs[0]) != list(epochs[1])
+
+
+def test_train_stream_is_deterministic_per_seed(digits):
+  config = make_config(crop=16, batch=16, augment='inception_crop', flip=True)
+  hosts = Hosts(0, 1, 2)
+  run = lambda: first_batches(
+      input_pipeline.train_dataset(digits, config, hosts), 3)
+  chex.assert_trees_all_equal(run(), run())
+  config.seed = 1
+  other = run()
+  config.seed = 0
+  assert not np.array_equal(other[0]['image'], run()[0]['image'])
+
+
+def test_batch_must_divide_over_devices():
+  source = data_helpers.id_source(num_train=10, num_test=10)
+  with pytest.raises(ValueError, match=r'config.batch=30 .* 8 devices'):
+    input_pipeline.train_dataset(source, make_config(batch=30),
+                                 Hosts(0, 2, 4))
+  with pytest.raises(ValueError, match=r'config.batch_eval=12'):
+    config = make_config(batch=16)
+    config.batch_eval = 12
+    input_pipeline.eval_dataset(source, config, Hosts(0, 1, 8))
+
+
+def test_device_prefetch_shards_over_local_devices(mnist5k):
+  devices = jax.local_device_count()
+  config = make_config('mnist5k', crop=8, batch=2 * devices)
+  dataset = input_pipeline.train_dataset(mnist5k, config)
+  batch = next(input_pipeline.device_prefetch(dataset, 2))
+  assert isinstance(batch['image'], jax.Array)
+  chex.assert_shape(batch['image'], (devices, 2, 8, 8, 3))
+  assert len(batch['image'].sharding.device_set) == devices
+
+
+# ----------------------------------------------------------- preprocessing
+
+
+def single_dot_source(side: int = 16):
+  """One white pixel in the middle of a black image."""
+  image = np.zeros([1, side, side, 1], np.uint8)
+  image[0, side // 2, side // 2] = 255
+  info = input_pipeline.DatasetInfo('dot', ('dot',), {'train': 1, 'test': 0})
+  return sources.InMemorySource(info, image, np.zeros(1))
+
+
+def test_pad_and_crop_shifts_by_at_most_pad():
+  config = make_config(batch=64, crop=16, augment='pad_and_crop', pad=3,
+                       flip=False)
+  batch = first_batches(input_pipeline.train_dataset(
+      single_dot_source(), config, Hosts(0, 1, 1)), 1)[0]
+  images = batch['image'][0, ..., 0]
+  rows, cols = np.unravel_index(images.reshape(64, -1).argmax(1), (16, 16))
+  assert (np.abs(rows - 8) <= 3).all() and (np.abs(cols - 8) <= 3).all()
+  assert len(set(zip(rows, cols))) > 10  # Shifts actually vary.
+  np.testing.assert_array_equal(images.max((1, 2)), 1.0)  # Dot kept.
+
+
+def test_eval_preprocessing_maps_pixels_to_minus_one_one():
+  source = data_helpers.id_source(num_train=1, num_test=255, side=8)
+  config = make_config(batch=8, crop=12)
+  batch = next(input_pipeline.eval_dataset(
+      source, config, Hosts(0, 1, 1)).dataset.as_numpy_iterator())
+  expected = (batch['label'][0] % 251) / 127.5 - 1
+  np.testing.assert_allclose(batch['image'][0, :, 0, 0, 0], expected,
+                             atol=1e-6)
+
+
+def test_unknown_augmentation_is_a_config_error():
+  with pytest.raises(ValueError, match=r"config.pp.augment='mixup'"):
+    preprocess.check_pp(make_config(augment='mixup').pp)

@@ -1,0 +1,319 @@
+"""Training: schedules, data parallelism, accumulation, resume, main."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from vit_jax import checkpoint
+from vit_jax import models
+from vit_jax.checkpoint import train_state
+from vit_jax.train import inference_time
+from vit_jax.train import optimizers
+from vit_jax.train import schedules
+from vit_jax.train import step as step_lib
+from vit_jax.train import trainer
+
+CROP = 8
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def schedule_config(decay_type: str, warmup: int = 10, total: int = 110,
+                    base_lr: float = 0.5):
+  config = common.get_config().unlock()
+  config.update({'decay_type': decay_type, 'warmup_steps': warmup,
+                 'total_steps': total, 'base_lr': base_lr})
+  return config
+
+
+@pytest.mark.parametrize('decay_type,expected', [
+    # step: 0, 5 (mid warm-up), 10 (peak), 60 (half-way), 110 (end)
+    ('cosine', [0.0, 0.25, 0.5, 0.25, 0.0]),
+    ('linear', [0.0, 0.25, 0.5, 0.25, 0.0]),
+    ('constant', [0.0, 0.25, 0.5, 0.5, 0.5]),
+])
+def test_schedule_values(decay_type, expected):
+  schedule = schedules.learning_rate_schedule(schedule_config(decay_type))
+  values = [float(schedule(step)) for step in (0, 5, 10, 60, 110)]
+  np.testing.assert_allclose(values, expected, atol=1e-7)
+
+
+def test_cosine_matches_vit_jax_formula():
+  schedule = schedules.learning_rate_schedule(schedule_config('cosine'))
+  for step in (13, 37, 81):
+    progress = (step - 10) / 100
+    expected = 0.5 * 0.5 * (1 + np.cos(np.pi * progress))
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6)
+
+
+def test_schedule_rejects_bad_settings():
+  with pytest.raises(ValueError, match='decay_type'):
+    schedules.learning_rate_schedule(schedule_config('step'))
+  with pytest.raises(ValueError, match='warmup_steps=200'):
+    schedules.learning_rate_schedule(schedule_config('cosine', warmup=200))
+
+
+# ------------------------------------------------------- one update step
+
+
+def tiny_setup(optimizer_name: str = 'sgd', accum_steps: int = 1):
+  """ViT-Micro_4 at 8x8 (4 tokens), its params and a train step."""
+  config = schedule_config('cosine', warmup=2, total=10, base_lr=0.1)
+  config.optimizer = optimizer_name
+  config.weight_decay = 0.01
+  config.optim_dtype = 'float32'
+  model = models.build_model(models.MODEL_CONFIGS['ViT-Micro_4'],
+                             num_classes=10)
+  params = model.init(jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]),
+                      train=False)['params']
+  # A non-zero head, so that every parameter gets a gradient.
+  params['head']['kernel'] = 0.1 * jax.random.normal(
+      jax.random.key(1), params['head']['kernel'].shape)
+  schedule = schedules.learning_rate_schedule(config)
+  optimizer = optimizers.make_optimizer(config, schedule)
+  state = step_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                              opt_state=optimizer.init(params))
+  train_step = step_lib.make_train_step(model, optimizer, schedule,
+                                        accum_steps=accum_steps)
+  return state, train_step
+
+
+def random_batches(count: int, batch: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.uniform(-1, 1, [batch, CROP, CROP, 3]).astype(
+      np.float32), 'label': rng.integers(0, 10, [batch]).astype(np.int32)}
+          for _ in range(count)]
+
+
+def run_steps(state, train_step, batches, devices):
+  """Runs the steps data-parallel over `devices`; returns the final state."""
+  mapped = step_lib.data_parallel(train_step, devices=devices)
+  replicated = step_lib.replicate(state, devices)
+  for batch in batches:
+    split = jax.tree.map(
+        lambda x: x.reshape(len(devices), -1, *x.shape[1:]), batch)
+    replicated, metrics = mapped(replicated, split)
+    assert np.isfinite(metrics['loss']).all()
+  return step_lib.unreplicate(replicated)
+
+
+def test_eight_devices_equal_one():
+  """Same global batches on 1 and 8 devices: the same params after 3 steps.
+
+  Only the order of floating-point sums differs (pmean over devices vs one
+  device's mean), so params agree to 1e-5 relative / 1e-6 absolute. (SGD:
+  Adam divides by sqrt(v) and so amplifies that noise wherever a gradient is
+  near zero, e.g. the attention key biases, whose true gradient is 0.)
+  """
+  assert jax.local_device_count() == 8
+  state, train_step = tiny_setup('sgd')
+  batches = random_batches(3, 16)
+  one = run_steps(state, train_step, batches, jax.local_devices()[:1])
+  eight = run_steps(state, train_step, batches, jax.local_devices())
+  chex.assert_trees_all_close(one.params, eight.params, rtol=1e-5,
+                              atol=1e-6)
+  chex.assert_trees_all_close(one.opt_state, eight.opt_state, rtol=1e-5,
+                              atol=1e-6)
+  assert int(one.step) == int(eight.step) == 3
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       state.params, one.params)
+  assert all(m > 0 for m in jax.tree.leaves(moved))  # Every param updated.
+
+
+def test_accumulated_gradients_equal_one_big_batch():
+  state, plain_step = tiny_setup(accum_steps=1)
+  _, accum_step = tiny_setup(accum_steps=4)
+  batches = random_batches(2, 16)
+  device = jax.local_devices()[:1]
+  plain = run_steps(state, plain_step, batches, device)
+  accumulated = run_steps(state, accum_step, batches, device)
+  chex.assert_trees_all_close(plain.params, accumulated.params, rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_bf16_momentum_state():
+  config = schedule_config('cosine')
+  params = {'w': jnp.ones([3, 3])}
+  optimizer = optimizers.make_optimizer(config, lambda step: 0.1)
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(optimizer.init(params))
+            if leaf.ndim}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}  # optim_dtype's default.
+
+
+def test_eval_step_counts_only_masked_in_examples():
+  model = models.build_model(models.MODEL_CONFIGS['ViT-Micro_4'],
+                             num_classes=10)
+  params = model.init(jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]),
+                      train=False)['params']
+  batch = random_batches(1, 16)[0]
+  batch['mask'] = np.arange(16) < 11
+  eval_step = step_lib.data_parallel(step_lib.make_eval_step(model))
+  split = jax.tree.map(lambda x: x.reshape(8, 2, *x.shape[1:]), batch)
+  sums = eval_step(step_lib.replicate(params), split)
+  logits = model.apply({'params': params}, batch['image'], train=False)
+  correct = (np.argmax(logits, -1) == batch['label'])[:11].sum()
+  np.testing.assert_array_equal(sums['count'], np.full(8, 11.0))
+  np.testing.assert_array_equal(sums['correct'], np.full(8, correct))
+
+
+# ------------------------------------------------------- the whole job
+
+
+def job_config(**overrides):
+  """ViT-Micro_4 on mnist5k at 8x8 (4 tokens): quick to compile and run."""
+  config = common.with_dataset(common.get_config(), 'mnist5k')
+  config.model = models.MODEL_CONFIGS['ViT-Micro_4'].copy_and_resolve_references()
+  config.pp.update({'crop': CROP, 'pad': 1})
+  config.update({'total_steps': 6, 'warmup_steps': 1, 'batch': 32,
+                 'batch_eval': 256, 'accum_steps': 1, 'eval_every': 3,
+                 'progress_every': 1, 'checkpoint_every': 3,
+                 'shuffle_buffer': 500, 'optimizer': 'adamw',
+                 'base_lr': 1e-3, 'optim_dtype': 'float32'})
+  config.update(overrides)
+  return config
+
+
+def final_state(config, workdir):
+  """The latest checkpoint of `workdir`, restored into `config`'s state."""
+  target = trainer.create_setup(config, num_classes=10).state
+  with train_state.TrainCheckpointer(workdir) as checkpointer:
+    return checkpointer.latest_step(), checkpointer.restore(target)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+  config = job_config()
+  trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  crash_dir = str(tmp_path / 'crashed')
+  original_write = trainer.metrics_lib.MetricWriter.write
+
+  def crash_at_step_4(self, step, scalars):
+    if step == 4:
+      raise KeyboardInterrupt('simulated crash at step 4')
+    original_write(self, step, scalars)
+
+  monkeypatch.setattr(trainer.metrics_lib.MetricWriter, 'write',
+                      crash_at_step_4)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(config, crash_dir)
+  monkeypatch.undo()
+  with train_state.TrainCheckpointer(crash_dir) as checkpointer:
+    assert checkpointer.all_steps() == [3]
+  results = trainer.train_and_evaluate(config, crash_dir)
+  assert results['resumed_from_step'] == 3
+
+  (step_a, straight), (step_b, resumed) = (
+      final_state(config, str(tmp_path / 'straight')),
+      final_state(config, crash_dir))
+  assert step_a == step_b == 6
+  chex.assert_trees_all_equal(straight, resumed)
+
+
+def test_batch_that_does_not_divide_is_a_config_error(tmp_path):
+  with pytest.raises(ValueError, match=r'config.batch=30 .* 8 devices'):
+    trainer.train_and_evaluate(job_config(batch=30), str(tmp_path))
+  with pytest.raises(ValueError, match=r'accum_steps=3 does not divide'):
+    trainer.train_and_evaluate(job_config(batch=32, accum_steps=3),
+                               str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')  # Nothing started.
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  config = job_config(base_lr=1e30, warmup_steps=0, grad_norm_clip=None,
+                      optimizer='sgd', checkpoint_every=1, total_steps=20)
+  with pytest.raises(FloatingPointError,
+                     match=r'loss is .* at step \d+ .*stopped') as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(error.value.args[0].split('at step ')[1].split(' ')[0])
+  step, state = final_state(config, str(tmp_path))
+  assert step == bad_step - 1
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
+def test_main_end_to_end_on_mnist5k(tmp_path):
+  """`python -m vit_jax.main` trains, evaluates and writes its files."""
+  workdir = tmp_path / 'run'
+  command = [
+      sys.executable, '-m', 'vit_jax.main',
+      f'--config={REPO}/configs/scratch.py:mnist5k,micro4',
+      f'--workdir={workdir}', '--config.total_steps=30',
+      '--config.pp.crop=16', '--config.batch=64', '--config.eval_every=15',
+      '--config.progress_every=5', '--config.checkpoint_every=15',
+      '--config.warmup_steps=3', '--config.base_lr=0.003']
+  process = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert 'step 30/30 (100.0%)' in process.stderr and 'ETA' in process.stderr
+
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['test_examples'] == 1000  # Every test image, once.
+  assert results['steps'] == 30 and results['devices'] == 8
+  assert results['trainable_params'] == results['total_params'] > 0
+  assert results['config']['dataset'] == 'mnist5k'
+  assert 0.0 <= results['test_accuracy'] <= 1.0
+
+  lines = [json.loads(line) for line in
+           (workdir / 'metrics.jsonl').read_text().splitlines()]
+  losses = [line['train/loss'] for line in lines if 'train/loss' in line]
+  assert len(losses) == 6 and losses[-1] < losses[0] - 0.1  # Loss falls.
+  assert [line['step'] for line in lines if 'test/accuracy' in line] == [
+      15, 30]
+  assert all(line['img_per_sec_per_core'] > 0 for line in lines
+             if 'train/loss' in line)
+  assert list(workdir.glob('events.out.tfevents.*'))
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == [
+      '15', '30']
+
+
+def test_inference_time_job(tmp_path):
+  config = job_config(batch_eval=16, trainer='inference_time')
+  results = inference_time.inference_time(config, str(tmp_path))
+  written = json.loads((tmp_path / 'inference_time.json').read_text())
+  assert written == results
+  assert results['devices'] == 8 and results['batch'] == 16
+  assert results['img_per_sec'] > 0
+  np.testing.assert_allclose(results['img_per_sec'],
+                             16 / results['median_batch_seconds'])
+
+
+def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
+  """`config.pretrained_path`: encoder from the file, head reset to zero."""
+  source_config = job_config()
+  pretrained = trainer.create_setup(source_config, num_classes=1000)
+  path = str(tmp_path / 'ViT-Micro_4.npz')
+  checkpoint.save(path, pretrained.state.params)
+
+  for overrides in [{'pretrained_path': path},
+                    {'pretrained_dir': str(tmp_path)}]:
+    setup = trainer.create_setup(job_config(seed=7, **overrides),
+                                 num_classes=10)
+    params = dict(setup.state.params)
+    head = params.pop('head')
+    expected = dict(pretrained.state.params)
+    expected.pop('head')
+    chex.assert_trees_all_close(params, expected)
+    chex.assert_trees_all_equal(head, jax.tree.map(jnp.zeros_like, head))
+    chex.assert_shape(head['kernel'], (64, 10))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = job_config(dtype='bfloat16')
+  setup = trainer.create_setup(config, num_classes=10)
+  train_step = step_lib.make_train_step(setup.model, setup.optimizer,
+                                        setup.schedule)
+  batch = random_batches(1, 4)[0]
+  state = run_steps(setup.state, train_step, [batch],
+                    jax.local_devices()[:1])
+  assert {p.dtype for p in jax.tree.leaves(state.params)} == {
+      jnp.dtype(jnp.float32)}
+  logits = setup.model.apply({'params': state.params}, batch['image'],
+                             train=False)
+  assert logits.dtype == jnp.float32

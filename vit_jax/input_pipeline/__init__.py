@@ -1,0 +1,32 @@
+"""Input pipeline: tfds, embedded and image-folder datasets fed to pmap.
+
+  source = input_pipeline.get_source(config)        # config.dataset
+  train = input_pipeline.train_dataset(source, config)
+  evaluation = input_pipeline.eval_dataset(source, config)
+  for batch in input_pipeline.device_prefetch(train, config.prefetch): ...
+
+TensorFlow runs only the input pipeline, so it is kept off any GPU.
+"""
+
+import tensorflow as tf
+
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TensorFlow was already initialised by the caller.
+  pass
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.input_pipeline.pipeline import device_prefetch
+from vit_jax.input_pipeline.pipeline import eval_dataset
+from vit_jax.input_pipeline.pipeline import EvalData
+from vit_jax.input_pipeline.pipeline import get_source
+from vit_jax.input_pipeline.pipeline import Hosts
+from vit_jax.input_pipeline.pipeline import train_dataset
+from vit_jax.input_pipeline.sources import DatasetInfo
+from vit_jax.input_pipeline.sources import Source
+
+__all__ = [
+    'DatasetError', 'DatasetInfo', 'EvalData', 'Hosts', 'Source',
+    'device_prefetch', 'eval_dataset', 'get_source', 'train_dataset',
+]

@@ -1,0 +1,112 @@
+"""tfds image-classification datasets, prepared on disk by tfds.
+
+As vit_jax does, a dataset that is not prepared yet is downloaded and
+prepared on first use (unless `download=False`, for machines without network,
+where tfds would otherwise retry for minutes). Where that fails, the error
+names the dataset, the directory that was searched and the `tfds build`
+command that prepares it elsewhere.
+"""
+
+from typing import Optional
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax.input_pipeline import sources
+from vit_jax.input_pipeline.errors import DatasetError
+
+
+def _not_prepared(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str],
+                  reason: str) -> DatasetError:
+  """The error for a dataset that is not on disk, with how to prepare it."""
+  name = builder.name
+  command = f'tfds build {name} --data_dir={builder.data_dir_root}'
+  manual = ''
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    command += f' --manual_dir={manual_dir or "MANUAL_DIR"}'
+    manual = (f' {name} needs archives downloaded by hand into the manual '
+              f'directory (looked in {manual_dir or "none set"}; set '
+              '--config.tfds_manual_dir).')
+  return DatasetError(
+      f'tfds dataset {name!r} is not prepared in {builder.data_dir} and '
+      f'{reason}.{manual} Prepare it with `{command}` (on a machine with '
+      'network access, then copy the directory here) and pass '
+      '--config.tfds_data_dir=DIR.')
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str],
+             download: bool) -> None:
+  """Downloads and prepares `builder`, explaining how to do it by hand."""
+  if not download:
+    raise _not_prepared(builder, manual_dir,
+                        'config.tfds_download is False')
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _not_prepared(builder, manual_dir, f'preparing it failed: '
+                        f'{type(e).__name__}: {e}') from e
+
+
+def _check_features(builder: tfds.core.DatasetBuilder) -> None:
+  features = builder.info.features
+  image = features['image'] if 'image' in features else None
+  label = features['label'] if 'label' in features else None
+  if not (isinstance(image, tfds.features.Image) and
+          isinstance(label, tfds.features.ClassLabel)):
+    raise DatasetError(
+        f'tfds dataset {builder.name!r} is not an image-classification '
+        f"dataset: it needs an 'image' Image and a 'label' ClassLabel "
+        f'feature, it has {dict(features)}.')
+
+
+class TfdsSource(sources.Source):
+  """A prepared tfds dataset; each host reads `tfds.even_splits` shards."""
+
+  def __init__(self, name: str, data_dir: Optional[str] = None,
+               manual_dir: Optional[str] = None, download: bool = True):
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DatasetError(
+          f'Unknown dataset {name!r}: not an embedded dataset (digits, '
+          'mnist5k), not an existing directory of images, and not a tfds '
+          'name (see `tfds.list_builders()`).') from e
+    if not builder.is_prepared():
+      _prepare(builder, manual_dir, download)
+    _check_features(builder)
+    self._builder = builder
+    self.info = sources.DatasetInfo(
+        name, tuple(builder.info.features['label'].names),
+        {split: info.num_examples
+         for split, info in builder.info.splits.items()})
+
+  def _host_split(self, split: str, process_index: int, process_count: int):
+    return tfds.even_splits(split, n=process_count)[process_index]
+
+  def num_examples(self, split, process_index=0, process_count=1):
+    host_split = self._host_split(split, process_index, process_count)
+    try:
+      return self._builder.info.splits[host_split].num_examples
+    except (KeyError, ValueError, AssertionError) as e:
+      raise DatasetError(
+          f'tfds dataset {self.info.name!r} has no split matching {split!r} '
+          f'({e}); its splits are {dict(self.info.split_sizes)}.') from e
+
+  def examples(self, split, process_index=0, process_count=1,
+               shuffle_seed=None):
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
+    ds = self._builder.as_dataset(
+        split=self._host_split(split, process_index, process_count),
+        shuffle_files=shuffle_seed is not None, read_config=read_config,
+        decoders={'image': tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: {'image': ex['image'],
+                              'label': tf.cast(ex['label'], tf.int32)},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  def decode(self, item):
+    """Decodes after shuffling, so the shuffle buffer holds encoded bytes."""
+    feature = self._builder.info.features['image']
+    image = feature.decode_example(item)
+    image.set_shape(feature.shape)
+    return image

@@ -1,0 +1,51 @@
+"""Train or time a model: `python -m vit_jax.main --config=FILE.py:ARGS --workdir=DIR`.
+
+  python -m vit_jax.main --config=configs/scratch.py:mnist5k --workdir=/tmp/mnist5k
+  python -m vit_jax.main --config=configs/vit.py:b16,cifar10 --workdir=/tmp/b16 \\
+      --config.pretrained_dir=DIR --config.total_steps=2000
+
+`--config.KEY=VALUE` overrides any knob of the (locked) config; see
+`configs/common.py` for their meaning. `config.trainer` selects the job.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from vit_jax.train import inference_time
+from vit_jax.train import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config: FILE.py or FILE.py:ARGS.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics and results; a run '
+    'restarted with the same workdir resumes.')
+
+TRAINERS = ('train', 'inference_time')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config.distributed:
+    jax.distributed.initialize()
+  logging.info('JAX process %d of %d, %d local / %d total devices (%s)',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  if config.trainer == 'train':
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  elif config.trainer == 'inference_time':
+    inference_time.inference_time(config, _WORKDIR.value)
+  else:
+    raise app.UsageError(
+        f'config.trainer={config.trainer!r}; choose one of {TRAINERS}.')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

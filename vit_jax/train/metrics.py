@@ -1,0 +1,82 @@
+"""Where training metrics go: TensorBoard, a JSON-lines file, the console.
+
+Only process 0 writes (every process may call the methods). TensorBoard
+event files are written with `tf.summary` (TensorFlow already runs the input
+pipeline); `metrics.jsonl` has one JSON object per line, e.g.
+`{"step": 100, "train/loss": 0.41, "learning_rate": 0.03, ...}`, for
+scripts and notebooks.
+"""
+
+import json
+import os
+import time
+from typing import Mapping, Optional
+
+from absl import logging
+import jax
+import tensorflow as tf
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class MetricWriter:
+  """Writes scalars to `workdir` as TensorBoard events and JSON lines."""
+
+  def __init__(self, workdir: str):
+    self._enabled = jax.process_index() == 0
+    if self._enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._summary = tf.summary.create_file_writer(workdir)
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    with self._summary.as_default():
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value, step=step)
+    self._summary.flush()
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._summary.close()
+      self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+  """`3725` → `1h02m05s`; `65` → `1m05s`; `7` → `7s`."""
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m{seconds:02d}s'
+  if minutes:
+    return f'{minutes}m{seconds:02d}s'
+  return f'{seconds}s'
+
+
+class Progress:
+  """Throughput and ETA between calls of `report`, for the console."""
+
+  def __init__(self, total_steps: int, start_step: int,
+               images_per_step: int, num_cores: int):
+    self._total = total_steps
+    self._images_per_step = images_per_step
+    self._cores = num_cores
+    self._last_step, self._last_time = start_step, time.perf_counter()
+
+  def report(self, step: int, extra: Optional[Mapping[str, float]] = None
+             ) -> Mapping[str, float]:
+    """Logs a progress line; returns img/s/core since the previous call."""
+    now = time.perf_counter()
+    seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    rate = self._images_per_step / seconds_per_step / self._cores
+    self._last_step, self._last_time = step, now
+    details = ' '.join(f'{k} {v:.4g}' for k, v in (extra or {}).items())
+    logging.info('step %d/%d (%.1f%%) %s | %.1f img/s/core | ETA %s', step,
+                 self._total, 100 * step / self._total, details, rate,
+                 format_duration(seconds_per_step * (self._total - step)))
+    return {'img_per_sec_per_core': rate}

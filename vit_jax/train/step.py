@@ -1,0 +1,117 @@
+"""The per-device train and eval steps, and how they are mapped to devices.
+
+The steps are plain functions of one device's batch that reduce over the
+named axis `AXIS`; `data_parallel`, `replicate` and `unreplicate` are the only
+places that say how they run over devices (today `jax.pmap`), so moving to
+`jax.shard_map` touches this file only.
+"""
+
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import flax
+import flax.jax_utils
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax.train import losses
+
+AXIS = 'batch'
+Batch = Dict[str, jnp.ndarray]
+Metrics = Dict[str, jnp.ndarray]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs: the step, params and optimizer state."""
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, accum_steps: int = 1,
+                    label_smoothing: float = 0.0, seed: int = 0
+                    ) -> Callable[[TrainState, Batch], Tuple[TrainState,
+                                                             Metrics]]:
+  """One optimizer update from one device's batch `[B, H, W, 3]`.
+
+  The batch is split into `accum_steps` micro-batches whose gradients are
+  averaged (a `lax.scan`, so memory is that of one micro-batch); then
+  gradients are averaged over `AXIS` and applied. With equal micro-batches
+  this is the update of the whole batch at once. Dropout keys derive from
+  (seed, step, device), so a resumed run draws the same masks.
+  """
+
+  def loss_fn(params, images, labels, key):
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': key})
+    return losses.cross_entropy(logits, labels, label_smoothing)
+
+  def train_step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(jax.random.fold_in(
+        jax.random.key(seed), state.step), jax.lax.axis_index(AXIS))
+    micro = jax.tree.map(
+        lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(grad_sum, inputs):
+      images, labels, index = inputs
+      loss, grads = jax.value_and_grad(loss_fn)(
+          state.params, images, labels, jax.random.fold_in(key, index))
+      return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, micro_losses = jax.lax.scan(
+        accumulate, zeros,
+        (micro['image'], micro['label'], jnp.arange(accum_steps)))
+    grads = jax.lax.pmean(
+        jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state)
+    all_finite = jnp.all(jnp.stack([jnp.isfinite(p).all()
+                                    for p in jax.tree.leaves(params)]))
+    metrics = {'loss': jax.lax.pmean(micro_losses.mean(), AXIS),
+               'grad_norm': optax.tree.norm(grads),
+               'learning_rate': schedule(state.step),
+               # 1 while the updated params are all finite (NaN guard).
+               'params_finite': all_finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
+  """Sums of correct predictions, loss and real examples over all devices."""
+
+  def eval_step(params, batch: Batch) -> Metrics:
+    logits = model.apply({'params': params}, batch['image'], train=False)
+    sums = losses.eval_sums(logits, batch['label'], batch['mask'])
+    return jax.lax.psum(sums, AXIS)
+
+  return eval_step
+
+
+def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
+  """One copy of `tree` per device, laid out as `data_parallel` expects."""
+  return flax.jax_utils.replicate(tree, devices)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of a replicated tree (e.g. to checkpoint it)."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def data_parallel(step_fn: Callable, *, donate_state: bool = False,
+                  devices: Optional[Sequence[jax.Device]] = None) -> Callable:
+  """Maps a per-device step over the local devices along `AXIS`.
+
+  The first argument (state or params) and the batch are per-device
+  (replicated state, batches `[D, B, ...]`); with `donate_state` the old
+  state's buffers are reused for the new one.
+  """
+  return jax.pmap(step_fn, axis_name=AXIS, devices=devices,
+                  donate_argnums=(0,) if donate_state else ())
