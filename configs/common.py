@@ -107,6 +107,8 @@ def _preset(total_steps: int, train: str, test: str, crop: int,
             flip: bool = True) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'total_steps': total_steps,
+      # Short runs warm up for a tenth of their steps (500 at most).
+      'warmup_steps': min(500, total_steps // 10),
       'pp': {'train': train, 'test': test, 'crop': crop,
              'augment': augment, 'pad': pad, 'flip': flip},
   })

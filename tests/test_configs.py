@@ -10,6 +10,7 @@ from ml_collections import config_flags
 from configs import common
 from vit_jax import models
 from vit_jax.models import registry
+from vit_jax.train import schedules
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -117,3 +118,10 @@ def test_optional_paths_can_be_set_from_the_command_line():
   assert config.pretrained_path == '/models/x.safetensors'
   assert parse(f'--config={REPO}/configs/vit.py:ti16,digits'
                ).pretrained_dir is None
+
+
+@pytest.mark.parametrize('dataset', sorted(common.DATASET_PRESETS))
+def test_every_preset_has_a_valid_schedule(dataset):
+  config = common.with_dataset(common.get_config(), dataset)
+  assert 0 < config.warmup_steps < config.total_steps
+  schedules.learning_rate_schedule(config)  # Raises on a bad combination.

@@ -5,10 +5,11 @@ crash (or a full disk) while writing leaves the previous file intact.
 """
 
 import contextlib
+import json
 import os
 import uuid
 import zipfile
-from typing import Dict, Iterator, Mapping
+from typing import Any, Dict, Iterator, Mapping
 
 import numpy as np
 
@@ -65,3 +66,10 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   """`np.savez(path, **arrays)`, atomically."""
   with atomic_path(path) as temporary:
     np.savez(temporary, **arrays)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as indented JSON, atomically (results, reports)."""
+  with atomic_path(path) as temporary:
+    with open(temporary, 'w') as f:
+      json.dump(value, f, indent=2)

@@ -7,7 +7,6 @@ of `INFERENCE_RUNS` timed batches of `config.batch_eval` images at
 `WORKDIR/inference_time.json`.
 """
 
-import json
 import os
 import statistics
 import time
@@ -68,7 +67,5 @@ def inference_time(config: ml_collections.ConfigDict,
                results['img_per_sec_per_core'])
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with files.atomic_path(os.path.join(workdir, RESULTS_FILE)) as temporary:
-      with open(temporary, 'w') as f:
-        json.dump(results, f, indent=2)
+    files.write_json(os.path.join(workdir, RESULTS_FILE), results)
   return results

@@ -25,6 +25,7 @@ import optax
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import models
+from vit_jax.models import table
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import train_state
 from vit_jax.train import metrics as metrics_lib
@@ -93,10 +94,6 @@ def create_setup(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
   return Setup(model, schedule, optimizer, state)
 
 
-def count_params(params) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
-
-
 def _first_non_finite(history: List[Tuple[int, Dict[str, Any]]]
                       ) -> Tuple[Optional[int], Dict[str, float]]:
   """The first step with a NaN/inf loss or params, else the mean metrics."""
@@ -123,13 +120,6 @@ def evaluate(eval_step, params, data: input_pipeline.EvalData,
   return {'accuracy': totals['correct'] / totals['count'],
           'loss': totals['loss'] / totals['count'],
           'examples': int(totals['count'])}
-
-
-def _write_results(workdir: str, results: Dict[str, Any]) -> None:
-  path = os.path.join(workdir, RESULTS_FILE)
-  with files.atomic_path(path) as temporary:
-    with open(temporary, 'w') as f:
-      json.dump(results, f, indent=2)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -210,11 +200,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'steps': config.total_steps,
       'resumed_from_step': start_step,
       'wall_time_s': time.perf_counter() - start_time,
-      'trainable_params': count_params(params),
-      'total_params': count_params(params),
+      'trainable_params': table.count_params(params),
+      'total_params': table.count_params(params),
       'devices': jax.device_count(),
       'config': json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
-    _write_results(workdir, results)
+    files.write_json(os.path.join(workdir, RESULTS_FILE), results)
   return results
