@@ -2,7 +2,8 @@
 
 import setuptools
 
-TEST_REQUIRES = ['pytest>=8', 'chex>=0.1.90', 'pillow>=10']
+TEST_REQUIRES = ['pytest>=8', 'pytest-xdist>=3.5', 'chex>=0.1.90',
+                 'pillow>=10']
 
 setuptools.setup(
     name='vit_jax',

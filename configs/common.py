@@ -87,6 +87,29 @@ def get_config() -> ml_collections.ConfigDict:
   # GPU machines); every host runs the same command.
   config.distributed = False
 
+  # What trains (see `vit_jax.finetune`):
+  #   mode: 'full' (every weight), 'head' (frozen model, head only) or
+  #     'injection' (frozen model; injected vectors/adapters + head).
+  #   head.type: 'linear' (vit_jax's) or 'mlp' (hidden layer of `mlp_dim`,
+  #     GELU, `dropout`), in any mode.
+  #   injection.method: 'ia3' (h = l * Wx), 'ssf' (scale and shift), 'lora'
+  #     (low-rank update of `rank`, scaled alpha / rank) or 'bitfit' (biases).
+  #   injection.targets: comma-separated layer kinds among query, key, value,
+  #     out, mlp_hidden, mlp_output, layernorm; None: the method's default.
+  #   task_file: the file (in the workdir) that receives what was trained,
+  #     with a fingerprint of the base; '' writes none.
+  config.finetune = ml_collections.ConfigDict({
+      'mode': 'full',
+      'head': {'type': 'linear', 'mlp_dim': 256, 'dropout': 0.0},
+      'injection': {
+          'method': 'ia3',
+          'targets': config_dict.placeholder(str),
+          'rank': 8,
+          'alpha': 8.0,
+      },
+      'task_file': 'task_params.npz',
+  })
+
   # The model's config, from `vit_jax.models.registry` (set by the
   # experiment config, e.g. `configs/vit.py:b16,cifar10`).
   config.model = None
@@ -145,6 +168,7 @@ def with_dataset(config: ml_collections.ConfigDict,
   """
   config = copy.deepcopy(config)
   config.dataset = dataset
-  config.update(DATASET_PRESETS.get(
-      dataset, _preset(10_000, 'train', 'test', 224)))
+  # A copy: `update` would share the preset's `pp` with the config.
+  config.update(copy.deepcopy(DATASET_PRESETS.get(
+      dataset, _preset(10_000, 'train', 'test', 224))))
   return config

@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
+from vit_jax import models
+
 _QKV = ('query', 'key', 'value')
 _POOL_SIZE = 1 << 20
 
@@ -120,3 +123,29 @@ def pre_linen(path: str) -> str:
     if 'encoderblock_' in path:
       path = path.replace(f'/{new}/', f'/{old}/')
   return path
+
+
+# Image side of `job_config`: a 2x2 patch grid for ViT-Micro_4.
+CROP = 8
+
+
+def micro_model_config():
+  """ViT-Micro_4 cut to two layers: every code path, half the compile time."""
+  config = models.MODEL_CONFIGS['ViT-Micro_4'].copy_and_resolve_references()
+  config.transformer.num_layers = 2
+  return config
+
+
+def job_config(**overrides):
+  """Two-layer ViT-Micro_4 on mnist5k at 8x8 (4 tokens): quick to compile
+  and run."""
+  config = common.with_dataset(common.get_config(), 'mnist5k')
+  config.model = micro_model_config()
+  config.pp.update({'crop': CROP, 'pad': 1})
+  config.update({'total_steps': 6, 'warmup_steps': 1, 'batch': 32,
+                 'batch_eval': 256, 'accum_steps': 1, 'eval_every': 3,
+                 'progress_every': 1, 'checkpoint_every': 3,
+                 'shuffle_buffer': 500, 'optimizer': 'adamw',
+                 'base_lr': 1e-3, 'optim_dtype': 'float32'})
+  config.update(overrides)
+  return config

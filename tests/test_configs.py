@@ -8,6 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
+from vit_jax import finetune
 from vit_jax import models
 from vit_jax.models import registry
 from vit_jax.train import schedules
@@ -125,3 +126,27 @@ def test_every_preset_has_a_valid_schedule(dataset):
   config = common.with_dataset(common.get_config(), dataset)
   assert 0 < config.warmup_steps < config.total_steps
   schedules.learning_rate_schedule(config)  # Raises on a bad combination.
+
+
+def test_configs_do_not_share_the_preset():
+  first = common.with_dataset(common.get_config(), 'mnist5k')
+  first.pp.crop = 99
+  second = common.with_dataset(common.get_config(), 'mnist5k')
+  assert second.pp.crop == 224
+  assert common.DATASET_PRESETS['mnist5k'].pp.crop == 224
+
+
+def test_fine_tuning_mode_is_switched_from_the_command_line():
+  config = parse(f'--config={REPO}/configs/vit.py:ti16,digits',
+                 '--config.finetune.mode=injection',
+                 '--config.finetune.injection.method=lora',
+                 '--config.finetune.injection.targets=query,out',
+                 '--config.finetune.injection.rank=4',
+                 '--config.finetune.head.type=mlp')
+  fine = finetune.from_config(config.finetune)
+  assert fine.describe() == 'injection (lora on query,out)'
+  assert fine.injection.method.rank == 4
+  assert finetune.build_model(config, 10).base.head_mlp_dim == 256
+  default = finetune.from_config(parse(
+      f'--config={REPO}/configs/vit.py:ti16,digits').finetune)
+  assert (default.mode, default.injection) == ('full', None)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.checkpoint import train_state
@@ -22,7 +23,7 @@ from vit_jax.train import schedules
 from vit_jax.train import step as step_lib
 from vit_jax.train import trainer
 
-CROP = 8
+CROP = helpers.CROP
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -65,12 +66,12 @@ def test_schedule_rejects_bad_settings():
 
 
 def tiny_setup(optimizer_name: str = 'sgd', accum_steps: int = 1):
-  """ViT-Micro_4 at 8x8 (4 tokens), its params and a train step."""
+  """Two-layer ViT-Micro_4 at 8x8 (4 tokens), its params and a train step."""
   config = schedule_config('cosine', warmup=2, total=10, base_lr=0.1)
   config.optimizer = optimizer_name
   config.weight_decay = 0.01
   config.optim_dtype = 'float32'
-  model = models.build_model(models.MODEL_CONFIGS['ViT-Micro_4'],
+  model = models.build_model(helpers.micro_model_config(),
                              num_classes=10)
   params = model.init(jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]),
                       train=False)['params']
@@ -149,7 +150,7 @@ def test_bf16_momentum_state():
 
 
 def test_eval_step_counts_only_masked_in_examples():
-  model = models.build_model(models.MODEL_CONFIGS['ViT-Micro_4'],
+  model = models.build_model(helpers.micro_model_config(),
                              num_classes=10)
   params = model.init(jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]),
                       train=False)['params']
@@ -167,20 +168,6 @@ def test_eval_step_counts_only_masked_in_examples():
 # ------------------------------------------------------- the whole job
 
 
-def job_config(**overrides):
-  """ViT-Micro_4 on mnist5k at 8x8 (4 tokens): quick to compile and run."""
-  config = common.with_dataset(common.get_config(), 'mnist5k')
-  config.model = models.MODEL_CONFIGS['ViT-Micro_4'].copy_and_resolve_references()
-  config.pp.update({'crop': CROP, 'pad': 1})
-  config.update({'total_steps': 6, 'warmup_steps': 1, 'batch': 32,
-                 'batch_eval': 256, 'accum_steps': 1, 'eval_every': 3,
-                 'progress_every': 1, 'checkpoint_every': 3,
-                 'shuffle_buffer': 500, 'optimizer': 'adamw',
-                 'base_lr': 1e-3, 'optim_dtype': 'float32'})
-  config.update(overrides)
-  return config
-
-
 def final_state(config, workdir):
   """The latest checkpoint of `workdir`, restored into `config`'s state."""
   target = trainer.create_setup(config, num_classes=10).state
@@ -189,7 +176,7 @@ def final_state(config, workdir):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
-  config = job_config()
+  config = helpers.job_config()
   trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   crash_dir = str(tmp_path / 'crashed')
@@ -219,15 +206,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 def test_batch_that_does_not_divide_is_a_config_error(tmp_path):
   with pytest.raises(ValueError, match=r'config.batch=30 .* 8 devices'):
-    trainer.train_and_evaluate(job_config(batch=30), str(tmp_path))
+    trainer.train_and_evaluate(helpers.job_config(batch=30), str(tmp_path))
   with pytest.raises(ValueError, match=r'accum_steps=3 does not divide'):
-    trainer.train_and_evaluate(job_config(batch=32, accum_steps=3),
+    trainer.train_and_evaluate(helpers.job_config(batch=32, accum_steps=3),
                                str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')  # Nothing started.
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-  config = job_config(base_lr=1e30, warmup_steps=0, grad_norm_clip=None,
+  config = helpers.job_config(base_lr=1e30, warmup_steps=0, grad_norm_clip=None,
                       optimizer='sgd', checkpoint_every=1, total_steps=20)
   with pytest.raises(FloatingPointError,
                      match=r'loss is .* at step \d+ .*stopped') as error:
@@ -244,6 +231,7 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   command = [
       sys.executable, '-m', 'vit_jax.main',
       f'--config={REPO}/configs/scratch.py:mnist5k,micro4',
+      '--config.model.transformer.num_layers=2',
       f'--workdir={workdir}', '--config.total_steps=30',
       '--config.pp.crop=16', '--config.batch=64', '--config.eval_every=15',
       '--config.progress_every=5', '--config.checkpoint_every=15',
@@ -274,7 +262,7 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
 
 
 def test_inference_time_job(tmp_path):
-  config = job_config(batch_eval=16, trainer='inference_time')
+  config = helpers.job_config(batch_eval=16, trainer='inference_time')
   results = inference_time.inference_time(config, str(tmp_path))
   written = json.loads((tmp_path / 'inference_time.json').read_text())
   assert written == results
@@ -286,14 +274,14 @@ def test_inference_time_job(tmp_path):
 
 def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
   """`config.pretrained_path`: encoder from the file, head reset to zero."""
-  source_config = job_config()
+  source_config = helpers.job_config()
   pretrained = trainer.create_setup(source_config, num_classes=1000)
   path = str(tmp_path / 'ViT-Micro_4.npz')
   checkpoint.save(path, pretrained.state.params)
 
   for overrides in [{'pretrained_path': path},
                     {'pretrained_dir': str(tmp_path)}]:
-    setup = trainer.create_setup(job_config(seed=7, **overrides),
+    setup = trainer.create_setup(helpers.job_config(seed=7, **overrides),
                                  num_classes=10)
     params = dict(setup.state.params)
     head = params.pop('head')
@@ -305,7 +293,7 @@ def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  config = job_config(dtype='bfloat16')
+  config = helpers.job_config(dtype='bfloat16')
   setup = trainer.create_setup(config, num_classes=10)
   train_step = step_lib.make_train_step(setup.model, setup.optimizer,
                                         setup.schedule)

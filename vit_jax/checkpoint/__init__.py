@@ -17,7 +17,7 @@ ViT weights as `.safetensors` or as a PyTorch `state_dict` saved to `.npz`
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
@@ -127,7 +127,32 @@ def inspect_params(*, params: Mapping[str, Any], expected: Mapping[str, Any],
   return diff
 
 
-def load_pretrained(*, pretrained_path: str, init_params: Mapping[str, Any],
+def _is_head(key: str) -> bool:
+  return key.startswith('head/')
+
+
+def _reset_head(loaded: Dict[str, Any], expected: Mapping[str, Any],
+                reset: bool, log: Callable[[str], None]) -> Dict[str, Any]:
+  """`loaded` with the model's initialised head, if reset or it differs.
+
+  The head is every leaf under `head/` (a Dense, or an MLP head's layers); a
+  loaded head that does not have the model's head paths and shapes is
+  replaced whole.
+  """
+  new_head = {k: v for k, v in expected.items() if _is_head(k)}
+  old_head = {k: v for k, v in loaded.items() if _is_head(k)}
+  fits = ({k: np.shape(v) for k, v in old_head.items()} ==
+          {k: np.shape(v) for k, v in new_head.items()})
+  if not new_head or (fits and not reset):
+    return loaded
+  log(f'head {sorted((k, np.shape(v)) for k, v in old_head.items())} → '
+      f'initialised {sorted((k, np.shape(v)) for k, v in new_head.items())}.')
+  kept = {k: v for k, v in loaded.items() if not _is_head(k)}
+  return {**kept, **{k: np.asarray(v) for k, v in new_head.items()}}
+
+
+def load_pretrained(*, pretrained_path: Union[str, Checkpoint],
+                    init_params: Mapping[str, Any],
                     model_config: Mapping[str, Any],
                     reset_head: bool = True,
                     resize_method: str = 'bilinear',
@@ -137,14 +162,17 @@ def load_pretrained(*, pretrained_path: str, init_params: Mapping[str, Any],
                     ) -> Dict[str, Any]:
   """Loads a checkpoint and adapts it to the model that `init_params` is of.
 
-  Adapted (and logged): the head is replaced by the model's freshly
-  initialised (zero) head when `reset_head` or when its shape differs;
+  Adapted (and logged): the head (every leaf under `head/`) is replaced by
+  the model's freshly initialised one when `reset_head` or when its paths or
+  shapes differ;
   `pre_logits` is dropped when the model has none (representation_size
   None); position embeddings are resized to the model's grid. Any other
   difference is an error with the full report.
 
   Args:
-    pretrained_path: checkpoint file, any supported format.
+    pretrained_path: checkpoint file, any supported format, or a
+      `Checkpoint` already read (to adapt one file to several models without
+      reading it again).
     init_params: the model's initialised params (their structure and dtypes
       are the target).
     model_config: the model's config (e.g. `config.model`), for the number
@@ -159,8 +187,11 @@ def load_pretrained(*, pretrained_path: str, init_params: Mapping[str, Any],
   Returns:
     A params tree with exactly `init_params`' paths, shapes and dtypes.
   """
-  transformer = model_config.get('transformer') or {}
-  ckpt = read(pretrained_path, num_heads=transformer.get('num_heads'))
+  if isinstance(pretrained_path, Checkpoint):
+    ckpt, pretrained_path = pretrained_path, pretrained_path.path
+  else:
+    transformer = model_config.get('transformer') or {}
+    ckpt = read(pretrained_path, num_heads=transformer.get('num_heads'))
   for option, value in ckpt.model_options.items():
     if model_config.get(option, _MODEL_DEFAULTS.get(option)) != value:
       raise CheckpointError(
@@ -175,12 +206,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Mapping[str, Any],
     log(f'{pretrained_path}: dropping pre_logits (model has no '
         'representation layer).')
     loaded = {k: v for k, v in loaded.items() if not k.startswith('pre_logits/')}
-  for key in ('head/kernel', 'head/bias'):
-    if key in expected and (reset_head or key not in loaded or
-                            np.shape(loaded[key]) != np.shape(expected[key])):
-      log(f'{pretrained_path}: {key} {np.shape(loaded.get(key))} → '
-          f'initialised {np.shape(expected[key])}.')
-      loaded[key] = np.asarray(expected[key])
+  loaded = _reset_head(loaded, expected, reset_head,
+                       lambda message: log(f'{pretrained_path}: {message}'))
   posemb = 'Transformer/posembed_input/pos_embedding'
   if (posemb in loaded and posemb in expected and
       np.shape(loaded[posemb]) != np.shape(expected[posemb])):

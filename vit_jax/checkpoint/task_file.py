@@ -85,7 +85,8 @@ def fingerprint(flat: Mapping[str, np.ndarray]) -> str:
 
 
 def save_task_params(path: str, params: PyTree, trainable: Trainable,
-                     base_params: Optional[PyTree] = None) -> None:
+                     base_params: Optional[PyTree] = None,
+                     metadata: Optional[Mapping[str, Any]] = None) -> None:
   """Writes the `trainable` leaves of `params` and a record of their base.
 
   Args:
@@ -97,6 +98,8 @@ def save_task_params(path: str, params: PyTree, trainable: Trainable,
     base_params: the base the fine-tuning started from. Default: the leaves
       of `params` that are not trainable, which were frozen so still equal
       the base. If given, those frozen leaves must equal it.
+    metadata: JSON-serialisable description of the task (e.g. the model and
+      fine-tuning config, class names), returned by `read_metadata`.
 
   Raises:
     CheckpointError: if nothing is selected, a path uses the reserved
@@ -133,6 +136,7 @@ def save_task_params(path: str, params: PyTree, trainable: Trainable,
       'task_dtypes': {p: v.dtype.name for p, v in task.items()},
       'base_shapes': {p: list(v.shape) for p, v in base.items()},
       'base_fingerprint': fingerprint(base),
+      'metadata': dict(metadata or {}),
   }
   meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   files.write_npz(path, {**task, META_KEY: meta_bytes})
@@ -160,6 +164,11 @@ def _parse_meta(path: str, arrays: Mapping[str, np.ndarray]) -> dict:
         f'{path}: task file version {meta.get("version")!r}, this code reads '
         f'version {VERSION}; update vit_jax.')
   return meta
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+  """The `metadata` a task file was saved with ({} if none)."""
+  return _parse_meta(path, files.read_npz(path)).get('metadata', {})
 
 
 def load_task_params(path: str, base_params: PyTree,

@@ -13,6 +13,7 @@ this model is interchangeable with one of theirs:
   Transformer/encoder_norm
   pre_logits/{kernel,bias}                      only with `representation_size`
   head/{kernel,bias}                            only with `num_classes`
+  head/{hidden,out}/{kernel,bias}               instead, with `head_mlp_dim`
 
 Hybrid models (R50+ViT-B/16 and friends) add vit_jax's ResNet root
 (`conv_root`, `gn_root`, `block{i}/unit{j}/...`) in front of the embedding.
@@ -263,6 +264,41 @@ class Encoder(nn.Module):
     return jnp.asarray(table)[None]
 
 
+class MlpHead(nn.Module):
+  """A classification head with one hidden layer: Dense → GELU → Dropout → Dense.
+
+  On a frozen encoder, a linear head can only draw linear boundaries in the
+  feature space the upstream task shaped; the hidden layer lets the head
+  recombine those features non-linearly for a few more parameters. The output
+  layer starts at zero, like vit_jax's linear head, so the first logits are
+  the constant bias.
+
+  Attributes:
+    num_classes: output width.
+    mlp_dim: hidden width.
+    dropout_rate: dropout on the hidden activations.
+    dtype: compute dtype.
+    bias_init: constant initial value of the output bias.
+  """
+
+  num_classes: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  bias_init: float = 0.
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype,
+                 kernel_init=nn.initializers.xavier_uniform(), name='hidden')(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.constant(self.bias_init),
+                    name='out')(x)
+
+
 class VisionTransformer(nn.Module):
   """Vision Transformer classifier (optionally with a ResNet root: hybrid).
 
@@ -280,6 +316,9 @@ class VisionTransformer(nn.Module):
       tokens), 'unpooled' (every patch token) or 'token_unpooled' (class token
       plus every patch token, unpooled).
     head_bias_init: constant initial value of the head bias.
+    head_mlp_dim: if set, the head is an `MlpHead` of this hidden width
+      instead of vit_jax's single Dense.
+    head_dropout_rate: dropout inside an `MlpHead`.
     encoder: the Encoder class (swappable for experiments).
     model_name: the registry name; informational.
     posemb: position embedding kind, see `Encoder`.
@@ -298,6 +337,8 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   classifier: str = 'token'
   head_bias_init: float = 0.
+  head_mlp_dim: Optional[int] = None
+  head_dropout_rate: float = 0.
   encoder: Type[nn.Module] = Encoder
   model_name: Optional[str] = None
   posemb: str = 'learned'
@@ -356,7 +397,12 @@ class VisionTransformer(nn.Module):
     else:
       x = IdentityLayer(name='pre_logits')(x)
 
-    if self.num_classes:
+    if self.num_classes and self.head_mlp_dim:
+      x = MlpHead(self.num_classes, self.head_mlp_dim,
+                  dropout_rate=self.head_dropout_rate, dtype=self.dtype,
+                  bias_init=self.head_bias_init, name='head')(
+                      x, deterministic=not train)
+    elif self.num_classes:
       x = nn.Dense(
           self.num_classes,
           dtype=self.dtype,

@@ -70,7 +70,8 @@ class Progress:
 
   def report(self, step: int, extra: Optional[Mapping[str, float]] = None
              ) -> Mapping[str, float]:
-    """Logs a progress line; returns img/s/core since the previous call."""
+    """Logs a progress line; returns img/s/core and seconds per step since
+    the previous call."""
     now = time.perf_counter()
     seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
     rate = self._images_per_step / seconds_per_step / self._cores
@@ -79,4 +80,8 @@ class Progress:
     logging.info('step %d/%d (%.1f%%) %s | %.1f img/s/core | ETA %s', step,
                  self._total, 100 * step / self._total, details, rate,
                  format_duration(seconds_per_step * (self._total - step)))
-    return {'img_per_sec_per_core': rate}
+    return {'img_per_sec_per_core': rate, 'seconds_per_step': seconds_per_step}
+
+  def restart_clock(self) -> None:
+    """Excludes the time since the last report (evaluation, checkpoints)."""
+    self._last_time = time.perf_counter()

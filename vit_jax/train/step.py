@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax.finetune import labels as labels_lib
 from vit_jax.train import losses
 
 AXIS = 'batch'
@@ -31,49 +32,65 @@ class TrainState:
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, accum_steps: int = 1,
-                    label_smoothing: float = 0.0, seed: int = 0
+                    schedule: optax.Schedule, *, labels: Optional[Any] = None,
+                    accum_steps: int = 1, label_smoothing: float = 0.0,
+                    seed: int = 0
                     ) -> Callable[[TrainState, Batch], Tuple[TrainState,
                                                              Metrics]]:
   """One optimizer update from one device's batch `[B, H, W, 3]`.
 
-  The batch is split into `accum_steps` micro-batches whose gradients are
-  averaged (a `lax.scan`, so memory is that of one micro-batch); then
-  gradients are averaged over `AXIS` and applied. With equal micro-batches
-  this is the update of the whole batch at once. Dropout keys derive from
-  (seed, step, device), so a resumed run draws the same masks.
+  Only the leaves `labels` marks trainable (all, if None) are differentiated,
+  so the backward pass computes no gradient of a frozen weight and the
+  accumulator holds only trainable gradients; frozen leaves are passed
+  through untouched. The batch is split into `accum_steps` micro-batches
+  whose gradients are averaged (a `lax.scan`, so memory is that of one
+  micro-batch); then gradients are averaged over `AXIS` and applied. With
+  equal micro-batches this is the update of the whole batch at once. Dropout
+  keys derive from (seed, step, device), so a resumed run draws the same
+  masks.
   """
 
-  def loss_fn(params, images, labels, key):
+  def split(params):
+    if labels is None:
+      return params, {}
+    return labels_lib.partition(params, labels)
+
+  def loss_fn(trainable, frozen, images, targets, key):
+    params = labels_lib.combine(trainable, frozen)
     logits = model.apply({'params': params}, images, train=True,
                          rngs={'dropout': key})
-    return losses.cross_entropy(logits, labels, label_smoothing)
+    return losses.cross_entropy(logits, targets, label_smoothing)
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.fold_in(
         jax.random.key(seed), state.step), jax.lax.axis_index(AXIS))
     micro = jax.tree.map(
         lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+    trainable, frozen = split(state.params)
 
     def accumulate(grad_sum, inputs):
-      images, labels, index = inputs
+      images, targets, index = inputs
       loss, grads = jax.value_and_grad(loss_fn)(
-          state.params, images, labels, jax.random.fold_in(key, index))
+          trainable, frozen, images, targets, jax.random.fold_in(key, index))
       return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
     grad_sum, micro_losses = jax.lax.scan(
         accumulate, zeros,
         (micro['image'], micro['label'], jnp.arange(accum_steps)))
     grads = jax.lax.pmean(
         jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
-    updates, opt_state = optimizer.update(grads, state.opt_state,
+    # Frozen leaves get constant zero "gradients", which the optimizer's
+    # set_to_zero branch never reads.
+    all_grads = labels_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = optimizer.update(all_grads, state.opt_state,
                                           state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params,
+    trainable = optax.apply_updates(trainable, split(updates)[0])
+    new_state = state.replace(step=state.step + 1,
+                              params=labels_lib.combine(trainable, frozen),
                               opt_state=opt_state)
     all_finite = jnp.all(jnp.stack([jnp.isfinite(p).all()
-                                    for p in jax.tree.leaves(params)]))
+                                    for p in jax.tree.leaves(trainable)]))
     metrics = {'loss': jax.lax.pmean(micro_losses.mean(), AXIS),
                'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step),

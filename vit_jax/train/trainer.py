@@ -5,7 +5,8 @@
 devices (and hosts), evaluates on the whole test split every
 `config.eval_every` steps and at the end, checkpoints every
 `config.checkpoint_every` steps and at the end, and resumes from the latest
-checkpoint in `workdir`. It returns (and process 0 writes) `results.json`.
+checkpoint in `workdir`. It returns (and process 0 writes) `results.json`,
+and writes what was trained (`config.finetune`) to a task file.
 """
 
 import dataclasses
@@ -24,10 +25,11 @@ import optax
 
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
-from vit_jax import models
-from vit_jax.models import table
+from vit_jax import finetune
 from vit_jax.checkpoint import files
+from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
+from vit_jax.finetune import labels as labels_lib
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import optimizers
 from vit_jax.train import schedules
@@ -59,8 +61,13 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   return None
 
 
-def init_params(model, crop: int, config: ml_collections.ConfigDict):
-  """Fresh params, then the pretrained checkpoint's if one is configured."""
+def init_params(model, crop: int, config: ml_collections.ConfigDict,
+                fine: Optional[finetune.Finetune] = None):
+  """Fresh params, then the pretrained checkpoint's if one is configured.
+
+  Leaves the fine-tuning mode adds (injected parameters) are not in the
+  checkpoint; they keep their initial values.
+  """
   params = jax.jit(lambda key: model.init(
       key, jnp.zeros([1, crop, crop, 3]), train=False)['params'])(
           jax.random.key(config.seed))
@@ -69,29 +76,41 @@ def init_params(model, crop: int, config: ml_collections.ConfigDict):
     logging.info('No pretrained checkpoint configured: training from scratch.')
     return params
   logging.info('Initialising from %s', path)
-  return checkpoint.load_pretrained(pretrained_path=path, init_params=params,
-                                    model_config=config.model)
+  is_added = fine.is_added if fine else lambda _: False
+  added, base = labels_lib.split(params, is_added)
+  loaded = checkpoint.load_pretrained(pretrained_path=path, init_params=base,
+                                      model_config=config.model)
+  return labels_lib.combine(loaded, added)
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """The model and optimizer of a run, and its initial training state."""
+  """The model and optimizer of a run, its initial state and what trains."""
   model: Any
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
   state: step_lib.TrainState
+  finetune: finetune.Finetune
+  labels: Any
 
 
 def create_setup(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
   """Builds the model, schedule, optimizer and step-0 state from `config`."""
-  model = models.build_model(config.model, num_classes=num_classes,
-                             dtype=jnp.dtype(config.dtype))
-  params = init_params(model, config.pp.crop, config)
+  fine = finetune.from_config(config.finetune)
+  model = finetune.build_model(config, num_classes)
+  params = init_params(model, config.pp.crop, config, fine)
+  if fine.mode != 'full' and pretrained_path(config) is None:
+    logging.warning('config.finetune.mode=%r without a pretrained checkpoint:'
+                    ' the frozen weights are random.', fine.mode)
+  labels = labels_lib.label_params(params, fine.is_trainable)
   schedule = schedules.learning_rate_schedule(config)
-  optimizer = optimizers.make_optimizer(config, schedule)
+  optimizer = optimizers.make_optimizer(config, schedule, labels)
   state = step_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params,
                               opt_state=optimizer.init(params))
-  return Setup(model, schedule, optimizer, state)
+  logging.info('Fine-tuning mode %s: %d of %d parameters train.',
+               fine.describe(), labels_lib.count(params, labels),
+               labels_lib.count(params, labels, None))
+  return Setup(model, schedule, optimizer, state, fine, labels)
 
 
 def _first_non_finite(history: List[Tuple[int, Dict[str, Any]]]
@@ -122,6 +141,27 @@ def evaluate(eval_step, params, data: input_pipeline.EvalData,
           'examples': int(totals['count'])}
 
 
+def _write_task_file(path: str, config: ml_collections.ConfigDict,
+                     setup: Setup, params: Any,
+                     info: input_pipeline.DatasetInfo,
+                     test: Dict[str, float]) -> None:
+  """Saves the trained leaves, with what is needed to rebuild their model."""
+  task_file.save_task_params(
+      path, params, trainable=setup.finetune.is_trainable, metadata={
+          'model': config.model.to_dict(),
+          'finetune': config.finetune.to_dict(),
+          'dtype': config.dtype,
+          'crop': config.pp.crop,
+          'dataset': config.dataset,
+          'num_classes': info.num_classes,
+          'class_names': list(info.class_names),
+          'pretrained_path': pretrained_path(config),
+          'test_accuracy': test['accuracy'],
+      })
+  logging.info('Wrote the trained parameters to %s (%d bytes).', path,
+               os.path.getsize(path))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Dict[str, Any]:
   """Trains and evaluates as configured; resumes from `workdir`."""
@@ -142,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    checkpointer.directory)
     start_step = int(state.step)
     train_step = step_lib.data_parallel(step_lib.make_train_step(
-        model, optimizer, schedule, accum_steps=config.accum_steps,
+        model, optimizer, schedule, labels=setup.labels,
+        accum_steps=config.accum_steps,
         label_smoothing=config.label_smoothing, seed=config.seed),
                                         donate_state=True)
     eval_step = step_lib.data_parallel(step_lib.make_eval_step(model))
@@ -153,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     progress = metrics_lib.Progress(config.total_steps, start_step,
                                     config.batch, jax.device_count())
     replicated = step_lib.replicate(state)
-    history, test = [], None
+    history, test, step_times = [], None, []
 
     for step in range(start_step + 1, config.total_steps + 1):
       replicated, step_metrics = train_step(replicated, next(batches))
@@ -176,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               "config.dtype='float32'.")
         scalars.update(progress.report(step, {
             'loss': scalars['loss'], 'lr': scalars['learning_rate']}))
+        step_times.append(scalars.pop('seconds_per_step'))
         writer.write(step, {f'train/{k}' if k in ('loss', 'grad_norm') else k:
                             v for k, v in scalars.items()})
       if do_eval:
@@ -187,12 +229,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                             'test/loss': test['loss']})
       if do_save:
         checkpointer.save(step, step_lib.unreplicate(replicated))
+      if do_eval or do_save:
+        progress.restart_clock()
 
     if test is None:  # Resumed a run that had already finished.
       test = evaluate(eval_step, replicated.params, eval_data,
                       config.prefetch)
   writer.close()
   params = step_lib.unreplicate(replicated).params
+  task_path = config.finetune.task_file and os.path.join(
+      workdir, config.finetune.task_file)
+  if task_path and jax.process_index() == 0:
+    _write_task_file(task_path, config, setup, params, source.info, test)
   results = {
       'test_accuracy': test['accuracy'],
       'test_loss': test['loss'],
@@ -200,8 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'steps': config.total_steps,
       'resumed_from_step': start_step,
       'wall_time_s': time.perf_counter() - start_time,
-      'trainable_params': table.count_params(params),
-      'total_params': table.count_params(params),
+      # Median over progress intervals; the first one includes compiling.
+      'step_time_s': (float(np.median(step_times[1:] or step_times))
+                      if step_times else None),
+      'finetune': setup.finetune.describe(),
+      'trainable_params': labels_lib.count(params, setup.labels),
+      'total_params': labels_lib.count(params, setup.labels, None),
+      'task_file': task_path or None,
+      'task_file_bytes': (os.path.getsize(task_path)
+                          if task_path and os.path.exists(task_path) else None),
       'devices': jax.device_count(),
       'config': json.loads(config.to_json_best_effort()),
   }

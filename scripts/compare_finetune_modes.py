@@ -1,0 +1,188 @@
+"""Fine-tune one upstream checkpoint with every mode and tabulate the results.
+
+1. Upstream: trains `configs/scratch.py:UPSTREAM` (default mnist5k, with
+   learned position embeddings so that a new resolution resizes them) and
+   exports its parameters to `OUT/upstream.npz`, unless `--upstream` gives a
+   checkpoint file (any format `vit_jax.checkpoint` reads).
+2. Downstream: for each mode (full, head, head with an MLP head, injection
+   with ia3 / ssf / lora / bitfit) runs the trainer on DOWNSTREAM at
+   `--crop` from that checkpoint, in `OUT/<row>/`.
+3. Serving: reads the upstream checkpoint once and evaluates every run's task
+   file on it (`vit_jax.finetune.serving`), a check that the small files
+   reproduce the trained models.
+
+Writes `OUT/results.md` (the table) and `OUT/results.json`. Runs that
+finished in an earlier invocation with the same OUT are not trained again.
+
+  PYTHONPATH=. python scripts/compare_finetune_modes.py --out=/tmp/ft_compare
+
+The real case (ViT-B/16 from ImageNet-21k on CIFAR-10, as vit_jax's README)
+is the same command with `--upstream=ViT-B_16.npz --config=configs/vit.py:b16,cifar10`.
+"""
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from configs import scratch
+from configs import vit as vit_configs
+from vit_jax import checkpoint
+from vit_jax import input_pipeline
+from vit_jax.checkpoint import files
+from vit_jax.checkpoint import task_file
+from vit_jax.finetune import serving
+from vit_jax.train import trainer
+
+UPSTREAM_FILE = 'upstream.npz'
+# row name: (mode, head type, injection method, base_lr)
+ROWS: Dict[str, Tuple[str, str, str, float]] = {
+    'full': ('full', 'linear', '-', 1e-3),
+    'head': ('head', 'linear', '-', 1e-2),
+    'head-mlp': ('head', 'mlp', '-', 1e-2),
+    'ia3': ('injection', 'linear', 'ia3', 1e-2),
+    'ssf': ('injection', 'linear', 'ssf', 1e-2),
+    'lora': ('injection', 'linear', 'lora', 1e-2),
+    'bitfit': ('injection', 'linear', 'bitfit', 1e-2),
+}
+
+
+def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
+  """The results of a run that already finished in `workdir` (re-running
+  the script re-tabulates instead of training again), else None."""
+  path = os.path.join(workdir, trainer.RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  logging.info('Reusing the finished run in %s.', workdir)
+  with open(path) as f:
+    return json.load(f)
+
+
+def upstream_checkpoint(args, out: str) -> str:
+  """Trains the upstream model from scratch and exports it to an .npz."""
+  config = scratch.get_config(args.upstream_dataset)
+  config.model.posemb = 'learned'
+  workdir = os.path.join(out, 'upstream')
+  results = trainer.train_and_evaluate(config, workdir)
+  params = task_file.load_task_params(results['task_file'], base_params={})
+  path = os.path.join(out, UPSTREAM_FILE)
+  checkpoint.save(path, params)
+  logging.info('Upstream: %.4f test accuracy on %s, exported to %s',
+               results['test_accuracy'], args.upstream_dataset, path)
+  return path
+
+
+def downstream_config(args, upstream: str, row: str
+                      ) -> ml_collections.ConfigDict:
+  """The downstream run of `row`, starting from `upstream`."""
+  mode, head, method, base_lr = ROWS[row]
+  if args.config:
+    config = vit_configs.get_config(args.config)
+  else:
+    config = scratch.get_config(args.downstream)
+    config.model = scratch.get_config(args.upstream_dataset).model
+    config.model.posemb = 'learned'
+    config.pp.update({'crop': args.crop, 'pad': 2})
+    config.total_steps = args.steps
+    config.base_lr = base_lr
+  config.pretrained_path = upstream
+  config.finetune.mode = mode
+  config.finetune.head.type = head
+  if method != '-':
+    config.finetune.injection.method = method
+  return config
+
+
+def serve_accuracy(upstream: str, runs: Dict[str, Any]) -> Dict[str, float]:
+  """Test accuracy of each task file applied to one shared upstream read."""
+  tasks = serving.load_tasks(upstream, [
+      os.path.join(run['workdir'], run['results']['task_file'])
+      for run in runs.values()])
+  accuracy = {}
+  for (row, run), task in zip(runs.items(), tasks.values()):
+    config = run['config']
+    data = input_pipeline.eval_dataset(input_pipeline.get_source(config),
+                                       config, input_pipeline.Hosts(0, 1, 1))
+    correct = 0
+    for batch in data.dataset.as_numpy_iterator():
+      logits = np.asarray(task.logits(batch['image'][0]))
+      correct += int(((logits.argmax(-1) == batch['label'][0])
+                      & batch['mask'][0]).sum())
+    accuracy[row] = correct / data.num_examples
+  return accuracy
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+  """The markdown results table."""
+  lines = ['| mode | method | trainable params | % of total | test accuracy '
+           '| from task file | train time | step time | saved file |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(
+        f'| {r["mode"]} | {r["method"]} | {r["trainable_params"]:,} | '
+        f'{100 * r["trainable_params"] / r["total_params"]:.2f}% | '
+        f'{100 * r["test_accuracy"]:.1f}% | {100 * r["served_accuracy"]:.1f}% '
+        f'| {r["wall_time_s"]:.0f} s | {1000 * r["step_time_s"]:.0f} ms | '
+        f'{r["task_file_bytes"] / 1024:,.0f} KiB |')
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--upstream', help='a checkpoint file; default: train '
+                      'configs/scratch.py:UPSTREAM_DATASET')
+  parser.add_argument('--upstream_dataset', default='mnist5k')
+  parser.add_argument('--downstream', default='digits')
+  parser.add_argument('--crop', type=int, default=21,
+                      help='downstream resolution (upstream mnist5k: 28)')
+  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--config', help='a configs/vit.py argument (e.g. '
+                      'b16,cifar10) for the real case instead of the small '
+                      'downstream setup')
+  parser.add_argument('--rows', default=','.join(ROWS))
+  args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)
+  os.makedirs(args.out, exist_ok=True)
+  start = time.perf_counter()
+  exported = os.path.join(args.out, UPSTREAM_FILE)
+  upstream = args.upstream or (exported if os.path.exists(exported) else
+                               upstream_checkpoint(args, args.out))
+  runs = {}
+  for row in args.rows.split(','):
+    config = downstream_config(args, upstream, row)
+    workdir = os.path.join(args.out, row)
+    runs[row] = {'config': config, 'workdir': workdir,
+                 'results': finished_results(workdir) or
+                            trainer.train_and_evaluate(config, workdir)}
+  served = serve_accuracy(upstream, runs)
+  rows = []
+  for row, run in runs.items():
+    mode, head, method, _ = ROWS[row]
+    r = run['results']
+    rows.append({
+        'row': row, 'mode': mode if head == 'linear' else f'{mode} ({head})',
+        'method': method, 'served_accuracy': served[row],
+        'base_lr': run['config'].base_lr,
+        **{k: r[k] for k in ('trainable_params', 'total_params',
+                             'test_accuracy', 'wall_time_s', 'step_time_s',
+                             'task_file_bytes')}})
+  text = table(rows)
+  print(text)
+  with files.atomic_path(os.path.join(args.out, 'results.md')) as path:
+    with open(path, 'w') as f:
+      f.write(text + '\n')
+  files.write_json(os.path.join(args.out, 'results.json'), {
+      'rows': rows, 'upstream': upstream,
+      'device': jax.devices()[0].device_kind,
+      'total_time_s': time.perf_counter() - start})
+
+
+if __name__ == '__main__':
+  main()
