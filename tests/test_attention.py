@@ -1,0 +1,116 @@
+"""Attention maps: weights from the forward pass, rollout, per-token maps."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import helpers
+from vit_jax import attention
+from vit_jax import finetune
+from vit_jax import models
+from vit_jax.checkpoint import inspect
+
+CROP = 16  # A 4x4 grid of ViT-Micro_4's 4-pixel patches.
+
+
+def images(count=2):
+  return np.random.default_rng(0).uniform(
+      -1, 1, [count, CROP, CROP, 3]).astype(np.float32)
+
+
+def random_row_stochastic(shape, seed=0):
+  logits = np.random.default_rng(seed).normal(size=shape)
+  return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+
+def test_weights_come_from_the_forward_pass_and_rows_sum_to_one():
+  model = models.get_model('ViT-Micro_4', num_classes=10)
+  params = helpers.random_variables(model, images())['params']
+  weights = attention.attention_weights(model, params, images())
+  chex.assert_shape(weights, (4, 2, 2, 16, 16))  # layers, N, heads, T, T
+  chex.assert_trees_all_close(weights.sum(-1), jnp.ones((4, 2, 2, 16)),
+                              atol=1e-5)
+  assert float(weights.min()) >= 0.0
+
+
+def test_rollout_of_identity_attention_is_the_identity():
+  eye = jnp.broadcast_to(jnp.eye(5), (3, 2, 4, 5, 5))  # layers, N, heads
+  for fusion in attention.HEAD_FUSIONS:
+    chex.assert_trees_all_close(attention.rollout(eye, fusion),
+                                jnp.broadcast_to(jnp.eye(5), (2, 5, 5)))
+
+
+@pytest.mark.parametrize('fusion', attention.HEAD_FUSIONS)
+def test_rollout_matches_the_hand_computation(fusion):
+  weights = random_row_stochastic((3, 2, 4, 6, 6))  # layers, N, heads, T, T
+  fused = {'mean': np.mean, 'max': np.max, 'min': np.min}[fusion](
+      np.asarray(weights), axis=2)
+  expected = []
+  for n in range(2):
+    result = np.eye(6)
+    for layer in range(3):
+      a = fused[layer, n] + np.eye(6)
+      a = a / a.sum(-1, keepdims=True)
+      result = a @ result
+    expected.append(result)
+  chex.assert_trees_all_close(attention.rollout(weights, fusion),
+                              np.stack(expected), atol=1e-5)
+
+
+def is_query_or_key(path: str) -> bool:
+  return '/query/' in path or '/key/' in path
+
+
+def test_uniform_attention_gives_the_closed_form_maps():
+  """Zero query/key weights make every attention row uniform (1/T), so
+  the rollout is 0.5^L I + (1 - 0.5^L) / T, and the class token's map is
+  (1 - 0.5^L) / T on every patch."""
+  model = models.get_model('ViT-Micro_4', num_classes=10, classifier='token',
+                           posemb='learned')
+  flat = inspect.flatten(helpers.random_variables(model, images())['params'])
+  for path in flat:
+    if is_query_or_key(path):
+      flat[path] = jnp.zeros_like(flat[path])
+  params = inspect.unflatten(flat)
+  weights = attention.attention_weights(model, params, images())
+  tokens, layers = 17, 4
+  chex.assert_trees_all_close(weights, jnp.full(weights.shape, 1 / tokens),
+                              atol=1e-6)
+  expected = (0.5**layers * np.eye(tokens) +
+              (1 - 0.5**layers) * np.full((tokens, tokens), 1 / tokens))
+  chex.assert_trees_all_close(attention.rollout(weights)[0], expected,
+                              atol=1e-6)
+  grid = attention.patch_grid(model, (CROP, CROP))
+  assert grid == (4, 4)
+  chex.assert_trees_all_close(
+      attention.token_map(attention.rollout(weights), 'token', grid),
+      jnp.full((2, 4, 4), (1 - 0.5**layers) / tokens), atol=1e-6)
+  chex.assert_shape(attention.token_map(weights, 'token', grid),
+                    (layers, 2, 2, 4, 4))
+
+
+def test_maps_without_a_class_token_average_the_query_rows():
+  matrix = random_row_stochastic((2, 4, 4))
+  chex.assert_trees_all_close(
+      attention.token_map(matrix, 'gap', (2, 2)),
+      np.asarray(matrix).mean(-2).reshape(2, 2, 2), atol=1e-6)
+  with pytest.raises(ValueError, match='does not match a 3x3 patch grid'):
+    attention.token_map(matrix, 'gap', (3, 3))
+
+
+def test_injected_models_show_their_attention():
+  config = helpers.job_config()
+  config.finetune.mode = 'injection'
+  model = finetune.build_model(config, 10)
+  x = images()[:, :helpers.CROP, :helpers.CROP]
+  params = helpers.random_variables(model, x)['params']
+  chex.assert_shape(attention.attention_weights(model, params, x),
+                    (2, 2, 2, 4, 4))
+
+
+def test_models_without_attention_are_refused():
+  with pytest.raises(ValueError, match='MlpMixer has no attention'):
+    attention.attention_weights(
+        models.get_model('Mixer-Mini_4', num_classes=10), {}, images())
