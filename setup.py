@@ -18,6 +18,7 @@ setuptools.setup(
         'absl-py>=2.1',
         'flax>=0.12,<0.13',
         'jax>=0.10,<0.11',
+        'matplotlib>=3.8',  # Attention-map figures.
         'ml_collections>=1.0',
         'mlxtend>=0.23',
         'numpy>=1.26',

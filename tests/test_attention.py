@@ -1,15 +1,23 @@
 """Attention maps: weights from the forward pass, rollout, per-token maps."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 
 from tests import helpers
 from vit_jax import attention
+from vit_jax import checkpoint
+from vit_jax import input_pipeline
 from vit_jax import finetune
 from vit_jax import models
+from vit_jax.attention import __main__ as attention_cli
+from vit_jax.attention import render
 from vit_jax.checkpoint import inspect
 
 CROP = 16  # A 4x4 grid of ViT-Micro_4's 4-pixel patches.
@@ -114,3 +122,57 @@ def test_models_without_attention_are_refused():
   with pytest.raises(ValueError, match='MlpMixer has no attention'):
     attention.attention_weights(
         models.get_model('Mixer-Mini_4', num_classes=10), {}, images())
+
+
+def write_image(path, size, mode):
+  rng = np.random.default_rng(len(str(path)))
+  channels = {'L': (), 'RGB': (3,), 'RGBA': (4,)}[mode]
+  PIL.Image.fromarray(rng.integers(0, 256, (*size, *channels), np.uint8),
+                      mode).save(path)
+  return str(path)
+
+
+def test_pngs_of_image_files_have_the_expected_sizes(tmp_path):
+  model = models.get_model('ViT-Micro_4', num_classes=10, classifier='token')
+  params = helpers.random_variables(model, images())['params']
+  paths = [write_image(tmp_path / 'grey.png', (20, 30), 'L'),
+           write_image(tmp_path / 'photo.jpg', (40, 40), 'RGB')]
+  written = attention_cli.write_pngs(model, params, paths, CROP,
+                                     str(tmp_path / 'out'))
+  assert [os.path.basename(p) for p in written] == [
+      'grey_rollout.png', 'grey_heads.png', 'photo_rollout.png',
+      'photo_heads.png']
+  panel, head = render.PANEL_INCHES * render.DPI, render.HEAD_INCHES * render.DPI
+  for path in written:
+    with PIL.Image.open(path) as png:
+      assert png.format == 'PNG'
+      expected = ((2 * panel, panel) if path.endswith('_rollout.png')
+                  else (2 * head, 4 * head))  # 2 heads x 4 layers.
+      assert png.size == tuple(int(x) for x in expected)
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+  bad = tmp_path / 'notes.png'
+  bad.write_text('not an image')
+  with pytest.raises(input_pipeline.DatasetError, match='notes.png is not a '
+                     'JPEG or PNG'):
+    input_pipeline.read_images([str(bad)],
+                               ml_collections.ConfigDict({'crop': CROP}))
+
+
+def test_the_cli_loads_a_checkpoint_at_the_configs_crop(tmp_path):
+  config = helpers.job_config()
+  config.model.classifier = 'token'
+  config.model.posemb = 'learned'
+  model = models.build_model(config.model, num_classes=7)
+  x = images()[:, :8, :8]
+  params = helpers.random_variables(model, x)['params']
+  path = str(tmp_path / 'model.npz')
+  checkpoint.save(path, params)
+  loaded_model, loaded = attention_cli.model_from_checkpoint(config, path)
+  assert loaded_model.num_classes == 7
+  chex.assert_trees_all_close(loaded, params)
+  config.pp.crop = 12  # Position embeddings are resized to a 3x3 grid.
+  _, resized = attention_cli.model_from_checkpoint(config, path)
+  chex.assert_shape(resized['Transformer']['posembed_input']['pos_embedding'],
+                    (1, 10, 64))

@@ -8,11 +8,13 @@ training starts rather than as an anonymous decode error mid-run.
 """
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from vit_jax.input_pipeline import preprocess
 from vit_jax.input_pipeline import sources
 from vit_jax.input_pipeline.errors import DatasetError
 
@@ -80,6 +82,23 @@ def _decode(path: tf.Tensor) -> tf.Tensor:
                              expand_animations=False)
   image.set_shape([None, None, 3])
   return image
+
+
+def read_images(paths: Sequence[str],
+                pp: ml_collections.ConfigDict) -> np.ndarray:
+  """Image files (JPEG/PNG, any size), preprocessed for evaluation.
+
+  Each file is checked first, so an unreadable one is named. Returns float32
+  `[len(paths), pp.crop, pp.crop, 3]` in [-1, 1], as the model sees
+  evaluation images.
+  """
+  resize = preprocess.eval_fn(pp)
+  images = []
+  for path in paths:
+    _check_image_file(path)
+    example = resize({'image': _decode(tf.constant(path)), 'label': 0})
+    images.append(example['image'].numpy())
+  return np.stack(images)
 
 
 def load_folder(root: str) -> sources.InMemorySource:

@@ -1,0 +1,79 @@
+"""PNG figures of attention maps (matplotlib, no display needed).
+
+Sizes are fixed in pixels (`DPI` × the figure size in inches), so a figure of
+N layers × H heads always has the same shape, and files are written
+atomically (temporary file, then rename).
+"""
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt
+import numpy as np
+
+from vit_jax.checkpoint import files
+
+DPI = 100
+PANEL_INCHES = 3.0  # Overlay panels.
+HEAD_INCHES = 1.5   # Each per-head panel.
+
+
+def _to_unit(image: np.ndarray) -> np.ndarray:
+  """A model input in [-1, 1] as an RGB image in [0, 1]."""
+  return np.clip((np.asarray(image, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def upsample(heat: np.ndarray, size: Sequence[int]) -> np.ndarray:
+  """A `[rows, cols]` map repeated to `size` pixels, scaled to [0, 1]."""
+  heat = np.asarray(heat, np.float32)
+  heat = np.kron(heat, np.ones((size[0] // heat.shape[0],
+                                size[1] // heat.shape[1]), np.float32))
+  low, high = heat.min(), heat.max()
+  return (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+
+
+def _save(fig, path: str) -> None:
+  with files.atomic_path(path) as temporary:
+    fig.savefig(temporary, dpi=DPI, format='png')
+  plt.close(fig)
+
+
+def overlay_png(path: str, image: np.ndarray, heat: np.ndarray,
+                title: str) -> None:
+  """The image, and the image with `heat` (patch grid) overlaid.
+
+  `2 * PANEL_INCHES * DPI` × `PANEL_INCHES * DPI` pixels.
+  """
+  fig, (left, right) = plt.subplots(
+      1, 2, figsize=(2 * PANEL_INCHES, PANEL_INCHES))
+  picture = _to_unit(image)
+  left.imshow(picture)
+  left.set_title('input', fontsize=9)
+  right.imshow(picture)
+  right.imshow(upsample(heat, picture.shape[:2]), cmap='inferno', alpha=0.6)
+  right.set_title(title, fontsize=9)
+  for axis in (left, right):
+    axis.axis('off')
+  _save(fig, path)
+
+
+def heads_png(path: str, maps: np.ndarray, title: str) -> None:
+  """A grid of per-head maps `[layers, heads, rows, cols]`, one row a layer.
+
+  `heads * HEAD_INCHES * DPI` × `layers * HEAD_INCHES * DPI` pixels; each
+  panel is titled with its layer and head, each normalised on its own.
+  """
+  layers, heads = maps.shape[:2]
+  fig, axes = plt.subplots(layers, heads, squeeze=False,
+                           figsize=(heads * HEAD_INCHES, layers * HEAD_INCHES))
+  for layer in range(layers):
+    for head in range(heads):
+      axis = axes[layer, head]
+      axis.imshow(np.asarray(maps[layer, head]), cmap='inferno')
+      axis.set_title(f'layer {layer} head {head}', fontsize=7)
+      axis.axis('off')
+  fig.suptitle(title, fontsize=9)
+  _save(fig, path)
