@@ -16,9 +16,9 @@ from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import finetune
 from vit_jax import models
-from vit_jax.attention import __main__ as attention_cli
 from vit_jax.attention import render
 from vit_jax.checkpoint import inspect
+from vit_jax.finetune import serving
 
 CROP = 16  # A 4x4 grid of ViT-Micro_4's 4-pixel patches.
 
@@ -137,7 +137,7 @@ def test_pngs_of_image_files_have_the_expected_sizes(tmp_path):
   params = helpers.random_variables(model, images())['params']
   paths = [write_image(tmp_path / 'grey.png', (20, 30), 'L'),
            write_image(tmp_path / 'photo.jpg', (40, 40), 'RGB')]
-  written = attention_cli.write_pngs(model, params, paths, CROP,
+  written = render.write_pngs(model, params, paths, CROP,
                                      str(tmp_path / 'out'))
   assert [os.path.basename(p) for p in written] == [
       'grey_rollout.png', 'grey_heads.png', 'photo_rollout.png',
@@ -160,7 +160,7 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path):
                                ml_collections.ConfigDict({'crop': CROP}))
 
 
-def test_the_cli_loads_a_checkpoint_at_the_configs_crop(tmp_path):
+def test_a_checkpoint_loads_as_a_model_at_any_crop(tmp_path):
   config = helpers.job_config()
   config.model.classifier = 'token'
   config.model.posemb = 'learned'
@@ -169,10 +169,10 @@ def test_the_cli_loads_a_checkpoint_at_the_configs_crop(tmp_path):
   params = helpers.random_variables(model, x)['params']
   path = str(tmp_path / 'model.npz')
   checkpoint.save(path, params)
-  loaded_model, loaded = attention_cli.model_from_checkpoint(config, path)
+  loaded_model, loaded = serving.model_from_checkpoint(config.model, path, 8)
   assert loaded_model.num_classes == 7
   chex.assert_trees_all_close(loaded, params)
-  config.pp.crop = 12  # Position embeddings are resized to a 3x3 grid.
-  _, resized = attention_cli.model_from_checkpoint(config, path)
+  # At 12 px the position embeddings are resized to a 3x3 grid.
+  _, resized = serving.model_from_checkpoint(config.model, path, 12)
   chex.assert_shape(resized['Transformer']['posembed_input']['pos_embedding'],
                     (1, 10, 64))

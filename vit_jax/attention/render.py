@@ -1,19 +1,27 @@
 """PNG figures of attention maps (matplotlib, no display needed).
 
+`write_pngs(model, params, image_files, crop, out_dir)` writes each image's
+rollout overlay and per-head grid; `overlay_png` and `heads_png` draw one
+figure from arrays.
+
 Sizes are fixed in pixels (`DPI` × the figure size in inches), so a figure of
 N layers × H heads always has the same shape, and files are written
 atomically (temporary file, then rename).
 """
 
-from typing import Sequence
+import os
+from typing import Any, List, Sequence
 
 import matplotlib
 
 matplotlib.use('Agg')
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt
+import ml_collections
 import numpy as np
 
+from vit_jax import input_pipeline
+from vit_jax.attention import maps
 from vit_jax.checkpoint import files
 
 DPI = 100
@@ -77,3 +85,27 @@ def heads_png(path: str, maps: np.ndarray, title: str) -> None:
       axis.axis('off')
   fig.suptitle(title, fontsize=9)
   _save(fig, path)
+
+
+def write_pngs(model: Any, params: Any, image_paths: Sequence[str], crop: int,
+               out_dir: str, head_fusion: str = 'mean') -> List[str]:
+  """Writes each image's rollout and per-head PNGs; returns their paths."""
+  images = input_pipeline.read_images(
+      image_paths, ml_collections.ConfigDict({'crop': crop}))
+  weights = maps.attention_weights(model, params, images)
+  grid = maps.patch_grid(model, (crop, crop))
+  heat = maps.token_map(maps.rollout(weights, head_fusion), model.classifier,
+                        grid)
+  per_head = maps.token_map(weights, model.classifier, grid)
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for index, path in enumerate(image_paths):
+    name = os.path.splitext(os.path.basename(path))[0]
+    rollout_path = os.path.join(out_dir, f'{name}_rollout.png')
+    overlay_png(rollout_path, images[index], np.asarray(heat[index]),
+                       f'rollout ({head_fusion} of heads)')
+    heads_path = os.path.join(out_dir, f'{name}_heads.png')
+    heads_png(heads_path, np.asarray(per_head[:, index]),
+                     f'{name}: attention per layer and head')
+    written += [rollout_path, heads_path]
+  return written
