@@ -17,6 +17,7 @@ from vit_jax import checkpoint
 from vit_jax import finetune
 from vit_jax import models
 from vit_jax.checkpoint import inspect
+from vit_jax.models import table
 from vit_jax.checkpoint import train_state
 from vit_jax.finetune import labels as labels_lib
 from vit_jax.finetune import methods
@@ -60,7 +61,7 @@ def init(model, crop=CROP):
 
 
 def abstract_params(model, crop):
-  return jax.eval_shape(lambda: init(model, crop))
+  return table.abstract_variables(model, crop)['params']
 
 
 # ---------------------------------------------------------- the model tree

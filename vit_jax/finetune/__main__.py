@@ -15,10 +15,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-import jax
-import numpy as np
 
 from vit_jax import models
+from vit_jax.models import table
 from vit_jax.finetune import labels as labels_lib
 from vit_jax.finetune import methods
 from vit_jax.finetune import modes
@@ -54,10 +53,8 @@ def sizes(model: str, num_classes: int, crop: int, rank: int = 8,
                       'alpha': float(rank)}}
     fine = modes.from_config(finetune)
     net = modes.build_model({'model': model_config, 'finetune': finetune,
-                             'dtype': 'float32'}, num_classes)
-    params = jax.eval_shape(lambda n=net: n.init(
-        jax.random.key(0), np.zeros([1, crop, crop, 3], np.float32),
-        train=False)['params'])
+                             'dtype': 'float32'}, num_classes, fine)
+    params = table.abstract_variables(net, crop)['params']
     labels = labels_lib.label_params(params, fine.is_trainable)
     trainable = labels_lib.count(params, labels)
     total = labels_lib.count(params, labels, None)

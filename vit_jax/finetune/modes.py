@@ -93,9 +93,13 @@ def head_options(finetune: Mapping[str, Any]) -> Dict[str, Any]:
           'head_dropout_rate': float(head['dropout'])}
 
 
-def build_model(config: Mapping[str, Any], num_classes: int) -> Model:
-  """The model `config` trains: architecture, head, dtype and injection."""
+def build_model(config: Mapping[str, Any], num_classes: int,
+                fine: Optional[Finetune] = None) -> Model:
+  """The model `config` trains: architecture, head, dtype and injection.
+
+  `fine` is `from_config(config['finetune'])`, if the caller already has it.
+  """
   model = models.build_model(config['model'], num_classes=num_classes,
                              dtype=jnp.dtype(config['dtype']),
                              **head_options(config['finetune']))
-  return from_config(config['finetune']).wrap(model)
+  return (fine or from_config(config['finetune'])).wrap(model)

@@ -28,6 +28,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.checkpoint import task_file
+from vit_jax.models import table
 from vit_jax.finetune import labels as labels_lib
 from vit_jax.finetune import modes
 
@@ -87,9 +88,7 @@ def _config(metadata: Mapping[str, Any]) -> Dict[str, Any]:
 def _zero_params(model, crop: int) -> PyTree:
   """Zeros in the model's parameter shapes at `crop` (no initialiser run):
   the target structure for loading a checkpoint."""
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros([1, crop, crop, 3], np.float32),
-      train=False)['params'])
+  shapes = table.abstract_variables(model, crop)['params']
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
@@ -148,7 +147,7 @@ def load_tasks(base: Union[str, checkpoint.Checkpoint],
   for path, meta in metadata.items():
     config = _config(meta)
     fine = modes.from_config(config['finetune'])
-    model = modes.build_model(config, int(meta['num_classes']))
+    model = modes.build_model(config, int(meta['num_classes']), fine)
     key = json.dumps([config['model'], meta['crop']], sort_keys=True)
     if key not in adapted:
       adapted[key] = _base_for(base, model, fine, meta)

@@ -97,7 +97,7 @@ class Setup:
 def create_setup(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
   """Builds the model, schedule, optimizer and step-0 state from `config`."""
   fine = finetune.from_config(config.finetune)
-  model = finetune.build_model(config, num_classes)
+  model = finetune.build_model(config, num_classes, fine)
   params = init_params(model, config.pp.crop, config, fine)
   if fine.mode != 'full' and pretrained_path(config) is None:
     logging.warning('config.finetune.mode=%r without a pretrained checkpoint:'
