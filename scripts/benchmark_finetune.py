@@ -14,18 +14,11 @@ the backward pass through activations.
 """
 
 import argparse
-import statistics
-import time
-from typing import Dict, List
-
 import jax
-import numpy as np
 
 from configs import common
 from vit_jax import models
-from vit_jax.finetune import labels as labels_lib
-from vit_jax.train import step as step_lib
-from vit_jax.train import trainer
+from vit_jax.train import timing
 
 # name: (mode, head type, injection method)
 MODES = {
@@ -39,8 +32,8 @@ MODES = {
 }
 
 
-def make_runner(name: str, model: str, crop: int, batch: int):
-  """A function running one train step of mode `name`; its trainable count."""
+def mode_config(name: str, model: str, crop: int, batch: int):
+  """The trainer's config for fine-tuning mode `name` (CIFAR-10 settings)."""
   mode, head, method = MODES[name]
   config = common.with_dataset(common.get_config(), 'cifar10')
   config.model = models.MODEL_CONFIGS[model].copy_and_resolve_references()
@@ -49,23 +42,7 @@ def make_runner(name: str, model: str, crop: int, batch: int):
   config.finetune.mode = mode
   config.finetune.head.type = head
   config.finetune.injection.method = method
-  setup = trainer.create_setup(config, num_classes=10)
-  device = jax.local_devices()[:1]
-  step = step_lib.data_parallel(
-      step_lib.make_train_step(setup.model, setup.optimizer, setup.schedule,
-                               labels=setup.labels),
-      donate_state=True, devices=device)
-  rng = np.random.default_rng(0)
-  batch_arrays = step_lib.replicate({
-      'image': rng.uniform(-1, 1, [batch, crop, crop, 3]).astype(np.float32),
-      'label': rng.integers(0, 10, [batch]).astype(np.int32)}, device)
-  holder = {'state': step_lib.replicate(setup.state, device)}
-
-  def run():
-    holder['state'], metrics = step(holder['state'], batch_arrays)
-    jax.block_until_ready(metrics)
-
-  return run, labels_lib.count(setup.state.params, setup.labels)
+  return config
 
 
 def main() -> None:
@@ -81,19 +58,15 @@ def main() -> None:
   print(f'JAX {jax.__version__} on {jax.devices()[0].device_kind}: '
         f'{args.model} at {args.crop}, batch {args.batch}, train step '
         f'(SGD momentum, clipping), median of {args.rounds} alternating rounds')
-  runners, trainable = {}, {}
+  device = jax.local_devices()[:1]
+  workloads, trainable = {}, {}
   for name in names:
-    runners[name], trainable[name] = make_runner(name, args.model, args.crop,
-                                                 args.batch)
-    for _ in range(2):  # Compile, then one untimed step.
-      runners[name]()
-  times: Dict[str, List[float]] = {name: [] for name in names}
-  for _ in range(args.rounds):
-    for name in names:
-      start = time.perf_counter()
-      runners[name]()
-      times[name].append(time.perf_counter() - start)
-  medians = {name: statistics.median(t) for name, t in times.items()}
+    config = mode_config(name, args.model, args.crop, args.batch)
+    workloads[name] = timing.train_workload(config, 10, device)
+    trainable[name] = workloads[name].trainable_params
+  seconds = timing.time_rounds({n: w.run for n, w in workloads.items()},
+                               args.rounds)
+  medians = {name: timing.median(t) for name, t in seconds.items()}
   reference = medians.get('full')
   print(f'{"mode":12} {"trainable":>10} {"s/step":>7} {"img/s":>6} '
         f'{"vs full":>7}')

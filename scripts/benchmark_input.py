@@ -31,7 +31,7 @@ from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax.input_pipeline import testing
 from vit_jax.train import step as step_lib
-from vit_jax.train import trainer
+from vit_jax.train import setup as setup_lib
 
 ROWS = (  # dataset, crop, model
     ('cifar10', 224, 'ViT-Ti_16'),
@@ -73,7 +73,7 @@ def measure_row(dataset: str, crop: int, model_name: str, batch: int,
 
   config.model = models.MODEL_CONFIGS[model_name]
   config.accum_steps = 1
-  setup = trainer.create_setup(config, source.info.num_classes)
+  setup = setup_lib.create_setup(config, source.info.num_classes)
   device = jax.local_devices()[:1]
   step = step_lib.data_parallel(
       step_lib.make_train_step(setup.model, setup.optimizer, setup.schedule),

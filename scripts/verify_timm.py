@@ -1,7 +1,8 @@
 """Checks checkpoint interchange with timm and transformers themselves.
 
   pip install torch timm transformers
-  python scripts/verify_timm.py [--model vit_tiny_patch16_224] [--hf]
+  python scripts/verify_timm.py [--model vit_tiny_patch16_224] [--hf] \
+      [--published FOLDER]
 
 1. timm → here: a timm ViT's `state_dict`, saved as safetensors, is read by
    `checkpoint.read`; our model built with the returned options computes the
@@ -12,7 +13,11 @@
 3. here → timm (Google .npz): `checkpoint.save(..., '.npz')` is loaded by
    timm's own npz loader (`model.load_pretrained`); timm computes exact GELU,
    so it is compared with our model in that mode.
-4. (--hf) Hugging Face transformers → here: a `ViTForImageClassification`
+4. (--published FOLDER) a folder written by `python -m vit_jax.finetune
+   publish` is built and loaded by `timm.create_model('local-dir:FOLDER',
+   pretrained=True)` (the Hub's loading path, from config.json alone) and
+   computes the logits of the folder's vit_jax model.
+5. (--hf) Hugging Face transformers → here: a `ViTForImageClassification`
    of the same size, saved both as its `state_dict()` (transformers 5 names)
    and by `save_pretrained` (the Hub's names), computes the same logits here.
 
@@ -21,6 +26,8 @@ if one exceeds the tolerance.
 """
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 
@@ -32,6 +39,7 @@ from safetensors.torch import save_file
 
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax.finetune import serving
 
 # timm architecture → (our registered model, heads)
 ARCHITECTURES = {
@@ -59,6 +67,9 @@ def main() -> int:
   parser.add_argument('--tolerance', type=float, default=1e-3)
   parser.add_argument('--hf', action='store_true',
                       help='also check a transformers ViT (needs transformers)')
+  parser.add_argument('--published', default=None, metavar='FOLDER',
+                      help='also load a folder written by `python -m '
+                      "vit_jax.finetune publish` with timm's own loader")
   args = parser.parse_args()
   name, heads = ARCHITECTURES[args.model]
   torch.manual_seed(0)
@@ -97,7 +108,30 @@ def main() -> int:
     if args.hf:
       failures += check_hf(source, name, heads, images, f'{tmp}/hf',
                            args.tolerance)
+  if args.published:
+    failures += check_published(args.published, args.tolerance)
   return 1 if failures else 0
+
+
+def check_published(folder: str, tolerance: float) -> int:
+  """timm builds and loads a published folder from its config.json alone
+  (as from the Hub) and computes the logits of its vit_jax model."""
+  with open(os.path.join(folder, 'config.json')) as f:
+    summary = json.load(f)['vit_jax']
+  crop = summary['crop']
+  images = np.random.default_rng(1).uniform(
+      -1, 1, (4, crop, crop, 3)).astype(np.float32)
+  model, params = serving.model_from_checkpoint(
+      summary['model'], os.path.join(folder, 'model.npz'), crop)
+  ours = np.asarray(model.apply({'params': params}, images, train=False))
+  loaded = timm.create_model(f'local-dir:{os.path.abspath(folder)}',
+                             pretrained=True).eval()
+  print(f'published folder: timm built {type(loaded).__name__} with '
+        f'{sum(p.numel() for p in loaded.parameters()):,} parameters, '
+        f'{loaded.num_classes} classes, labels '
+        f'{loaded.pretrained_cfg.get("label_names", [])[:3]}...')
+  return report('published folder → timm local-dir: (as hf-hub:)',
+                timm_logits(loaded, images), ours, tolerance)
 
 
 def check_hf(like: torch.nn.Module, name: str, heads: int,

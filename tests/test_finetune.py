@@ -22,6 +22,7 @@ from vit_jax.checkpoint import train_state
 from vit_jax.finetune import labels as labels_lib
 from vit_jax.finetune import methods
 from vit_jax.finetune import serving
+from vit_jax.train import setup as setup_lib
 from vit_jax.train import step as step_lib
 from vit_jax.train import trainer
 
@@ -213,7 +214,7 @@ def test_a_new_method_is_one_registered_class():
 @pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
 def test_optimizer_state_covers_only_trainable_leaves(optimizer):
   config = ft_config('injection', 'lora', optimizer=optimizer)
-  setup = trainer.create_setup(config, num_classes=10)
+  setup = setup_lib.create_setup(config, num_classes=10)
   trainable = labels_lib.count(setup.state.params, setup.labels)
   state_values = sum(x.size for x in jax.tree.leaves(setup.state.opt_state)
                      if x.ndim)  # Leaves a step counter out.
@@ -245,7 +246,7 @@ def run_steps(setup, steps=5, seed=0):
     ('head', 'ia3'), ('injection', 'ia3'), ('injection', 'ssf'),
     ('injection', 'lora'), ('injection', 'bitfit')])
 def test_steps_change_every_trainable_leaf_and_no_frozen_bit(mode, method):
-  setup = trainer.create_setup(ft_config(mode, method), num_classes=10)
+  setup = setup_lib.create_setup(ft_config(mode, method), num_classes=10)
   before = jax.device_get(setup.state.params)
   after = jax.device_get(run_steps(setup).params)
   trainable_before, frozen_before = labels_lib.partition(before, setup.labels)
@@ -280,7 +281,7 @@ def test_backward_pass_computes_no_frozen_weight_gradient():
            'label': jnp.zeros([1, 8], jnp.int32)}
   counts = {}
   for mode in ('full', 'injection', 'head'):
-    setup = trainer.create_setup(ft_config(mode, 'ia3'), num_classes=10)
+    setup = setup_lib.create_setup(ft_config(mode, 'ia3'), num_classes=10)
     step = step_lib.make_train_step(setup.model, setup.optimizer,
                                     setup.schedule, labels=setup.labels)
     counts[mode] = count_matmuls(jax.make_jaxpr(jax.vmap(
@@ -341,7 +342,7 @@ def two_tasks(tmp_path_factory):
 
 
 def restored_params(config, workdir):
-  target = trainer.create_setup(config, num_classes=10).state
+  target = setup_lib.create_setup(config, num_classes=10).state
   with train_state.TrainCheckpointer(workdir) as checkpointer:
     return checkpointer.restore(target).params
 

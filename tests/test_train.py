@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -16,10 +17,12 @@ from configs import common
 from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax.models import table
 from vit_jax.checkpoint import train_state
 from vit_jax.train import inference_time
 from vit_jax.train import optimizers
 from vit_jax.train import schedules
+from vit_jax.train import setup as setup_lib
 from vit_jax.train import step as step_lib
 from vit_jax.train import trainer
 
@@ -170,7 +173,7 @@ def test_eval_step_counts_only_masked_in_examples():
 
 def final_state(config, workdir):
   """The latest checkpoint of `workdir`, restored into `config`'s state."""
-  target = trainer.create_setup(config, num_classes=10).state
+  target = setup_lib.create_setup(config, num_classes=10).state
   with train_state.TrainCheckpointer(workdir) as checkpointer:
     return checkpointer.latest_step(), checkpointer.restore(target)
 
@@ -247,6 +250,8 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   assert results['trainable_params'] == results['total_params'] > 0
   assert results['config']['dataset'] == 'mnist5k'
   assert 0.0 <= results['test_accuracy'] <= 1.0
+  assert results['command'] == shlex.join(
+      ['python', '-m', 'vit_jax.main'] + command[3:])  # For model cards.
 
   lines = [json.loads(line) for line in
            (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -270,18 +275,26 @@ def test_inference_time_job(tmp_path):
   assert results['img_per_sec'] > 0
   np.testing.assert_allclose(results['img_per_sec'],
                              16 / results['median_batch_seconds'])
+  model = models.build_model(config.model, num_classes=1000)
+  np.testing.assert_allclose(
+      results['gflops_per_image'] * 1e9,
+      table.forward_flops(model, table.abstract_variables(model, helpers.CROP),
+                          helpers.CROP), rtol=1e-2)
+  np.testing.assert_allclose(
+      results['achieved_gflops_per_s'],
+      results['gflops_per_image'] * results['img_per_sec'])
 
 
 def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
   """`config.pretrained_path`: encoder from the file, head reset to zero."""
   source_config = helpers.job_config()
-  pretrained = trainer.create_setup(source_config, num_classes=1000)
+  pretrained = setup_lib.create_setup(source_config, num_classes=1000)
   path = str(tmp_path / 'ViT-Micro_4.npz')
   checkpoint.save(path, pretrained.state.params)
 
   for overrides in [{'pretrained_path': path},
                     {'pretrained_dir': str(tmp_path)}]:
-    setup = trainer.create_setup(helpers.job_config(seed=7, **overrides),
+    setup = setup_lib.create_setup(helpers.job_config(seed=7, **overrides),
                                  num_classes=10)
     params = dict(setup.state.params)
     head = params.pop('head')
@@ -294,7 +307,7 @@ def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
 
 def test_bfloat16_compute_keeps_float32_params():
   config = helpers.job_config(dtype='bfloat16')
-  setup = trainer.create_setup(config, num_classes=10)
+  setup = setup_lib.create_setup(config, num_classes=10)
   train_step = step_lib.make_train_step(setup.model, setup.optimizer,
                                         setup.schedule)
   batch = random_batches(1, 4)[0]

@@ -8,6 +8,9 @@
 `configs/common.py` for their meaning. `config.trainer` selects the job.
 """
 
+import shlex
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -38,7 +41,8 @@ def main(argv) -> None:
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   if config.trainer == 'train':
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    command = shlex.join(['python', '-m', 'vit_jax.main'] + sys.argv[1:])
+    trainer.train_and_evaluate(config, _WORKDIR.value, command)
   elif config.trainer == 'inference_time':
     inference_time.inference_time(config, _WORKDIR.value)
   else:

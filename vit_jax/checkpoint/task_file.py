@@ -166,9 +166,16 @@ def _parse_meta(path: str, arrays: Mapping[str, np.ndarray]) -> dict:
   return meta
 
 
+def read_record(path: str) -> Dict[str, Any]:
+  """A task file's record: `metadata` (what it was saved with), and its
+  base's `base_shapes` (empty when the file holds every parameter) and
+  `base_fingerprint`."""
+  return _parse_meta(path, files.read_npz(path))
+
+
 def read_metadata(path: str) -> Dict[str, Any]:
   """The `metadata` a task file was saved with ({} if none)."""
-  return _parse_meta(path, files.read_npz(path)).get('metadata', {})
+  return read_record(path).get('metadata', {})
 
 
 def load_task_params(path: str, base_params: PyTree,
@@ -198,6 +205,13 @@ def load_task_params(path: str, base_params: PyTree,
   task = {p: v.view(jnp.dtype(meta['task_dtypes'][p]))
           for p, v in arrays.items() if not p.startswith(META_PREFIX)}
   flat = inspect.flatten(base_params)
+  if not flat and meta['base_shapes']:
+    raise CheckpointError(
+        f'{path}: holds only the fine-tuned arrays ({len(task)}); the other '
+        f'{len(meta["base_shapes"])} come from the checkpoint it was '
+        'fine-tuned from (recorded: '
+        f'{meta["metadata"].get("pretrained_path") or "not recorded"}). Pass '
+        'that base checkpoint.')
   base = {p: v for p, v in flat.items() if p not in task}
   diff = inspect.compare({p: np.shape(v) for p, v in base.items()},
                          {p: tuple(s) for p, s in meta['base_shapes'].items()})

@@ -3,15 +3,19 @@
   python -m vit_jax.finetune sizes --model=ViT-B_16 --num_classes=10 --crop=384
   python -m vit_jax.finetune export --base=upstream.npz \
       --task=runs/digits_ia3/task_params.npz --out=digits_ia3.npz
+  python -m vit_jax.finetune publish --workdir=/tmp/vit_mnist5k \
+      --out=/tmp/vit_mnist5k_model
 
 `sizes` builds every mode's parameter tree from shapes alone (no weights,
 no download) and prints trainable parameters and their float32 size against
 the whole model's. `export` writes base + task file as one plain checkpoint,
 injected methods folded into the weights (`.npz`: Google names,
-`.safetensors`: timm names).
+`.safetensors`: timm names). `publish` writes a finished run as a folder
+to share (see `vit_jax.finetune.publish`).
 """
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -21,6 +25,7 @@ from vit_jax.models import table
 from vit_jax.finetune import labels as labels_lib
 from vit_jax.finetune import methods
 from vit_jax.finetune import modes
+from vit_jax.finetune import publish
 from vit_jax.finetune import serving
 
 
@@ -82,10 +87,25 @@ def main(argv: Optional[List[str]] = None) -> None:
   export_parser.add_argument('--task', required=True)
   export_parser.add_argument('--out', required=True,
                              help='.npz (Google names) or .safetensors (timm)')
+  publish_parser = commands.add_parser(
+      'publish', help='a finished run → a folder to share (weights for '
+      'vit_jax and timm, config, class names, model card)')
+  publish_parser.add_argument('--workdir', required=True,
+                              help='the run\'s workdir')
+  publish_parser.add_argument('--out', required=True,
+                              help='the folder to create')
+  publish_parser.add_argument('--base', default=None,
+                              help='base checkpoint of the task file '
+                              '(default: the one the run recorded)')
   args = parser.parse_args(argv)
   if args.command == 'sizes':
     print(sizes(args.model, args.num_classes, args.crop, args.rank,
                 args.mlp_dim))
+  elif args.command == 'publish':
+    out = publish.publish(args.workdir, args.out, args.base)
+    for name in sorted(os.listdir(out)):
+      print(f'{os.path.join(out, name)}: '
+            f'{os.path.getsize(os.path.join(out, name)):,} bytes')
   else:
     task, = serving.load_tasks(args.base, [args.task]).values()
     serving.export(task, args.out)

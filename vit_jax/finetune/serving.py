@@ -113,14 +113,16 @@ def task_name(path: str) -> str:
   return stem
 
 
-def load_tasks(base: Union[str, checkpoint.Checkpoint],
+def load_tasks(base: Union[None, str, checkpoint.Checkpoint],
                task_paths: Sequence[str], *, strict: bool = True,
                num_heads: Optional[int] = None) -> Dict[str, Task]:
   """Reads `base` once and rebuilds each task file on top of it.
 
   Args:
     base: the checkpoint the tasks were fine-tuned from (any format
-      `vit_jax.checkpoint` reads), or one already read.
+      `vit_jax.checkpoint` reads), or one already read. Not read, and may
+      be None, when every task file holds all its parameters
+      (`finetune.mode=full`).
     task_paths: files written by the trainer (`config.finetune.task_file`).
     strict: require the base's values to be those each task was trained on
       (see `task_file.load_task_params`).
@@ -129,7 +131,9 @@ def load_tasks(base: Union[str, checkpoint.Checkpoint],
   Returns:
     {task name: Task}, in the order given.
   """
-  metadata = {path: task_file.read_metadata(path) for path in task_paths}
+  records = {path: task_file.read_record(path) for path in task_paths}
+  metadata = {path: record.get('metadata', {})
+              for path, record in records.items()}
   for path, meta in metadata.items():
     missing = {'model', 'finetune', 'crop'} - set(meta)
     if missing:
@@ -137,6 +141,8 @@ def load_tasks(base: Union[str, checkpoint.Checkpoint],
           f'{path}: the task file does not record {sorted(missing)}; it was '
           'not written by the trainer. Load it with '
           'task_file.load_task_params and your own model instead.')
+  if not any(record['base_shapes'] for record in records.values()):
+    base = None  # Every task holds all its parameters.
   if isinstance(base, str):
     first = next(iter(metadata.values()), {})
     heads = num_heads or (first.get('model', {}).get('transformer') or {}).get(
@@ -150,7 +156,7 @@ def load_tasks(base: Union[str, checkpoint.Checkpoint],
     model = modes.build_model(config, int(meta['num_classes']), fine)
     key = json.dumps([config['model'], meta['crop']], sort_keys=True)
     if key not in adapted:
-      adapted[key] = _base_for(base, model, fine, meta)
+      adapted[key] = {} if base is None else _base_for(base, model, fine, meta)
     params = task_file.load_task_params(path, adapted[key], strict=strict)
     name = task_name(path)
     if name in tasks:

@@ -17,6 +17,7 @@ except RuntimeError:  # TensorFlow was already initialised by the caller.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.input_pipeline.pipeline import class_names
 from vit_jax.input_pipeline.folder import read_images
 from vit_jax.input_pipeline.pipeline import device_prefetch
 from vit_jax.input_pipeline.pipeline import eval_dataset
@@ -29,6 +30,6 @@ from vit_jax.input_pipeline.sources import Source
 
 __all__ = [
     'DatasetError', 'DatasetInfo', 'EvalData', 'Hosts', 'Source',
-    'device_prefetch', 'eval_dataset', 'get_source', 'read_images',
+    'class_names', 'device_prefetch', 'eval_dataset', 'get_source', 'read_images',
     'train_dataset',
 ]

@@ -96,8 +96,12 @@ def read_images(paths: Sequence[str],
   images = []
   for path in paths:
     _check_image_file(path)
-    example = resize({'image': _decode(tf.constant(path)), 'label': 0})
-    images.append(example['image'].numpy())
+    try:
+      image = _decode(tf.constant(path))
+    except tf.errors.OpError as e:
+      raise DatasetError(f'Cannot decode image {path}: {e.message} The file '
+                         'is truncated or corrupt; re-save it.') from e
+    images.append(resize({'image': image, 'label': 0})['image'].numpy())
   return np.stack(images)
 
 

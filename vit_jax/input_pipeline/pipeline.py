@@ -14,7 +14,7 @@ each test example exactly once.
 import dataclasses
 import math
 import os
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import flax.jax_utils
 import jax
@@ -73,6 +73,17 @@ def get_source(config: ml_collections.ConfigDict) -> sources.Source:
     return folder.load_folder(name)
   return tfds_source.TfdsSource(name, config.tfds_data_dir,
                                 config.tfds_manual_dir, config.tfds_download)
+
+
+def class_names(config: ml_collections.ConfigDict) -> Optional[Tuple[str, ...]]:
+  """The class names of `config.dataset` without preparing or downloading
+  it (tfds names come with the dataset's code); None where they are unknown."""
+  name = config.dataset
+  if not name:
+    return None
+  if name in embedded.EMBEDDED or os.path.isdir(name):
+    return get_source(config).info.class_names
+  return tfds_source.label_names(name, config.tfds_data_dir)
 
 
 def _host_seed(seed: int, process_index: int) -> int:

@@ -7,7 +7,7 @@ names the dataset, the directory that was searched and the `tfds build`
 command that prepares it elsewhere.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -58,6 +58,18 @@ def _check_features(builder: tfds.core.DatasetBuilder) -> None:
         f'tfds dataset {builder.name!r} is not an image-classification '
         f"dataset: it needs an 'image' Image and a 'label' ClassLabel "
         f'feature, it has {dict(features)}.')
+
+
+def label_names(name: str,
+                data_dir: Optional[str] = None) -> Optional[Tuple[str, ...]]:
+  """The names of tfds dataset `name`'s labels, read from its builder's info
+  (no data needed); None for an unknown dataset or one without label names."""
+  try:
+    label = tfds.builder(name, data_dir=data_dir).info.features['label']
+  except (tfds.core.registered.DatasetNotFoundError, KeyError):
+    return None
+  names = getattr(label, 'names', None)
+  return tuple(names) if names else None
 
 
 class TfdsSource(sources.Source):

@@ -82,6 +82,21 @@ def sincos2d_embedding(height: int, width: int, dim: int,
   ], axis=1).astype(np.float32)
 
 
+def fixed_position_table(posemb: str, grid: Tuple[int, int], num_prefix: int,
+                         dim: int) -> np.ndarray:
+  """What a fixed position embedding adds, `[1, num_prefix + rows * cols,
+  dim]`: zeros for the prefix (class) tokens, then `sincos2d_embedding`, or
+  zeros throughout for 'none'. As a learned table, it computes the same
+  function (how exports give such models to loaders that expect one)."""
+  if posemb not in ('sincos2d', 'none'):
+    raise ValueError(f'posemb={posemb!r} is not a fixed position embedding.')
+  rows, cols = grid
+  patches = (sincos2d_embedding(rows, cols, dim) if posemb == 'sincos2d'
+             else np.zeros((rows * cols, dim), np.float32))
+  return np.concatenate([np.zeros((num_prefix, dim), np.float32),
+                         patches])[None]
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings (`pos_embedding`, `[1, seq, dim]`).
 
@@ -259,9 +274,8 @@ class Encoder(nn.Module):
       raise ValueError(
           f'Sequence of {seq_len} tokens is shorter than the {rows}x{cols} '
           'patch grid given in posemb_grid.')
-    table = sincos2d_embedding(rows, cols, dim)
-    table = np.concatenate([np.zeros((num_prefix, dim), np.float32), table])
-    return jnp.asarray(table)[None]
+    return jnp.asarray(fixed_position_table('sincos2d', (rows, cols),
+                                            num_prefix, dim))
 
 
 class MlpHead(nn.Module):

@@ -13,6 +13,7 @@ import flax.jax_utils
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vit_jax.finetune import labels as labels_lib
@@ -115,6 +116,15 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
 def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
   """One copy of `tree` per device, laid out as `data_parallel` expects."""
   return flax.jax_utils.replicate(tree, devices)
+
+
+def shard(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
+  """Puts host arrays `[D, ...]` on the devices, slice i on device i, as
+  `data_parallel` expects its batches."""
+  devices = devices or jax.local_devices()
+  sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                               jax.P(AXIS))
+  return jax.device_put(tree, sharding)
 
 
 def unreplicate(tree: Any) -> Any:

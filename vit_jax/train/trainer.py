@@ -9,7 +9,6 @@ checkpoint in `workdir`. It returns (and process 0 writes) `results.json`,
 and writes what was trained (`config.finetune`) to a task file.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -18,21 +17,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from vit_jax import checkpoint
 from vit_jax import input_pipeline
-from vit_jax import finetune
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.finetune import labels as labels_lib
 from vit_jax.train import metrics as metrics_lib
-from vit_jax.train import optimizers
-from vit_jax.train import schedules
+from vit_jax.train import setup as setup_lib
 from vit_jax.train import step as step_lib
 
 RESULTS_FILE = 'results.json'
@@ -49,68 +43,6 @@ def check_batch_sizes(config: ml_collections.ConfigDict,
         f'which config.accum_steps={config.accum_steps} does not divide; '
         'make the batch a multiple of devices x accum_steps '
         f'({hosts.process_count * hosts.local_devices * config.accum_steps}).')
-
-
-def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
-  """`config.pretrained_path`, else `pretrained_dir/{model_name}.npz`."""
-  if config.pretrained_path:
-    return config.pretrained_path
-  if config.pretrained_dir:
-    return os.path.join(config.pretrained_dir,
-                        f'{config.model.model_name}.npz')
-  return None
-
-
-def init_params(model, crop: int, config: ml_collections.ConfigDict,
-                fine: Optional[finetune.Finetune] = None):
-  """Fresh params, then the pretrained checkpoint's if one is configured.
-
-  Leaves the fine-tuning mode adds (injected parameters) are not in the
-  checkpoint; they keep their initial values.
-  """
-  params = jax.jit(lambda key: model.init(
-      key, jnp.zeros([1, crop, crop, 3]), train=False)['params'])(
-          jax.random.key(config.seed))
-  path = pretrained_path(config)
-  if path is None:
-    logging.info('No pretrained checkpoint configured: training from scratch.')
-    return params
-  logging.info('Initialising from %s', path)
-  is_added = fine.is_added if fine else lambda _: False
-  added, base = labels_lib.split(params, is_added)
-  loaded = checkpoint.load_pretrained(pretrained_path=path, init_params=base,
-                                      model_config=config.model)
-  return labels_lib.combine(loaded, added)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """The model and optimizer of a run, its initial state and what trains."""
-  model: Any
-  schedule: optax.Schedule
-  optimizer: optax.GradientTransformation
-  state: step_lib.TrainState
-  finetune: finetune.Finetune
-  labels: Any
-
-
-def create_setup(config: ml_collections.ConfigDict, num_classes: int) -> Setup:
-  """Builds the model, schedule, optimizer and step-0 state from `config`."""
-  fine = finetune.from_config(config.finetune)
-  model = finetune.build_model(config, num_classes, fine)
-  params = init_params(model, config.pp.crop, config, fine)
-  if fine.mode != 'full' and pretrained_path(config) is None:
-    logging.warning('config.finetune.mode=%r without a pretrained checkpoint:'
-                    ' the frozen weights are random.', fine.mode)
-  labels = labels_lib.label_params(params, fine.is_trainable)
-  schedule = schedules.learning_rate_schedule(config)
-  optimizer = optimizers.make_optimizer(config, schedule, labels)
-  state = step_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                              opt_state=optimizer.init(params))
-  logging.info('Fine-tuning mode %s: %d of %d parameters train.',
-               fine.describe(), labels_lib.count(params, labels),
-               labels_lib.count(params, labels, None))
-  return Setup(model, schedule, optimizer, state, fine, labels)
 
 
 def _first_non_finite(history: List[Tuple[int, Dict[str, Any]]]
@@ -142,7 +74,7 @@ def evaluate(eval_step, params, data: input_pipeline.EvalData,
 
 
 def _write_task_file(path: str, config: ml_collections.ConfigDict,
-                     setup: Setup, params: Any,
+                     setup: setup_lib.Setup, params: Any,
                      info: input_pipeline.DatasetInfo,
                      test: Dict[str, float]) -> None:
   """Saves the trained leaves, with what is needed to rebuild their model."""
@@ -155,21 +87,25 @@ def _write_task_file(path: str, config: ml_collections.ConfigDict,
           'dataset': config.dataset,
           'num_classes': info.num_classes,
           'class_names': list(info.class_names),
-          'pretrained_path': pretrained_path(config),
+          'pretrained_path': setup_lib.pretrained_path(config),
           'test_accuracy': test['accuracy'],
       })
   logging.info('Wrote the trained parameters to %s (%d bytes).', path,
                os.path.getsize(path))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Dict[str, Any]:
-  """Trains and evaluates as configured; resumes from `workdir`."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       command: Optional[str] = None) -> Dict[str, Any]:
+  """Trains and evaluates as configured; resumes from `workdir`.
+
+  `command` (the command line that started the run, if any) is recorded in
+  `results.json`, for the model card of a published run.
+  """
   start_time = time.perf_counter()
   hosts = input_pipeline.Hosts.from_jax()
   check_batch_sizes(config, hosts)
   source = input_pipeline.get_source(config)
-  setup = create_setup(config, source.info.num_classes)
+  setup = setup_lib.create_setup(config, source.info.num_classes)
   model, schedule, optimizer, state = (setup.model, setup.schedule,
                                        setup.optimizer, setup.state)
   os.makedirs(workdir, exist_ok=True)
@@ -258,6 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'task_file_bytes': (os.path.getsize(task_path)
                           if task_path and os.path.exists(task_path) else None),
       'devices': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind,
+      'command': command,
       'config': json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:

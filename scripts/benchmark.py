@@ -1,0 +1,149 @@
+"""Inference and training throughput of ViTs, against this machine's matmul peak.
+
+For every combination of --models, --crops, --batches and --dtypes and each
+kind of --work (`inference`: the evaluation forward pass; `train`: the
+trainer's own step with SGD momentum, clipping and the fine-tuning mode of
+--finetune), builds the compiled step on all local devices, warms it up, then
+times all of them in alternation (A B C A B C ...) and prints, per row, the
+median seconds per batch (each timed call right after an untimed one of
+the same row), images/s and images/s per device, the FLOP/s
+achieved (XLA's count of the step) as a fraction of the best square-matmul
+FLOP/s measured in the same run for that dtype, and XLA's memory per device.
+
+  PYTHONPATH=. python scripts/benchmark.py --models ViT-Ti_16,ViT-B_16 \
+      --batches 8,32 --work inference,train [--dtypes float32,bfloat16]
+
+Weights are random (speed does not depend on them); TensorFlow is not
+imported, so this runs wherever JAX, Flax, optax and ml_collections are.
+"""
+
+import argparse
+import itertools
+import os
+import platform
+from typing import Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from vit_jax import models
+from vit_jax.train import setup as setup_lib
+from vit_jax.train import timing
+
+NUM_CLASSES = 1000
+WORK = ('inference', 'train')
+
+
+def experiment_config(model: str, crop: int, batch: int, dtype: str,
+                      finetune: str):
+  """configs/common.py's CIFAR-10 fine-tuning settings for `model` at `crop`,
+  one step of `batch`."""
+  config = common.with_dataset(common.get_config(), 'cifar10')
+  config.model = models.MODEL_CONFIGS[model].copy_and_resolve_references()
+  config.update({'batch': batch, 'batch_eval': batch, 'accum_steps': 1,
+                 'dtype': dtype})
+  config.pp.crop = crop
+  config.finetune.mode = finetune
+  return config
+
+
+def make_workload(work: str, config) -> timing.Workload:
+  """The compiled step of `work` for `config` on all local devices."""
+  if work == 'train':
+    return timing.train_workload(config, NUM_CLASSES)
+  model = models.build_model(config.model, num_classes=NUM_CLASSES,
+                             dtype=jnp.dtype(config.dtype))
+  params = setup_lib.init_params(model, config.pp.crop, config)
+  return timing.forward_workload(model, params, config.batch_eval,
+                                 config.pp.crop)
+
+
+def machine() -> str:
+  """One line naming the machine the figures come from."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f
+                 if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  device = jax.local_devices()[0]
+  return (f'JAX {jax.__version__}, {jax.local_device_count()} x '
+          f'{device.device_kind} ({device.platform}); host CPU {cpu}, '
+          f'{os.cpu_count()} logical cores')
+
+
+def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
+  """The results as a Markdown table."""
+  lines = [
+      '| work | model | crop | batch | dtype | GFLOP/img | s/batch '
+      '| img/s | img/s/device | GFLOP/s | % of matmul peak | XLA MB/device |',
+      '|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  devices = jax.local_device_count()
+  for row in rows:
+    workload, seconds = row['workload'], row['seconds']
+    achieved = workload.flops / seconds
+    lines.append(
+        f'| {row["work"]} | {row["model"]} | {row["crop"]} | {row["batch"]} '
+        f'| {row["dtype"]} | {workload.flops / workload.images / 1e9:.2f} '
+        f'| {seconds:.3f} | {workload.images / seconds:.1f} '
+        f'| {workload.images / seconds / devices:.1f} '
+        f'| {achieved / 1e9:.1f} '
+        f'| {100 * achieved / devices / peaks[row["dtype"]]["flops_per_s"]:.0f}%'
+        f' | {workload.memory_bytes / 2**20:.0f} |')
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default='ViT-Ti_16,ViT-B_16')
+  parser.add_argument('--crops', default='224')
+  parser.add_argument('--batches', default='8')
+  parser.add_argument('--dtypes', default='float32')
+  parser.add_argument('--work', default='inference,train')
+  parser.add_argument('--finetune', default='full',
+                      choices=('full', 'head', 'injection'),
+                      help='what the train step updates')
+  parser.add_argument('--rounds', type=int, default=5,
+                      help='timed calls per row, alternating rows (median)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--settle', type=int, default=1,
+                      help='untimed calls of a row right before each timed '
+                      'one (so it is not timed in the wake of another row)')
+  args = parser.parse_args()
+  for work in args.work.split(','):
+    if work not in WORK:
+      parser.error(f'--work={work!r}; choose from {WORK}.')
+  print(machine())
+  peaks = {}
+  for dtype in args.dtypes.split(','):
+    peaks[dtype] = timing.matmul_peak(jnp.dtype(dtype))
+    print(f'{dtype} matmul peak per device: '
+          f'{peaks[dtype]["flops_per_s"] / 1e9:.1f} GFLOP/s '
+          f'({peaks[dtype]["size"]}x{peaks[dtype]["size"]} matrices)')
+  grid = itertools.product(args.work.split(','), args.models.split(','),
+                           map(int, args.crops.split(',')),
+                           map(int, args.batches.split(',')),
+                           args.dtypes.split(','))
+  rows, runs = [], {}
+  for work, model, crop, batch, dtype in grid:
+    key: Tuple = (work, model, crop, batch, dtype)
+    workload = make_workload(work, experiment_config(model, crop, batch,
+                                                     dtype, args.finetune))
+    rows.append(dict(zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
+                     workload=workload))
+    runs[key] = workload.run
+  seconds = timing.time_rounds(runs, args.rounds, args.warmup, args.settle)
+  for row, key in zip(rows, runs):
+    row['seconds'] = timing.median(seconds[key])
+  print(f'Median of {args.rounds} alternating rounds after {args.warmup} '
+        f'warm-up calls, {args.settle} untimed call(s) before each timed one; '
+        f'train = the trainer\'s step (finetune {args.finetune}, SGD '
+        'momentum, clipping).')
+  print(format_rows(rows, peaks))
+
+
+if __name__ == '__main__':
+  main()

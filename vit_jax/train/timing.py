@@ -1,0 +1,189 @@
+"""Measuring speed: the trainer's own forward and train steps, timed alike.
+
+A `Workload` is one blocking call of a compiled step on fixed inputs, with
+the FLOPs XLA counts for it and the memory XLA assigns to it. `time_rounds`
+runs several workloads in alternation (A B A B ...) after a warm-up, so a
+machine whose load drifts slows all of them alike, and ratios between them
+stay meaningful; `matmul_peak` measures what this machine's matmul reaches,
+the yardstick for achieved FLOP/s. The `inference_time` job and the
+benchmark scripts use these, so every figure they print is measured one way.
+Nothing here imports TensorFlow: the benchmarks run where only JAX is.
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax.finetune import labels as labels_lib
+from vit_jax.models import table
+from vit_jax.train import setup as setup_lib
+from vit_jax.train import step as step_lib
+
+# The matmul sizes `matmul_peak` tries: large enough to reach the peak of
+# a CPU or GPU, small enough to time in seconds on 2 CPU cores.
+PEAK_SIZES = (1024, 2048, 4096)
+
+
+@dataclasses.dataclass
+class Workload:
+  """One step to time.
+
+  Attributes:
+    run: makes one call and blocks until its results are ready.
+    images: images processed per call (all devices).
+    flops: FLOPs per call as XLA counts them before optimisation (2 per
+      multiply-add; the model's FLOPs, no recomputation), all devices.
+    memory_bytes: XLA's buffer assignment for one device: arguments, outputs
+      and temporaries, less what donation aliases.
+    params: the model's parameter count.
+    trainable_params: how many of them the step updates (0 for inference).
+  """
+  run: Callable[[], None]
+  images: int
+  flops: float
+  memory_bytes: int
+  params: int
+  trainable_params: int = 0
+
+
+def _cost(lowered: jax.stages.Lowered) -> Dict[str, float]:
+  """XLA's cost analysis of a lowered computation (one dict)."""
+  analysis = lowered.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX: one per device.
+    analysis = analysis[0]
+  return analysis
+
+
+def _memory_bytes(compiled: jax.stages.Compiled) -> int:
+  """Peak bytes of one device's buffers, from XLA's memory analysis."""
+  stats = compiled.memory_analysis()
+  if isinstance(stats, (list, tuple)):
+    stats = stats[0]
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _workload(step: Callable, first: Any, rest: Sequence[Any], images: int,
+              devices: int, donated: bool, params: int,
+              trainable_params: int = 0) -> Workload:
+  """Compiles `step(first, *rest)` once and wraps it as a `Workload`.
+
+  With `donated`, each call's first output replaces `first` (a train
+  state whose buffers the step reuses).
+  """
+  lowered = step.lower(first, *rest)
+  compiled = lowered.compile()
+  holder = [first]
+
+  def run() -> None:
+    outputs = compiled(holder[0], *rest)
+    if donated:
+      holder[0] = outputs[0]
+    jax.block_until_ready(outputs)
+
+  return Workload(run, images, _cost(lowered)['flops'] * devices,
+                  _memory_bytes(compiled), params, trainable_params)
+
+
+def synthetic_batch(batch: int, crop: int, num_classes: int,
+                    devices: Sequence[jax.Device]) -> Dict[str, jax.Array]:
+  """A fixed batch of `batch` images split over `devices`, as the trainer
+  feeds them (`[devices, batch / devices, crop, crop, 3]`)."""
+  if batch % len(devices):
+    raise ValueError(f'Batch {batch} does not split over {len(devices)} '
+                     'devices; use a multiple of the device count.')
+  rng = np.random.default_rng(0)
+  shape = [len(devices), batch // len(devices)]
+  return step_lib.shard({
+      'image': rng.uniform(-1, 1, shape + [crop, crop, 3]).astype(np.float32),
+      'label': rng.integers(0, num_classes, shape).astype(np.int32),
+  }, devices)
+
+
+def forward_workload(model, params: Any, batch: int, crop: int,
+                     devices: Optional[Sequence[jax.Device]] = None
+                     ) -> Workload:
+  """The evaluation forward pass (`train=False`) on `batch` images."""
+  devices = devices or jax.local_devices()
+  forward = step_lib.data_parallel(
+      lambda p, x: model.apply({'params': p}, x, train=False), devices=devices)
+  images = synthetic_batch(batch, crop, 1, devices)['image']
+  return _workload(forward, step_lib.replicate(params, devices), [images],
+                   batch, len(devices), donated=False,
+                   params=table.count_params(params))
+
+
+def train_workload(config: ml_collections.ConfigDict, num_classes: int,
+                   devices: Optional[Sequence[jax.Device]] = None
+                   ) -> Workload:
+  """The trainer's step for `config` (model, fine-tuning mode, optimizer,
+  accumulation, dtype) on a batch of `config.batch` images."""
+  devices = devices or jax.local_devices()
+  setup = setup_lib.create_setup(config, num_classes)
+  step = step_lib.data_parallel(
+      step_lib.make_train_step(setup.model, setup.optimizer, setup.schedule,
+                               labels=setup.labels,
+                               accum_steps=config.accum_steps),
+      donate_state=True, devices=devices)
+  data = synthetic_batch(config.batch, config.pp.crop, num_classes, devices)
+  return _workload(
+      step, step_lib.replicate(setup.state, devices), [data], config.batch,
+      len(devices), donated=True,
+      params=labels_lib.count(setup.state.params, setup.labels, None),
+      trainable_params=labels_lib.count(setup.state.params, setup.labels))
+
+
+def time_rounds(runs: Mapping[str, Callable[[], None]], rounds: int,
+                warmup: int = 2, settle: int = 0) -> Dict[str, List[float]]:
+  """Seconds of each call, the callables alternating round by round.
+
+  Each callable first runs `warmup` untimed times (compilation, caches);
+  then every round calls each once, in the given order, after `settle`
+  untimed calls of the same one (so a small step is not timed right after a
+  large one has evicted its caches and memory).
+  """
+  if rounds < 1:
+    raise ValueError(f'rounds={rounds}; time at least one round.')
+  for run in runs.values():
+    for _ in range(warmup):
+      run()
+  seconds: Dict[str, List[float]] = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      for _ in range(settle):
+        run()
+      start = time.perf_counter()
+      run()
+      seconds[name].append(time.perf_counter() - start)
+  return seconds
+
+
+def median(seconds: Sequence[float]) -> float:
+  return statistics.median(seconds)
+
+
+def matmul_peak(dtype: Any = jnp.float32, sizes: Sequence[int] = PEAK_SIZES,
+                rounds: int = 5,
+                device: Optional[jax.Device] = None) -> Dict[str, float]:
+  """The best FLOP/s of one device's square matmuls of `sizes`.
+
+  Returns {'flops_per_s': best median FLOP/s, 'size': its matrix size}.
+  """
+  device = device or jax.local_devices()[0]
+  matmul = jax.jit(jnp.matmul)
+  best = {'flops_per_s': 0.0, 'size': 0}
+  for size in sizes:
+    a, b = (jax.device_put(jnp.ones((size, size), dtype) / size, device)
+            for _ in range(2))
+    seconds = time_rounds({'matmul': lambda: matmul(a, b).block_until_ready()},
+                          rounds, warmup=1)['matmul']
+    achieved = 2 * size ** 3 / median(seconds)
+    if achieved > best['flops_per_s']:
+      best = {'flops_per_s': achieved, 'size': size}
+  return best
