@@ -1,7 +1,8 @@
 """Train a small ViT from scratch on an embedded data set (no download).
 
 `--config=configs/scratch.py:DATASET[,MODEL]`: DATASET is `mnist5k` or
-`digits`; MODEL a registry short name (default: mini7 for mnist5k, micro4 for digits).
+`digits`; MODEL a registry short name (default: mini7 for mnist5k, micro4 for digits;
+resnet_mini and resnet_micro are ResNet baselines of their sizes).
 
   python -m vit_jax.main --config=configs/scratch.py:mnist5k --workdir=/tmp/mnist5k
 """

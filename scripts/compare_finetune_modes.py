@@ -21,10 +21,9 @@ is the same command with `--upstream=ViT-B_16.npz --config=configs/vit.py:b16,ci
 """
 
 import argparse
-import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from absl import logging
 import jax
@@ -51,17 +50,6 @@ ROWS: Dict[str, Tuple[str, str, str, float]] = {
     'lora': ('injection', 'linear', 'lora', 1e-2),
     'bitfit': ('injection', 'linear', 'bitfit', 1e-2),
 }
-
-
-def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
-  """The results of a run that already finished in `workdir` (re-running
-  the script re-tabulates instead of training again), else None."""
-  path = os.path.join(workdir, trainer.RESULTS_FILE)
-  if not os.path.exists(path):
-    return None
-  logging.info('Reusing the finished run in %s.', workdir)
-  with open(path) as f:
-    return json.load(f)
 
 
 def upstream_checkpoint(args, out: str) -> str:
@@ -159,7 +147,7 @@ def main() -> None:
     config = downstream_config(args, upstream, row)
     workdir = os.path.join(args.out, row)
     runs[row] = {'config': config, 'workdir': workdir,
-                 'results': finished_results(workdir) or
+                 'results': trainer.finished_results(workdir) or
                             trainer.train_and_evaluate(config, workdir)}
   served = serve_accuracy(upstream, runs)
   rows = []

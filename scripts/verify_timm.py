@@ -2,7 +2,7 @@
 
   pip install torch timm transformers
   python scripts/verify_timm.py [--model vit_tiny_patch16_224] [--hf] \
-      [--published FOLDER]
+      [--published FOLDER] [--swin swin_tiny_patch4_window7_224]
 
 1. timm → here: a timm ViT's `state_dict`, saved as safetensors, is read by
    `checkpoint.read`; our model built with the returned options computes the
@@ -17,7 +17,10 @@
    publish` is built and loaded by `timm.create_model('local-dir:FOLDER',
    pretrained=True)` (the Hub's loading path, from config.json alone) and
    computes the logits of the folder's vit_jax model.
-5. (--hf) Hugging Face transformers → here: a `ViTForImageClassification`
+5. (--swin ARCHITECTURE) a timm Swin's `state_dict` is read here and our
+   `SwinTransformer` computes its logits; our tree saved as safetensors is
+   loaded by timm and computes them too.
+6. (--hf) Hugging Face transformers → here: a `ViTForImageClassification`
    of the same size, saved both as its `state_dict()` (transformers 5 names)
    and by `save_pretrained` (the Hub's names), computes the same logits here.
 
@@ -70,6 +73,9 @@ def main() -> int:
   parser.add_argument('--published', default=None, metavar='FOLDER',
                       help='also load a folder written by `python -m '
                       "vit_jax.finetune publish` with timm's own loader")
+  parser.add_argument('--swin', default=None, metavar='ARCHITECTURE',
+                      help='also check a timm Swin, e.g. '
+                      'swin_tiny_patch4_window7_224, both directions')
   args = parser.parse_args()
   name, heads = ARCHITECTURES[args.model]
   torch.manual_seed(0)
@@ -110,7 +116,38 @@ def main() -> int:
                            args.tolerance)
   if args.published:
     failures += check_published(args.published, args.tolerance)
+  if args.swin:
+    failures += check_swin(args.swin, args.tolerance)
   return 1 if failures else 0
+
+
+def check_swin(architecture: str, tolerance: float) -> int:
+  """A random timm Swin ↔ our SwinTransformer, both directions."""
+  torch.manual_seed(2)
+  source = timm.create_model(architecture, pretrained=False).eval()
+  torch.nn.init.normal_(source.head.fc.weight, std=0.02)
+  images = np.random.default_rng(2).uniform(
+      -1, 1, (2, 224, 224, 3)).astype(np.float32)
+  reference = timm_logits(source, images)
+  failures = 0
+  with tempfile.TemporaryDirectory() as tmp:
+    timm_file = f'{tmp}/swin.safetensors'
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              timm_file)
+    ckpt = checkpoint.read(timm_file)
+    model = models.SwinTransformer(**ckpt.architecture)
+    ours = np.asarray(jax.jit(lambda p, x: model.apply(
+        {'params': p}, x, train=False))(ckpt.params, images))
+    failures += report(f'timm {architecture} → vit_jax', ours, reference,
+                       tolerance)
+    exported = f'{tmp}/exported.safetensors'
+    checkpoint.save(exported, ckpt.params)
+    loaded = timm.create_model(
+        architecture, pretrained=True,
+        pretrained_cfg_overlay=dict(file=exported)).eval()
+    failures += report(f'vit_jax → timm {architecture}',
+                       timm_logits(loaded, images), ours, tolerance)
+  return failures
 
 
 def check_published(folder: str, tolerance: float) -> int:

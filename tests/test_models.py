@@ -42,13 +42,49 @@ VIT_JAX_SIZES = {
 }
 
 
+def resnet_size(width: int, stages, root: str, num_classes: int) -> int:
+  """Parameters of a BiT bottleneck ResNet (GroupNorm, bias-free convs)."""
+  kernel = 7 if root == 'imagenet' else 3
+  total, channels = kernel * kernel * 3 * width + 2 * width, width
+  for stage, units in enumerate(stages):
+    f = width * 2**stage
+    for unit in range(units):
+      # 1x1 in, 3x3, 1x1 out to 4f; GroupNorms of f, f and 4f channels.
+      total += channels * f + 9 * f * f + f * 4 * f + 2 * (f + f + 4 * f)
+      if unit == 0:  # Projected shortcut.
+        total += channels * 4 * f + 2 * 4 * f
+      channels = 4 * f
+  return total + channels * num_classes + num_classes
+
+
+def swin_size(config, num_classes: int) -> int:
+  """Parameters of a Swin Transformer (Liu et al.): per block two
+  LayerNorms, qkv and projection with biases, an MLP of 4x width and a
+  relative position bias table of (2w - 1)² rows per head; a patch merge
+  normalises 4C channels and projects them to 2C without bias."""
+  c, p, w = config.embed_dim, config.patch_size, config.window_size
+  total = p * p * 3 * c + c + 2 * c
+  for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+    if stage:
+      total += 2 * 4 * c + 4 * c * 2 * c
+      c *= 2
+    block = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * c
+    block += c * 4 * c + 4 * c + 4 * c * c + c + (2 * w - 1)**2 * heads
+    total += depth * block
+  return total + 2 * c + c * num_classes + num_classes
+
+
 def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
   """Parameter count from the architecture's dimensions alone.
 
   Written from the papers' definitions, independently of the model code, for
-  the plain (non-hybrid) ViTs and Mixers.
+  the plain (non-hybrid) ViTs, Mixers, ResNets and Swins.
   """
   config = models.MODEL_CONFIGS[name]
+  if name.startswith('ResNet-'):
+    return resnet_size(config.width, config.stages, config.root, num_classes)
+  if name.startswith('Swin-'):
+    return swin_size(config, num_classes)
   patch = config.patches.size[0]
   tokens = (resolution // patch)**2
   if name.startswith('Mixer-'):
@@ -95,8 +131,14 @@ def test_vit_b16_count_printed_by_model_table():
 
 
 def small_resolution(name: str) -> int:
-  """Two tokens per side: the cheapest input every layer accepts."""
+  """Two tokens (or final feature pixels) per side: the cheapest input every
+  layer accepts."""
   config = models.MODEL_CONFIGS[name]
+  if name.startswith('ResNet-'):
+    root_stride = 4 if config.root == 'imagenet' else 1
+    return 2 * root_stride * 2**(len(config.stages) - 1)
+  if name.startswith('Swin-'):  # Every stage's grid splits into windows.
+    return models.DEFAULT_RESOLUTIONS[name]
   stride = config.patches.size[0]
   if 'resnet' in config:
     stride *= 4 * 2**max(len(config.resnet.num_layers) - 1, 0)

@@ -250,14 +250,17 @@ def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
                                ())[1].startswith(reason)
   mixer = models.MODEL_CONFIGS['Mixer-Mini_4'].to_dict()
   reason = publish.timm_config(mixer, linear, 8, ())[1]
-  assert reason.startswith('an MLP-Mixer')
+  assert reason.startswith('the MlpMixer architecture')
+  assert publish.timm_config(models.MODEL_CONFIGS['Swin-T'].to_dict(), linear,
+                             224, ())[1].startswith('the SwinTransformer')
   workdir, _, results = run
   summary = {'model': mixer, 'crop': 32, 'num_classes': 10, 'params': 1,
              'gflops': 0.1, 'class_names': [], 'dataset': 'cifar10',
              'finetune': 'full', 'pretrained_path': None,
              'trained_posemb': 'learned'}
   card = publish.model_card('mixer', summary, results, reason)
-  assert 'Mixer-Mini_4: 4x4 patches' in card and 'library_name' not in card
+  assert 'Mixer-Mini_4: channels_mlp_dim 512' in card
+  assert 'library_name' not in card
   assert f'no timm weights: the model has {reason}' in card
   # A failure while writing (after the weights) leaves no folder behind.
 

@@ -11,7 +11,8 @@
 Formats, detected from the file's keys: Google `.npz` (ImageNet-21k, AugReg
 and big_vision layouts, see `google_npz`), timm and Hugging Face transformers
 ViT weights as `.safetensors` or as a PyTorch `state_dict` saved to `.npz`
-(see `torch_names`). Every error is a `CheckpointError` naming the file.
+(see `torch_names`), and timm's Swin Transformers (see `swin_names`). Every
+error is a `CheckpointError` naming the file.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import google_npz
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import swin_names
 from vit_jax.checkpoint import torch_names
 from vit_jax.checkpoint.errors import CheckpointError
 
@@ -73,6 +75,12 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
       per-projection matrices do not record how they split into heads.
   """
   arrays = _read_arrays(path)
+  if swin_names.is_timm_swin(arrays):
+    try:
+      params, architecture = swin_names.from_timm(arrays)
+    except CheckpointError as e:
+      raise CheckpointError(f'{path}: {e}') from e
+    return Checkpoint(path, torch_names.TIMM, params, {}, architecture)
   source = torch_names.detect(arrays)
   if source is None:
     return _read_google(path, arrays)
@@ -82,11 +90,12 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
 def _read_google(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
   """A Google/big_vision `.npz` (no model options: vit_jax's defaults)."""
   flat = google_npz.from_google(arrays)
-  if not any(key.startswith(('embedding/', 'stem/')) for key in flat):
+  if not any(key.startswith(('embedding/', 'stem/', 'conv_root/'))
+             for key in flat):
     raise CheckpointError(
-        f'{path}: not a ViT/Mixer checkpoint of a known format (no Google '
-        f'embedding/stem, timm or Hugging Face keys); first keys: '
-        f'{sorted(arrays)[:5]}.')
+        f'{path}: not a ViT/Mixer/Swin/ResNet checkpoint of a known format '
+        '(no Google embedding/stem/conv_root, timm or Hugging Face keys); '
+        f'first keys: {sorted(arrays)[:5]}.')
   return Checkpoint(path, 'google', inspect.unflatten(flat), {})
 
 
@@ -235,12 +244,15 @@ def save(path: str, params: Mapping[str, Any], *,
   """Writes `params` atomically, in the format of `path`'s extension.
 
   `.npz`: Google's published naming (read by vit_jax and timm's npz loader).
-  `.safetensors`: timm's names and layouts (needs `num_heads`), loadable by
+  `.safetensors`: timm's names and layouts (needs `num_heads`, except for a
+  Swin tree), loadable by
   `timm.create_model(..., pretrained_cfg_overlay=dict(file=path))`.
   """
   flat = {key: np.asarray(value, np.float32)
           for key, value in inspect.flatten(params).items()}
-  if path.endswith('.safetensors'):
+  if path.endswith('.safetensors') and 'stage_0' in params:  # A Swin.
+    torch_names.write_safetensors(path, swin_names.to_timm(params))
+  elif path.endswith('.safetensors'):
     if num_heads is None:
       raise CheckpointError(f'{path}: saving timm names needs num_heads.')
     torch_names.write_safetensors(

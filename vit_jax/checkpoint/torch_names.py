@@ -106,7 +106,7 @@ class _TorchViT(NamedTuple):
   head: Optional[Pair]
 
 
-class _Source:
+class StateReader:
   """A flat state dict read key by key, so that unread keys can be reported.
 
   Every read checks the tensor's shape (`None` matches any size) and converts
@@ -115,8 +115,10 @@ class _Source:
   dict in messages, e.g. 'timm state dict'.
   """
 
-  def __init__(self, state: Mapping[str, Any], what: str, prefix: str = ''):
+  def __init__(self, state: Mapping[str, Any], what: str, prefix: str = '',
+               model: str = 'ViT'):
     self._what = what
+    self._model = model
     self._prefix = prefix
     self._tensors = {}
     self._names = {}
@@ -140,8 +142,8 @@ class _Source:
     if key not in self._tensors:
       also = f' (nor {self._prefix + key!r})' if self._prefix else ''
       raise CheckpointError(
-          f'The {self._what} has no {key!r}{also}, which a standard ViT has; '
-          'it is of another architecture or incomplete.')
+          f'The {self._what} has no {key!r}{also}, which a standard '
+          f'{self._model} has; it is of another architecture or incomplete.')
     name = self._names.pop(key)
     tensor = np.asarray(self._tensors.pop(key), np.float32)
     fits = len(tensor.shape) == len(shape) and all(
@@ -151,7 +153,7 @@ class _Source:
       raise CheckpointError(
           f'{name!r} has shape {tensor.shape}, but {wanted}) fits the other '
           f'tensors of the {self._what}; they do not describe one standard '
-          'ViT.')
+          f'{self._model}.')
     return tensor
 
   def pair(self, prefix: str, weight_shape: Sequence[Optional[int]],
@@ -172,7 +174,7 @@ class _Source:
     if not indices:
       raise CheckpointError(
           f'The {self._what} has no {prefix}<i> tensors, so no Transformer '
-          'layers; it is not a complete ViT.')
+          f'layers; it is not a complete {self._model}.')
     return max(indices) + 1
 
   def discard(self, key: str) -> None:
@@ -234,7 +236,7 @@ def from_timm(state: Mapping[str, Any],
       (normalisation after pooling), or a `num_heads` that does not divide
       the hidden size.
   """
-  source = _Source(state, 'timm state dict')
+  source = StateReader(state, 'timm state dict')
   if source.has('fc_norm.weight'):
     raise CheckpointError(
         "The timm state dict has 'fc_norm.*': that model normalises the "
@@ -273,7 +275,7 @@ def from_hf(state: Mapping[str, Any], num_heads: int,
   Raises:
     CheckpointError: as `from_timm`.
   """
-  source = _Source(state, 'HF state dict', prefix=_HF_PREFIX)
+  source = StateReader(state, 'HF state dict', prefix=_HF_PREFIX)
   for key in _HF_UNUSED:
     source.discard(key)
   vit = _hf_parts(source)
@@ -317,7 +319,7 @@ def to_timm(params: Mapping[str, Any],
 #######
 
 
-def _timm_parts(source: _Source) -> _TorchViT:
+def _timm_parts(source: StateReader) -> _TorchViT:
   """Reads a timm ViT's tensors, checking every shape against the others."""
   patch_weight = source.take('patch_embed.proj.weight', (None, 3, None, None))
   d = patch_weight.shape[0]
@@ -333,7 +335,7 @@ def _timm_parts(source: _Source) -> _TorchViT:
   return _TorchViT(patch, cls, pos, blocks, norm, None, head)
 
 
-def _timm_block(source: _Source, prefix: str, d: int,
+def _timm_block(source: StateReader, prefix: str, d: int,
                 mlp_dim: Optional[int]) -> Dict[str, Pair]:
   """One timm block; its fused qkv Linear split into query, key and value."""
   qkv_weight, qkv_bias = source.pair(prefix + 'attn.qkv.', (3 * d, d))
@@ -368,7 +370,7 @@ def _timm_state(vit: _TorchViT) -> Dict[str, np.ndarray]:
 ############################
 
 
-def _hf_parts(source: _Source) -> _TorchViT:
+def _hf_parts(source: StateReader) -> _TorchViT:
   """Reads an HF ViT's tensors (prefix stripped), checking every shape."""
   patch_weight = source.take('embeddings.patch_embeddings.projection.weight',
                              (None, 3, None, None))
@@ -394,7 +396,7 @@ def _hf_parts(source: _Source) -> _TorchViT:
   return _TorchViT(patch, cls, pos, blocks, norm, pre_logits, head)
 
 
-def _hf_block(source: _Source, prefix: str, names: _HFNames, d: int,
+def _hf_block(source: StateReader, prefix: str, names: _HFNames, d: int,
               mlp_dim: Optional[int]) -> Dict[str, Pair]:
   """One HF `ViTLayer`, named as `names` says."""
   block = {name: source.pair(prefix + names.qkv[name], (d, d))
@@ -403,7 +405,7 @@ def _hf_block(source: _Source, prefix: str, names: _HFNames, d: int,
   return block
 
 
-def _read_block_rest(source: _Source, prefix: str, names: Mapping[str, str],
+def _read_block_rest(source: StateReader, prefix: str, names: Mapping[str, str],
                      d: int, mlp_dim: Optional[int]) -> Dict[str, Pair]:
   """A layer's attention output, norms and MLP, named through `names`."""
   block = {module: source.pair(prefix + names[module], shape)
@@ -465,7 +467,7 @@ def _params_from_torch(vit: _TorchViT, num_heads: int) -> Params:
 def _torch_from_params(params: Mapping[str, Any],
                        num_heads: Optional[int]) -> _TorchViT:
   """Torch layouts from our tree, checking shapes and that all is used."""
-  source = _Source(traverse_util.flatten_dict(params, sep='/'),
+  source = StateReader(traverse_util.flatten_dict(params, sep='/'),
                    'vit_jax parameter tree')
   if source.has('conv_root/kernel'):
     raise CheckpointError(
@@ -503,7 +505,7 @@ def _torch_from_params(params: Mapping[str, Any],
   return _TorchViT(patch, cls, pos, blocks, norm, pre_logits, head)
 
 
-def _our_block(source: _Source, prefix: str, d: int,
+def _our_block(source: StateReader, prefix: str, d: int,
                heads: Tuple[Optional[int], Optional[int]]
               ) -> Tuple[Dict[str, Pair], Tuple[int, int]]:
   """One of our encoder blocks in torch layouts, and its (heads, head_dim).

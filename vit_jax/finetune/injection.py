@@ -28,11 +28,13 @@ from vit_jax.finetune import methods
 PyTree = Any
 
 _MLP = r'(MlpBlock_0|token_mixing|channel_mixing)'
+# The ViT's attention, and the Swin's window attention.
+_ATTENTION = r'(MultiHeadDotProductAttention_0|attention)'
 TARGETS: Dict[str, str] = {
-    'query': r'(.*/)?MultiHeadDotProductAttention_0/query',
-    'key': r'(.*/)?MultiHeadDotProductAttention_0/key',
-    'value': r'(.*/)?MultiHeadDotProductAttention_0/value',
-    'out': r'(.*/)?MultiHeadDotProductAttention_0/out',
+    'query': rf'(.*/)?{_ATTENTION}/query',
+    'key': rf'(.*/)?{_ATTENTION}/key',
+    'value': rf'(.*/)?{_ATTENTION}/value',
+    'out': rf'(.*/)?{_ATTENTION}/out',
     'mlp_hidden': rf'(.*/)?{_MLP}/Dense_0',
     'mlp_output': rf'(.*/)?{_MLP}/Dense_1',
     'layernorm': r'(.*/)?(LayerNorm_\d+|encoder_norm|pre_head_layer_norm)',

@@ -6,7 +6,7 @@
              injected into the encoder and trains with the head.
 
 `config.finetune.head` picks the head in every mode: 'linear' (vit_jax's
-Dense) or 'mlp' (`models.vit.MlpHead`).
+Dense) or 'mlp' (`models.heads.MlpHead`).
 """
 
 import dataclasses

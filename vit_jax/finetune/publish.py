@@ -53,13 +53,13 @@ TIMM_EPSILON = 1e-6
 
 
 def _read_results(workdir: str) -> Dict[str, Any]:
-  path = os.path.join(workdir, trainer.RESULTS_FILE)
-  if not os.path.exists(path):
+  results = trainer.finished_results(workdir)
+  if results is None:
     raise FileNotFoundError(
-        f'{path}: no such file; {workdir} is not the workdir of a finished '
-        'run of python -m vit_jax.main.')
-  with open(path) as f:
-    return json.load(f)
+        f'{os.path.join(workdir, trainer.RESULTS_FILE)}: no such file; '
+        f'{workdir} is not the workdir of a finished run of python -m '
+        'vit_jax.main.')
+  return results
 
 
 def _task_path(workdir: str, results: Mapping[str, Any]) -> str:
@@ -97,8 +97,10 @@ def timm_config(model_config: Mapping[str, Any], params: Mapping[str, Any],
                 crop: int, class_names: Tuple[str, ...]
                 ) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
   """timm's Hub `config.json` for the model, or (None, why not)."""
-  if 'transformer' not in model_config:
-    return None, 'an MLP-Mixer: its timm names are not mapped here'
+  cls = models.model_class(model_config.get('model_name') or '')
+  if cls is not models.VisionTransformer:
+    return None, (f'the {cls.__name__} architecture: only ViTs are '
+                  'published with timm\'s config here')
   if model_config.get('resnet'):
     return None, 'a hybrid (ResNet root): timm\'s ViT has no slot for it'
   if model_config.get('representation_size'):
@@ -221,11 +223,12 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
 
 
 def _architecture(model_config: Mapping[str, Any]) -> str:
+  if models.model_class(model_config.get('model_name') or '') is not (
+      models.VisionTransformer):
+    options = ', '.join(f'{key} {value}' for key, value in
+                        sorted(model_config.items()) if key != 'model_name')
+    return f'{model_config["model_name"]}: {options}'
   patch = model_config['patches']['size']
-  if 'transformer' not in model_config:
-    return (f'{model_config["model_name"]}: {patch[0]}x{patch[1]} patches, '
-            f'width {model_config["hidden_dim"]}, '
-            f'{model_config["num_blocks"]} mixer blocks')
   transformer = model_config['transformer']
   return (f'{model_config.get("model_name", "ViT")}: {patch[0]}x{patch[1]} '
           f'patches, width {model_config["hidden_size"]}, '

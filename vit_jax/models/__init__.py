@@ -1,4 +1,5 @@
-"""Model zoo: ViT (and hybrids), MLP-Mixer, and the registry that names them.
+"""Model zoo: ViT (and hybrids), MLP-Mixer, Swin Transformer, ResNet
+baselines, and the registry that names them.
 
   model = models.get_model('ViT-B_16', num_classes=1000)
   variables = model.init(rng, images, train=False)
@@ -13,6 +14,8 @@ import flax.linen as nn
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.registry import DEFAULT_RESOLUTIONS
 from vit_jax.models.registry import MODEL_CONFIGS
+from vit_jax.models.resnet import ResNet
+from vit_jax.models.swin import SwinTransformer
 from vit_jax.models.vit import AddPositionEmbs
 from vit_jax.models.vit import Encoder
 from vit_jax.models.vit import Encoder1DBlock
@@ -21,14 +24,26 @@ from vit_jax.models.vit import VisionTransformer
 
 __all__ = [
     'AddPositionEmbs', 'DEFAULT_RESOLUTIONS', 'Encoder', 'Encoder1DBlock',
-    'MODEL_CONFIGS', 'MlpBlock', 'MlpMixer', 'VisionTransformer',
+    'MODEL_CONFIGS', 'MlpBlock', 'MlpMixer', 'ResNet', 'SwinTransformer',
+    'VisionTransformer',
     'build_model', 'get_model', 'model_class',
 ]
 
 
+# Model name prefix → module class; names without one of these are ViTs.
+_CLASS_BY_PREFIX = {
+    'Mixer-': MlpMixer,
+    'ResNet-': ResNet,
+    'Swin-': SwinTransformer,
+}
+
+
 def model_class(model_name: str) -> type:
-  """The module class of a registered name: Mixer-* are Mixers, else ViTs."""
-  return MlpMixer if model_name.startswith('Mixer-') else VisionTransformer
+  """The module class of a registered name, by its prefix (default: ViT)."""
+  for prefix, cls in _CLASS_BY_PREFIX.items():
+    if model_name.startswith(prefix):
+      return cls
+  return VisionTransformer
 
 
 def build_model(model_config: Mapping[str, Any], **overrides) -> nn.Module:

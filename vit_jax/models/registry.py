@@ -1,15 +1,16 @@
 """Registered model configurations, keyed by the name Google published under.
 
 Each `get_<name>_config()` returns the keyword arguments of a model class
-(`VisionTransformer` or `MlpMixer`) as an `ml_collections.ConfigDict`; the
-`_register` decorator stores a locked copy in `MODEL_CONFIGS` under its
-`model_name` (e.g. 'ViT-B_16', 'R50+ViT-B_16', 'Mixer-B_16', the basenames of
-the files in gs://vit_models) and records the resolution the model is usually
-run at in `DEFAULT_RESOLUTIONS`. Experiment configs (`configs/*.py`) call the
+(`VisionTransformer`, `MlpMixer` or `ResNet`) as an
+`ml_collections.ConfigDict`; the `_register` decorator stores a locked copy
+in `MODEL_CONFIGS` under its `model_name` (e.g. 'ViT-B_16', 'R50+ViT-B_16',
+'Mixer-B_16', the basenames of the files in gs://vit_models, or the
+'ResNet-*' baselines) and records the resolution the model is usually run at
+in `DEFAULT_RESOLUTIONS`. Experiment configs (`configs/*.py`) call the
 `get_<name>_config()` functions by name: `configs/vit.py:b16,cifar10`.
 """
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import ml_collections
 
@@ -258,6 +259,39 @@ def get_mixer_l16_config() -> ml_collections.ConfigDict:
                 channels_mlp=4096)
 
 
+# Swin Transformer (Liu et al., 2021), window 7 at 224, as timm's
+# swin_{tiny,small,base}_patch4_window7_224.
+###########################################################################
+
+
+def _swin(name: str, embed_dim: int, depths: Tuple[int, ...],
+          heads: Tuple[int, ...], patch: int = 4,
+          window: int = 7) -> ml_collections.ConfigDict:
+  """A Swin config: the keyword arguments of `swin.SwinTransformer`."""
+  return ml_collections.ConfigDict({
+      'model_name': name, 'patch_size': patch, 'embed_dim': embed_dim,
+      'depths': depths, 'num_heads': heads, 'window_size': window,
+  })
+
+
+@_register()
+def get_swin_t_config() -> ml_collections.ConfigDict:
+  """Swin-T: 28,288,354 parameters at 1000 classes."""
+  return _swin('Swin-T', 96, (2, 2, 6, 2), (3, 6, 12, 24))
+
+
+@_register()
+def get_swin_s_config() -> ml_collections.ConfigDict:
+  """Swin-S: 49,606,258 parameters at 1000 classes."""
+  return _swin('Swin-S', 96, (2, 2, 18, 2), (3, 6, 12, 24))
+
+
+@_register()
+def get_swin_b_config() -> ml_collections.ConfigDict:
+  """Swin-B: 87,768,224 parameters at 1000 classes."""
+  return _swin('Swin-B', 128, (2, 2, 18, 2), (4, 8, 16, 32))
+
+
 # Small models for 28x28 - 32x32 inputs, trainable from scratch on a CPU.
 # They use global average pooling and fixed 2-D sin-cos position embeddings,
 # the from-scratch recipe of Beyer et al., "Better plain ViT baselines for
@@ -300,11 +334,80 @@ def get_ti4_config() -> ml_collections.ConfigDict:
   return _small_vit('ViT-Ti_4', 4, hidden=192, mlp=768, heads=3, layers=12)
 
 
+@_register(resolution=28)
+def get_swin_mini2_config() -> ml_collections.ConfigDict:
+  """Swin for 28x28: patch 2 (a 14x14 grid, 7x7 windows), widths 64 → 128,
+  depths (2, 5); about ViT-Mini_7's parameter count."""
+  return _swin('Swin-Mini_2', 64, (2, 5), (2, 4), patch=2)
+
+
 @_register(resolution=32)
 def get_mixer_mini4_config() -> ml_collections.ConfigDict:
   """A small Mixer with patch 4: width 128, 6 blocks."""
   return _mixer('Mixer-Mini_4', 4, hidden=128, blocks=6, tokens_mlp=64,
                 channels_mlp=512)
+
+
+# ResNet baselines: BiT-style ResNets (vit_jax's hybrid root under a GAP and
+# a linear head) whose parameter counts match ViTs, counted at the ViT's
+# resolution and class count: 1000 classes for the ImageNet-sized pair, 10
+# for the small pair. As ViT-Ti is ViT-S at half the width, ResNet-Ti is
+# ResNet-S at half the width.
+############################################################################
+
+
+def _resnet(name: str, width: int, stages: tuple, root: str = 'imagenet',
+            num_groups: int = 32) -> ml_collections.ConfigDict:
+  """A `ResNet` config (bottleneck units, GroupNorm, weight standardisation)."""
+  return ml_collections.ConfigDict({
+      'model_name': name,
+      'width': width,
+      'stages': stages,
+      'root': root,
+      'num_groups': num_groups,
+  })
+
+
+@_register()
+def get_resnet_ti_config() -> ml_collections.ConfigDict:
+  """Width 32, stages (3, 3, 3, 3): matches ViT-Ti/16.
+
+  6,007,048 parameters vs. ViT-Ti/16's 5,717,416 (+5.1%), at 224 px with
+  1000 classes.
+  """
+  return _resnet('ResNet-Ti', width=32, stages=(3, 3, 3, 3))
+
+
+@_register()
+def get_resnet_s_config() -> ml_collections.ConfigDict:
+  """Width 64, stages (3, 3, 3, 3) (a ResNet-38): matches ViT-S/16.
+
+  21,925,416 parameters vs. ViT-S/16's 22,050,664 (-0.6%), at 224 px with
+  1000 classes.
+  """
+  return _resnet('ResNet-S', width=64, stages=(3, 3, 3, 3))
+
+
+@_register(resolution=32)
+def get_resnet_micro_config() -> ml_collections.ConfigDict:
+  """Width 16, stages (1, 1, 1), 'small' root: matches ViT-Micro_4.
+
+  Width 16 takes 8 GroupNorm groups (BiT's 32 do not divide it).
+  127,642 parameters vs. ViT-Micro_4's 137,802 (-7.4%), at 32 px with 10
+  classes.
+  """
+  return _resnet('ResNet-Micro', width=16, stages=(1, 1, 1), root='small',
+                 num_groups=8)
+
+
+@_register(resolution=28)
+def get_resnet_mini_config() -> ml_collections.ConfigDict:
+  """Width 32, stages (3, 3, 3), 'small' root: matches ViT-Mini_7.
+
+  1,236,522 parameters vs. ViT-Mini_7's 1,210,122 (+2.2%), at 28 px with 10
+  classes. At 28 px (MNIST) the two strided stages leave 7x7 features.
+  """
+  return _resnet('ResNet-Mini', width=32, stages=(3, 3, 3), root='small')
 
 
 def get_config(short_name: str) -> ml_collections.ConfigDict:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import heads
 from vit_jax.models import resnet
 
 Array = jax.Array
@@ -278,41 +279,6 @@ class Encoder(nn.Module):
                                             num_prefix, dim))
 
 
-class MlpHead(nn.Module):
-  """A classification head with one hidden layer: Dense → GELU → Dropout → Dense.
-
-  On a frozen encoder, a linear head can only draw linear boundaries in the
-  feature space the upstream task shaped; the hidden layer lets the head
-  recombine those features non-linearly for a few more parameters. The output
-  layer starts at zero, like vit_jax's linear head, so the first logits are
-  the constant bias.
-
-  Attributes:
-    num_classes: output width.
-    mlp_dim: hidden width.
-    dropout_rate: dropout on the hidden activations.
-    dtype: compute dtype.
-    bias_init: constant initial value of the output bias.
-  """
-
-  num_classes: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  bias_init: float = 0.
-
-  @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype,
-                 kernel_init=nn.initializers.xavier_uniform(), name='hidden')(x)
-    x = nn.gelu(x)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    return nn.Dense(self.num_classes, dtype=self.dtype,
-                    kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.constant(self.bias_init),
-                    name='out')(x)
-
-
 class VisionTransformer(nn.Module):
   """Vision Transformer classifier (optionally with a ResNet root: hybrid).
 
@@ -411,19 +377,9 @@ class VisionTransformer(nn.Module):
     else:
       x = IdentityLayer(name='pre_logits')(x)
 
-    if self.num_classes and self.head_mlp_dim:
-      x = MlpHead(self.num_classes, self.head_mlp_dim,
-                  dropout_rate=self.head_dropout_rate, dtype=self.dtype,
-                  bias_init=self.head_bias_init, name='head')(
-                      x, deterministic=not train)
-    elif self.num_classes:
-      x = nn.Dense(
-          self.num_classes,
-          dtype=self.dtype,
-          kernel_init=nn.initializers.zeros,
-          bias_init=nn.initializers.constant(self.head_bias_init),
-          name='head')(x)
-    return x.astype(jnp.float32)
+    return heads.classifier_head(x, self.num_classes, self.head_mlp_dim,
+                                 self.head_dropout_rate, self.head_bias_init,
+                                 self.dtype, train)
 
   def _resnet_root(self, x: Array) -> Array:
     """vit_jax's hybrid root: StdConv 7x7/2, GroupNorm, max-pool, stages."""

@@ -94,6 +94,15 @@ def _write_task_file(path: str, config: ml_collections.ConfigDict,
                os.path.getsize(path))
 
 
+def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
+  """The `results.json` of a run that finished in `workdir`, else None."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        command: Optional[str] = None) -> Dict[str, Any]:
   """Trains and evaluates as configured; resumes from `workdir`.
