@@ -206,7 +206,7 @@ def test_not_a_checkpoint(tmp_path):
   other = tmp_path / 'other.npz'
   np.savez(other, weights=np.zeros(3))
   with pytest.raises(checkpoint.CheckpointError,
-                     match='other.npz: not a ViT/Mixer checkpoint'):
+                     match='other.npz: not a ViT/Mixer/Swin/ResNet checkpoint'):
     checkpoint.load(str(other))
 
 
