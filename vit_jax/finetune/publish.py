@@ -30,15 +30,16 @@ import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.checkpoint import files
-from vit_jax.checkpoint import task_file
 from vit_jax.finetune import serving
 from vit_jax.models import table
 from vit_jax.models import vit
+from vit_jax.train import setup as setup_lib
 from vit_jax.train import trainer
 
 CONFIG_FILE = 'config.json'
@@ -182,7 +183,8 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
     raise FileExistsError(f'{out} exists; remove it or choose another folder.')
   results = _read_results(workdir)
   task_path = _task_path(workdir, results)
-  base = base or task_file.read_metadata(task_path).get('pretrained_path')
+  base = base or setup_lib.pretrained_path(
+      ml_collections.ConfigDict(results['config']))
   task, = serving.load_tasks(base, [task_path]).values()
   params = jax.tree.map(np.asarray, task.plain_params())
   model_config, params = plain_vit(task.metadata['model'], params, task.crop)
