@@ -5,6 +5,7 @@ import sys
 
 import chex
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,7 +209,7 @@ def test_sown_attention_weights_leave_output_unchanged():
 
 
 def test_std_conv_standardises_its_kernel():
-  conv = resnet.StdConv(features=4, kernel_size=(3, 3), use_bias=False)
+  conv = resnet.StdConv(features=4, kernel_size=(3, 3))
   x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
   kernel = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
   out = conv.apply({'params': {'kernel': kernel}}, x)
@@ -219,6 +220,41 @@ def test_std_conv_standardises_its_kernel():
       x, jnp.asarray(k, jnp.float32), (1, 1), 'SAME',
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   chex.assert_trees_all_close(out, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
+def test_std_conv_1x1_matmul_equals_the_convolution(strides):
+  conv = resnet.StdConv(features=6, kernel_size=(1, 1), strides=strides)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 5))
+  kernel = jax.random.normal(jax.random.key(1), (1, 1, 5, 6))
+  out = conv.apply({'params': {'kernel': kernel}}, x)
+
+  standardised = resnet.weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)
+  expected = jax.lax.conv_general_dilated(
+      x, standardised, strides, 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  chex.assert_shape(out, expected.shape)
+  chex.assert_trees_all_close(out, expected, atol=1e-5)
+
+
+def test_group_norm_equals_flax_values_and_gradients():
+  x = 2.0 + 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 6, 16))
+  params = {'scale': jax.random.normal(jax.random.key(1), (16,)),
+            'bias': jax.random.normal(jax.random.key(2), (16,))}
+  ours = lambda p, x: resnet.GroupNorm(num_groups=4).apply({'params': p}, x)
+  flax_gn = lambda p, x: nn.GroupNorm(num_groups=4).apply({'params': p}, x)
+
+  chex.assert_trees_all_close(ours(params, x), flax_gn(params, x), atol=1e-5)
+  weights = jax.random.normal(jax.random.key(3), x.shape)
+  grad = lambda f: jax.grad(lambda p, x: (f(p, x) * weights).sum(),
+                            argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(grad(ours), grad(flax_gn), atol=1e-4)
+
+
+def test_group_norm_that_does_not_divide_the_channels_is_an_error():
+  with pytest.raises(ValueError, match=r"'gn1'.*num_groups=3.*16 channels"):
+    resnet.GroupNorm(num_groups=3, name='gn1').init(
+        jax.random.key(0), jnp.ones((1, 2, 2, 16)))
 
 
 def test_wrong_input_rank_is_a_clear_error():

@@ -12,7 +12,7 @@ vit_jax's. `ResNet` puts the same root and stages (`conv_root`, `gn_root`,
   head/{kernel,bias}                            only with `num_classes`
 """
 
-from typing import Any, Callable, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from vit_jax.models import heads
 
-T = TypeVar('T')
 Dtype = Any
 
 
@@ -31,20 +30,88 @@ def weight_standardize(w: jax.Array, axis: Sequence[int],
   return w / (jnp.std(w, axis=axis) + eps)
 
 
-class StdConv(nn.Conv):
-  """Convolution whose kernel is weight-standardised on every use.
+class StdConv(nn.Module):
+  """Bias-free 'SAME' convolution whose kernel is weight-standardised on use.
 
-  The stored parameter is the raw kernel (as in published checkpoints); the
-  standardisation over the receptive field and input channels is applied in
-  float32 each time the kernel is read.
+  The stored parameter is the raw kernel `[kh, kw, in, out]` (as in published
+  checkpoints, and as `nn.Conv` names and initialises it); it is standardised
+  over the receptive field and input channels in float32 on every call.
+  A 1x1 kernel runs as a matmul over the (strided) pixels: XLA's CPU
+  convolution runs 1x1 kernels at a sixth of its matmul speed
+  (docs/benchmarks.md, ResNet section).
+
+  Attributes:
+    features: output channels.
+    kernel_size: `(kh, kw)`.
+    strides: `(sh, sw)`.
+    dtype: compute dtype; the kernel parameter stays float32.
   """
 
-  def param(self, name: str, init_fn: Callable[..., T], *init_args,
-            **init_kwargs) -> T:
-    value = super().param(name, init_fn, *init_args, **init_kwargs)
-    if name == 'kernel':
-      value = weight_standardize(value, axis=(0, 1, 2), eps=1e-5)
-    return value
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: Tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    kernel = weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)
+    kernel = kernel.astype(self.dtype)
+    x = x.astype(self.dtype)
+    if tuple(self.kernel_size) == (1, 1):
+      sh, sw = self.strides
+      return jnp.einsum('bhwc,cd->bhwd', x[:, ::sh, ::sw], kernel[0, 0])
+    return jax.lax.conv_general_dilated(
+        x, kernel, tuple(self.strides), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over `[batch, height, width, channels]`, as `nn.GroupNorm`.
+
+  Same parameters (`scale`, `bias` of shape `[channels]`), epsilon (1e-6)
+  and float32 statistics as `nn.GroupNorm`, computed from per-channel sums
+  over the pixels; XLA's CPU backend runs Flax's grouped reshape-and-reduce
+  2.3x slower, forward and backward (docs/benchmarks.md, ResNet section).
+
+  Attributes:
+    num_groups: groups of channels; must divide the channel count.
+    dtype: compute dtype of the output.
+    scale_init: initialiser of `scale` (ones; zeros for a unit's last norm).
+    epsilon: added to the variance.
+  """
+
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(
+          f'GroupNorm {self.name!r}: num_groups={self.num_groups} does not '
+          f'divide the {channels} channels of input shape {x.shape}.')
+    scale = self.param('scale', self.scale_init, (channels,))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    xf = x.astype(jnp.float32)
+    pixels = tuple(range(1, x.ndim - 1))
+    count = channels // self.num_groups
+    for axis in pixels:
+      count *= x.shape[axis]
+
+    def group_mean(channel_sums):  # [batch, channels] → [batch, groups]
+      return channel_sums.reshape(x.shape[0], self.num_groups, -1).sum(-1) / count
+
+    mean = group_mean(jnp.sum(xf, axis=pixels))
+    var = jnp.maximum(group_mean(jnp.sum(xf * xf, axis=pixels)) - mean**2, 0)
+    per_channel = lambda g: jnp.repeat(g, channels // self.num_groups, axis=1)
+    mul = per_channel(jax.lax.rsqrt(var + self.epsilon)) * scale
+    add = bias - per_channel(mean) * mul
+    expand = lambda v: v.reshape(v.shape[0], *([1] * len(pixels)), channels)
+    return (xf * expand(mul) + expand(add)).astype(self.dtype)
 
 
 class ResidualUnit(nn.Module):
@@ -68,8 +135,8 @@ class ResidualUnit(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda features, kernel, strides, name: StdConv(  # pylint: disable=g-long-lambda
         features=features, kernel_size=kernel, strides=strides,
-        use_bias=False, dtype=self.dtype, name=name)
-    norm = lambda name, **kw: nn.GroupNorm(  # pylint: disable=g-long-lambda
+        dtype=self.dtype, name=name)
+    norm = lambda name, **kw: GroupNorm(  # pylint: disable=g-long-lambda
         num_groups=self.num_groups, dtype=self.dtype, name=name, **kw)
 
     residual = x
@@ -186,8 +253,8 @@ class ResNet(nn.Module):
         features=self.width,
         kernel_size=(7, 7) if imagenet else (3, 3),
         strides=(2, 2) if imagenet else (1, 1),
-        use_bias=False, dtype=self.dtype, name='conv_root')(x)
-    x = nn.relu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype,
+        dtype=self.dtype, name='conv_root')(x)
+    x = nn.relu(GroupNorm(num_groups=self.num_groups, dtype=self.dtype,
                              name='gn_root')(x))
     if imagenet:
       x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')

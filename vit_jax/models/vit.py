@@ -385,9 +385,9 @@ class VisionTransformer(nn.Module):
     """vit_jax's hybrid root: StdConv 7x7/2, GroupNorm, max-pool, stages."""
     width = int(64 * self.resnet['width_factor'])
     x = resnet.StdConv(
-        features=width, kernel_size=(7, 7), strides=(2, 2), use_bias=False,
+        features=width, kernel_size=(7, 7), strides=(2, 2),
         dtype=self.dtype, name='conv_root')(x)
-    x = nn.GroupNorm(dtype=self.dtype, name='gn_root')(x)
+    x = resnet.GroupNorm(dtype=self.dtype, name='gn_root')(x)
     x = nn.relu(x)
     x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
     stage_sizes: Sequence[int] = tuple(self.resnet['num_layers'])
