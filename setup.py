@@ -38,6 +38,8 @@ setuptools.setup(
     extras_require={
         'test': TEST_REQUIRES,
         'dev': TEST_REQUIRES + ['ruff>=0.6'],
+        # scripts/benchmark.py --compare timm: the PyTorch reference.
+        'bench': ['torch>=2.4', 'torchvision>=0.19', 'timm>=1.0'],
     },
     license='Apache-2.0',
 )

@@ -13,15 +13,23 @@ FLOP/s measured in the same run for that dtype, and XLA's memory per device.
   PYTHONPATH=. python scripts/benchmark.py --models ViT-Ti_16,ViT-B_16 \
       --batches 8,32 --work inference,train [--dtypes float32,bfloat16]
 
+`--compare timm` adds, for every float32 row, the same work done by timm
+(PyTorch) on the same weights and images (`scripts/timm_reference.py`,
+`pip install -e '.[bench]'`), timed in the same alternation; it prints the
+largest logit difference between the two models and, per row, the ratio of
+our images/s to timm's.
+
 Weights are random (speed does not depend on them); TensorFlow is not
 imported, so this runs wherever JAX, Flax, optax and ml_collections are.
 """
 
 import argparse
+import importlib
 import itertools
 import os
 import platform
-from typing import Dict, List, Tuple
+import resource
+from typing import Any, Callable, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +49,10 @@ def experiment_config(model: str, crop: int, batch: int, dtype: str,
   one step of `batch`."""
   config = common.with_dataset(common.get_config(), 'cifar10')
   config.model = models.MODEL_CONFIGS[model].copy_and_resolve_references()
+  # Float32 momentum: the update timm's SGD makes (the trainer's default
+  # bfloat16 momentum would make our step do different work).
   config.update({'batch': batch, 'batch_eval': batch, 'accum_steps': 1,
-                 'dtype': dtype})
+                 'dtype': dtype, 'optim_dtype': 'float32'})
   config.pp.crop = crop
   config.finetune.mode = finetune
   return config
@@ -52,11 +62,40 @@ def make_workload(work: str, config) -> timing.Workload:
   """The compiled step of `work` for `config` on all local devices."""
   if work == 'train':
     return timing.train_workload(config, NUM_CLASSES)
-  model = models.build_model(config.model, num_classes=NUM_CLASSES,
-                             dtype=jnp.dtype(config.dtype))
-  params = setup_lib.init_params(model, config.pp.crop, config)
+  model, params = initial_model(config)
   return timing.forward_workload(model, params, config.batch_eval,
                                  config.pp.crop)
+
+
+def initial_model(config) -> Tuple[Any, Any]:
+  """The model of `config` and the parameters its runs start from (the
+  train step's initial parameters too: same seed)."""
+  model = models.build_model(config.model, num_classes=NUM_CLASSES,
+                             dtype=jnp.dtype(config.dtype))
+  return model, setup_lib.init_params(model, config.pp.crop, config)
+
+
+def reference_run(reference, work: str, config, images, labels
+                  ) -> Tuple[Callable[[], None], float]:
+  """timm's call doing `work` of `config` on our weights and batch, and the
+  largest |our logit - timm's| on the first 4 images (the head gets random
+  weights for that check: its initial zeros would make every logit 0)."""
+  model, params = initial_model(config)
+  head = params['head']['kernel']
+  params = dict(params, head=dict(params['head'], kernel=jax.random.normal(
+      jax.random.key(1), head.shape) * 0.02))
+  net = reference.build(config.model.model_name, params, config.pp.crop,
+                        NUM_CLASSES, model.approximate_gelu)
+  ours = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, images[:4])
+  difference = float(abs(jax.device_get(ours) -
+                         reference.logits(net, images[:4])).max())
+  if work == 'train':
+    run = reference.train_run(net, images, labels, config.base_lr,
+                              config.grad_norm_clip)
+  else:
+    run = reference.forward_run(net, images)
+  return run, difference
 
 
 def machine() -> str:
@@ -75,24 +114,33 @@ def machine() -> str:
 
 
 def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
-  """The results as a Markdown table."""
+  """The results as a Markdown table; a timm row follows the row it copies
+  and shows our images/s over its own."""
   lines = [
-      '| work | model | crop | batch | dtype | GFLOP/img | s/batch '
-      '| img/s | img/s/device | GFLOP/s | % of matmul peak | XLA MB/device |',
-      '|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|',
+      '| work | model | code | crop | batch | dtype | GFLOP/img | s/batch '
+      '| img/s | img/s/device | GFLOP/s | % of matmul peak | XLA MB/device '
+      '| vit_jax / timm |',
+      '|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   devices = jax.local_device_count()
+  ours = {}
   for row in rows:
     workload, seconds = row['workload'], row['seconds']
     achieved = workload.flops / seconds
+    timm_row = row['code'] == 'timm'
+    if not timm_row:
+      ours[row['key']] = seconds
+    memory = '' if timm_row else f'{workload.memory_bytes / 2**20:.0f}'
+    ratio = f'{seconds / ours[row["key"]]:.2f}' if timm_row else ''
     lines.append(
-        f'| {row["work"]} | {row["model"]} | {row["crop"]} | {row["batch"]} '
-        f'| {row["dtype"]} | {workload.flops / workload.images / 1e9:.2f} '
+        f'| {row["work"]} | {row["model"]} | {row["code"]} | {row["crop"]} '
+        f'| {row["batch"]} | {row["dtype"]} '
+        f'| {workload.flops / workload.images / 1e9:.2f} '
         f'| {seconds:.3f} | {workload.images / seconds:.1f} '
         f'| {workload.images / seconds / devices:.1f} '
         f'| {achieved / 1e9:.1f} '
         f'| {100 * achieved / devices / peaks[row["dtype"]]["flops_per_s"]:.0f}%'
-        f' | {workload.memory_bytes / 2**20:.0f} |')
+        f' | {memory} | {ratio} |')
   return '\n'.join(lines)
 
 
@@ -106,6 +154,9 @@ def main() -> None:
   parser.add_argument('--finetune', default='full',
                       choices=('full', 'head', 'injection'),
                       help='what the train step updates')
+  parser.add_argument('--compare', default='', choices=('', 'timm'),
+                      help='also time timm on the same weights (float32, '
+                      'full fine-tuning)')
   parser.add_argument('--rounds', type=int, default=5,
                       help='timed calls per row, alternating rows (median)')
   parser.add_argument('--warmup', type=int, default=2)
@@ -116,13 +167,29 @@ def main() -> None:
   for work in args.work.split(','):
     if work not in WORK:
       parser.error(f'--work={work!r}; choose from {WORK}.')
+  if args.compare and args.finetune != 'full':
+    parser.error('--compare timm times full fine-tuning only.')
+  # Imported only here: torch and timm are an optional extra.
+  reference = (importlib.import_module('timm_reference') if args.compare
+               else None)
   print(machine())
+  if reference:
+    print('Reference: ' + ', '.join(
+        f'{k} {v}' for k, v in reference.describe().items()))
   peaks = {}
   for dtype in args.dtypes.split(','):
     peaks[dtype] = timing.matmul_peak(jnp.dtype(dtype))
-    print(f'{dtype} matmul peak per device: '
+    print(f'{dtype} matmul peak per device (JAX): '
           f'{peaks[dtype]["flops_per_s"] / 1e9:.1f} GFLOP/s '
           f'({peaks[dtype]["size"]}x{peaks[dtype]["size"]} matrices)')
+  if reference and 'float32' in peaks:
+    # The machine's peak is the better of the two libraries' matmuls.
+    torch_peak = reference.matmul_peak(timing.PEAK_SIZES)
+    print(f'float32 matmul peak (PyTorch): '
+          f'{torch_peak["flops_per_s"] / 1e9:.1f} GFLOP/s '
+          f'({torch_peak["size"]}x{torch_peak["size"]} matrices)')
+    peaks['float32'] = max(peaks['float32'], torch_peak,
+                           key=lambda peak: peak['flops_per_s'])
   grid = itertools.product(args.work.split(','), args.models.split(','),
                            map(int, args.crops.split(',')),
                            map(int, args.batches.split(',')),
@@ -130,11 +197,22 @@ def main() -> None:
   rows, runs = [], {}
   for work, model, crop, batch, dtype in grid:
     key: Tuple = (work, model, crop, batch, dtype)
-    workload = make_workload(work, experiment_config(model, crop, batch,
-                                                     dtype, args.finetune))
-    rows.append(dict(zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
-                     workload=workload))
+    config = experiment_config(model, crop, batch, dtype, args.finetune)
+    workload = make_workload(work, config)
+    row = dict(zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
+               key=key, code='vit_jax', workload=workload)
+    rows.append(row)
     runs[key] = workload.run
+    if reference and dtype == 'float32':
+      data = jax.device_get(timing.synthetic_batch(batch, crop, NUM_CLASSES,
+                                                   jax.local_devices()))
+      images = data['image'].reshape(batch, crop, crop, 3)
+      run, difference = reference_run(reference, work, config, images,
+                                      data['label'].reshape(batch))
+      print(f'{work} {model} at {crop}: max |logit difference| vit_jax vs '
+            f'timm = {difference:.2e}')
+      rows.append(dict(row, code='timm'))
+      runs[key + ('timm',)] = run
   seconds = timing.time_rounds(runs, args.rounds, args.warmup, args.settle)
   for row, key in zip(rows, runs):
     row['seconds'] = timing.median(seconds[key])
@@ -143,6 +221,8 @@ def main() -> None:
         f'train = the trainer\'s step (finetune {args.finetune}, SGD '
         'momentum, clipping).')
   print(format_rows(rows, peaks))
+  print(f'Peak resident memory of this process: '
+        f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB')
 
 
 if __name__ == '__main__':

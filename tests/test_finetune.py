@@ -106,6 +106,20 @@ def test_added_parameters_sit_inside_their_target_layers():
       **{f'{attention.format(i)}/out/ia3_scale': (64,) for i in range(LAYERS)}}
 
 
+@pytest.mark.parametrize('mode,targets,fused', [
+    ('full', '', True), ('head', '', True),
+    ('injection', 'mlp_hidden,out', True),
+    ('injection', 'key,value', False), ('injection', 'query', False)])
+def test_query_key_value_targets_get_separate_projections(mode, targets,
+                                                          fused):
+  """A fused query/key/value matmul has no per-projection layer to inject
+  into; the wrapped model turns fusion off exactly when a target needs it."""
+  config = ft_config(mode, 'ia3')
+  config.finetune.injection.targets = targets
+  model = finetune.build_model(config, 10)
+  assert getattr(model, 'base', model).fused_qkv is fused
+
+
 def vit_ti16_counts(method):
   """Trainable values of ViT-Ti/16 (D=192, MLP 768, 12 layers, 10 classes),
   written from the methods' definitions, not from the code."""

@@ -132,6 +132,23 @@ def test_eight_devices_equal_one():
   assert all(m > 0 for m in jax.tree.leaves(moved))  # Every param updated.
 
 
+def test_replicated_state_has_the_step_outputs_sharding():
+  """`replicate` lays the state out as the step returns it, so the second
+  call reuses the first call's compiled step (one compilation per run)."""
+  state, train_step = tiny_setup('sgd')
+  devices = jax.local_devices()
+  mapped = step_lib.data_parallel(train_step, devices=devices)
+  replicated = step_lib.replicate(state, devices)
+  batch = step_lib.shard(jax.tree.map(
+      lambda x: x.reshape(len(devices), -1, *x.shape[1:]),
+      random_batches(1, 16)[0]), devices)
+  returned, _ = mapped(replicated, batch)
+  for before, after in zip(jax.tree.leaves(replicated),
+                           jax.tree.leaves(returned)):
+    assert before.sharding == after.sharding
+  chex.assert_trees_all_equal(step_lib.unreplicate(replicated), state)
+
+
 def test_accumulated_gradients_equal_one_big_batch():
   state, plain_step = tiny_setup(accum_steps=1)
   _, accum_step = tiny_setup(accum_steps=4)

@@ -96,8 +96,10 @@ def test_bfloat16_is_close_to_float32_and_params_stay_float32(name):
 
   # Every layer computes in bf16 (vit_jax's encoder blocks ignore `dtype`).
   outputs = flax.traverse_util.flatten_dict(state['intermediates'], sep='/')
+  # The model's own output is float32; a fused attention's ProjectionParams
+  # return their float32 (kernel, bias), not an activation.
   inner = {path: out[0].dtype for path, out in outputs.items()
-           if path != '__call__'}  # The model's own output is float32.
+           if path != '__call__' and not isinstance(out[0], tuple)}
   assert inner and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}, inner
 
 
@@ -204,6 +206,59 @@ def test_sown_attention_weights_leave_output_unchanged():
                               atol=1e-5)
 
 
+# Attention.
+###########
+
+
+def _attention_inputs():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  return x, jax.random.normal(jax.random.key(1), x.shape)
+
+
+@pytest.mark.parametrize('fused_qkv', [True, False])
+def test_attention_equals_flax_multi_head_attention(fused_qkv):
+  """Same parameter tree, initial values, outputs and gradients as
+  nn.MultiHeadDotProductAttention (vit_jax's), fused or not, in both the
+  inference (dot_product_attention) and the training path."""
+  x, cotangent = _attention_inputs()
+  ours = vit.MultiHeadSelfAttention(num_heads=4, fused_qkv=fused_qkv)
+  flax_mha = nn.MultiHeadDotProductAttention(
+      num_heads=4, kernel_init=nn.initializers.xavier_uniform())
+  params = ours.init(jax.random.key(2), x, deterministic=True)
+  chex.assert_trees_all_equal(params, flax_mha.init(jax.random.key(2), x, x))
+  params = jax.tree.map(  # Non-zero biases.
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape),
+      params)
+
+  want = flax_mha.apply(params, x, x)
+  for deterministic in (True, False):
+    chex.assert_trees_all_close(
+        ours.apply(params, x, deterministic=deterministic), want, atol=1e-5)
+  grad = lambda f: jax.grad(lambda p: (f(p) * cotangent).sum())(params)
+  chex.assert_trees_all_close(
+      grad(lambda p: ours.apply(p, x, deterministic=False)),
+      grad(lambda p: flax_mha.apply(p, x, x)), atol=1e-5)
+
+
+def test_fused_and_separate_projections_are_one_model():
+  model = models.get_model('testing', num_classes=3)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), images, train=False)
+  separate = model.clone(fused_qkv=False)
+  chex.assert_trees_all_equal(
+      variables, separate.init(jax.random.key(1), images, train=False))
+  variables = helpers.random_variables(model, images)
+  chex.assert_trees_all_close(
+      model.apply(variables, images, train=False),
+      separate.apply(variables, images, train=False), atol=1e-5)
+
+
+def test_attention_width_not_divisible_by_heads_is_an_error():
+  with pytest.raises(ValueError, match='Width 16 .* 5 attention heads'):
+    vit.MultiHeadSelfAttention(num_heads=5).init(
+        jax.random.key(0), jnp.ones((1, 3, 16)), deterministic=True)
+
+
 # Hybrid root.
 ##############
 
@@ -255,6 +310,24 @@ def test_group_norm_that_does_not_divide_the_channels_is_an_error():
   with pytest.raises(ValueError, match=r"'gn1'.*num_groups=3.*16 channels"):
     resnet.GroupNorm(num_groups=3, name='gn1').init(
         jax.random.key(0), jnp.ones((1, 2, 2, 16)))
+
+
+@pytest.mark.parametrize('padding,size', [('VALID', 16), ('VALID', 18),
+                                          ('SAME', 16), ('SAME', 19)])
+def test_patch_embedding_equals_the_strided_conv(padding, size):
+  """Same parameters, initial values, outputs and gradients as nn.Conv."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  ours = vit.PatchEmbedding(5, (4, 4), padding=padding)
+  conv = nn.Conv(5, (4, 4), strides=(4, 4), padding=padding)
+  params = ours.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(params, conv.init(jax.random.key(1), x))
+  params = jax.tree.map(
+      lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+
+  chex.assert_trees_all_close(ours.apply(params, x), conv.apply(params, x),
+                              atol=1e-5)
+  grad = lambda m: jax.grad(lambda p: (m.apply(p, x) ** 2).sum())(params)
+  chex.assert_trees_all_close(grad(ours), grad(conv), rtol=1e-5, atol=1e-4)
 
 
 def test_wrong_input_rank_is_a_clear_error():

@@ -46,6 +46,9 @@ class Finetune:
     """The model to train: `model`, or `model` with the injection."""
     if self.injection is None:
       return model
+    if self.injection.hooks_qkv and getattr(model, 'fused_qkv', False):
+      # A fused projection has no query/key/value layer to inject into.
+      model = model.clone(fused_qkv=False)
     return injection_lib.InjectedModel(model, self.injection)
 
   def is_trainable(self, path: str) -> bool:

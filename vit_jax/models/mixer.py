@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models.vit import MlpBlock
+from vit_jax.models.vit import PatchEmbedding
 
 Dtype = Any
 
@@ -83,8 +84,8 @@ class MlpMixer(nn.Module):
           f'MlpMixer expects images [batch, height, width, channels], got '
           f'shape {inputs.shape}.')
     size = tuple(self.patches['size'])
-    x = nn.Conv(self.hidden_dim, size, strides=size, dtype=self.dtype,
-                name='stem')(inputs)
+    x = PatchEmbedding(self.hidden_dim, size, padding='SAME', dtype=self.dtype,
+                       name='stem')(inputs)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     for _ in range(self.num_blocks):

@@ -293,8 +293,8 @@ class SwinTransformer(nn.Module):
                        f'{tuple(self.num_heads)} must have one entry per '
                        'stage.')
     patch = (self.patch_size, self.patch_size)
-    x = nn.Conv(self.embed_dim, patch, strides=patch, padding='VALID',
-                dtype=self.dtype, name='embedding')(inputs)
+    x = vit.PatchEmbedding(self.embed_dim, patch, dtype=self.dtype,
+                           name='embedding')(inputs)
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
                      name='embedding_norm')(x)
     for stage, (depth, head_count) in enumerate(

@@ -98,6 +98,50 @@ def fixed_position_table(posemb: str, grid: Tuple[int, int], num_prefix: int,
                          patches])[None]
 
 
+class PatchEmbedding(nn.Module):
+  """A linear map of each non-overlapping `patch` of the image: `nn.Conv`
+  with kernel = stride = `patch`, its parameters (`kernel [ph, pw, in,
+  features]`, `bias [features]`) and its initialisation, computed as one
+  matmul over the flattened patches. XLA's CPU convolution computes the
+  kernel gradient of this strided conv slowly: it was a third of a
+  ViT-Ti/16 train step on 2 cores (docs/benchmarks.md); the matmul runs
+  near the matmul peak.
+
+  Attributes:
+    features: output width.
+    patch: `(ph, pw)`.
+    padding: 'VALID' (drops the rows and columns past the last whole patch)
+      or 'SAME' (zero-pads to whole patches, as `nn.Conv` does).
+    dtype: compute dtype; parameters stay float32.
+  """
+
+  features: int
+  patch: Tuple[int, int]
+  padding: str = 'VALID'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    ph, pw = self.patch
+    batch, height, width, channels = x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (ph, pw, channels, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    if self.padding == 'SAME':
+      pad_h, pad_w = -height % ph, -width % pw
+      x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                      (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    elif self.padding != 'VALID':
+      raise ValueError(f'padding={self.padding!r}; use "VALID" or "SAME".')
+    rows, cols = x.shape[1] // ph, x.shape[2] // pw
+    x = x[:, :rows * ph, :cols * pw].astype(self.dtype)
+    patches = x.reshape(batch, rows, ph, cols, pw, channels).transpose(
+        0, 1, 3, 2, 4, 5).reshape(batch, rows, cols, ph * pw * channels)
+    flat_kernel = kernel.reshape(ph * pw * channels, self.features)
+    return patches @ flat_kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings (`pos_embedding`, `[1, seq, dim]`).
 
@@ -152,6 +196,112 @@ class MlpBlock(nn.Module):
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
+class ProjectionParams(nn.Module):
+  """The kernel `[in, *features]` and bias `[*features]` of an
+  `nn.DenseGeneral(features)` over the last input axis, declared with its
+  names and initialisation but not applied (for a fused projection).
+
+  Attributes:
+    in_features: width of the input.
+    features: output shape of the projection.
+    kernel_init: initialiser of the kernel, viewed as `[in, prod(features)]`
+      (as `nn.DenseGeneral` applies it).
+  """
+
+  in_features: int
+  features: Tuple[int, ...]
+  kernel_init: Initializer
+
+  @nn.compact
+  def __call__(self) -> Tuple[Array, Array]:
+    shape = (self.in_features, *self.features)
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+      flat = (self.in_features, int(np.prod(self.features)))
+      return self.kernel_init(key, flat, dtype).reshape(shape)
+
+    kernel = self.param('kernel', kernel_init, shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, self.features,
+                      jnp.float32)
+    return kernel, bias
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Multi-head self-attention with the parameters of Flax's (and vit_jax's)
+  `MultiHeadDotProductAttention`:
+
+    {query,key,value}/kernel [width, heads, head_dim], .../bias [heads, head_dim]
+    out/kernel [heads, head_dim, width], out/bias [width]
+
+  With `fused_qkv`, query, key and value come from one matmul over the
+  three kernels stacked (one pass over the activations instead of three);
+  otherwise each is its own `nn.DenseGeneral` layer, which the injection
+  methods targeting query/key/value need (`vit_jax.finetune` turns fusion
+  off for them). In evaluation (`deterministic`, no sown weights) the
+  attention itself is `jax.nn.dot_product_attention` (XLA's on a CPU,
+  cuDNN's fused kernel on GPUs for bfloat16); training takes the explicit
+  softmax, which has attention dropout and whose backward pass XLA's CPU
+  ran faster than `dot_product_attention`'s (docs/benchmarks.md).
+
+  Attributes:
+    num_heads: attention heads; must divide the width.
+    dtype: compute dtype; the softmax is float32.
+    dropout_rate: dropout on the attention weights.
+    fused_qkv: one matmul for query, key and value.
+    kernel_init: initialiser of the four kernels.
+    sow_weights: record the softmaxed weights `[batch, heads, query, key]`
+      in the `intermediates` collection as `attention_weights`.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  fused_qkv: bool = True
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  sow_weights: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'Width {width} is not divisible by {self.num_heads} '
+                       'attention heads.')
+    heads = (self.num_heads, width // self.num_heads)
+    names = ('query', 'key', 'value')
+    x = x.astype(self.dtype)
+    if self.fused_qkv:
+      kernels, biases = zip(*(ProjectionParams(
+          width, heads, self.kernel_init, name=name)() for name in names))
+      kernel = jnp.stack(kernels, axis=1).reshape(width, 3 * width)
+      bias = jnp.stack(biases).reshape(3 * width)
+      qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+      qkv = qkv.reshape(*x.shape[:-1], 3, *heads)
+      query, key, value = (qkv[..., i, :, :] for i in range(3))
+    else:
+      query, key, value = (nn.DenseGeneral(
+          heads, dtype=self.dtype, kernel_init=self.kernel_init,
+          name=name)(x) for name in names)
+    if deterministic and not self.sow_weights:
+      out = jax.nn.dot_product_attention(query, key, value)
+    else:
+      out = self._explicit_attention(query, key, value, deterministic)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=self.kernel_init, name='out')(out)
+
+  def _explicit_attention(self, query: Array, key: Array, value: Array,
+                          deterministic: bool) -> Array:
+    """softmax(q k^T / sqrt(d)) v with the weights at hand: dropped out
+    and/or sown."""
+    query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if self.sow_weights:
+      self.sow('intermediates', 'attention_weights', weights)
+    weights = nn.Dropout(rate=self.dropout_rate)(
+        weights.astype(self.dtype), deterministic=deterministic)
+    return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-norm Transformer layer: x + Attn(LN(x)), then x + MLP(LN(x)).
 
@@ -167,6 +317,7 @@ class Encoder1DBlock(nn.Module):
     approximate_gelu: see `MlpBlock`.
     layernorm_epsilon: epsilon of both LayerNorms (1e-6 as Flax and timm;
       Hugging Face transformers' ViT uses 1e-12).
+    fused_qkv: see `MultiHeadSelfAttention` (same parameters either way).
   """
 
   mlp_dim: int
@@ -177,6 +328,7 @@ class Encoder1DBlock(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
+  fused_qkv: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
@@ -184,15 +336,14 @@ class Encoder1DBlock(nn.Module):
       raise ValueError(
           f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}')
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
-    x = nn.MultiHeadDotProductAttention(
+    x = MultiHeadSelfAttention(
         num_heads=self.num_heads,
         dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(),
-        broadcast_dropout=False,
         dropout_rate=self.attention_dropout_rate,
-        deterministic=deterministic,
-        force_fp32_for_softmax=True,
-    )(x, x, sow_weights=self.sow_attention_weights)
+        fused_qkv=self.fused_qkv,
+        sow_weights=self.sow_attention_weights,
+        name='MultiHeadDotProductAttention_0',
+    )(x, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
 
@@ -221,6 +372,7 @@ class Encoder(nn.Module):
     sow_attention_weights: see `Encoder1DBlock`.
     approximate_gelu: see `MlpBlock`.
     layernorm_epsilon: epsilon of every LayerNorm, see `Encoder1DBlock`.
+    fused_qkv: see `MultiHeadSelfAttention`.
   """
 
   num_layers: int
@@ -234,6 +386,7 @@ class Encoder(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
+  fused_qkv: bool = True
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -260,6 +413,7 @@ class Encoder(nn.Module):
           sow_attention_weights=self.sow_attention_weights,
           approximate_gelu=self.approximate_gelu,
           layernorm_epsilon=self.layernorm_epsilon,
+          fused_qkv=self.fused_qkv,
           name=f'encoderblock_{layer}',
       )(x, deterministic=not train)
     return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
@@ -307,6 +461,8 @@ class VisionTransformer(nn.Module):
       `intermediates` collection (pass `mutable=['intermediates']` to apply).
     approximate_gelu: tanh GELU (Google's weights) or exact (timm, HF).
     layernorm_epsilon: epsilon of the encoder's LayerNorms (HF uses 1e-12).
+    fused_qkv: query, key and value from one matmul (see
+      `MultiHeadSelfAttention`); the parameters are the same either way.
   """
 
   num_classes: Optional[int]
@@ -326,6 +482,7 @@ class VisionTransformer(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
+  fused_qkv: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
@@ -341,13 +498,8 @@ class VisionTransformer(nn.Module):
     if self.resnet is not None:
       x = self._resnet_root(x)
 
-    x = nn.Conv(
-        features=self.hidden_size,
-        kernel_size=tuple(self.patches['size']),
-        strides=tuple(self.patches['size']),
-        padding='VALID',
-        dtype=self.dtype,
-        name='embedding')(x)
+    x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']),
+                       dtype=self.dtype, name='embedding')(x)
 
     if self.transformer is not None:
       n, h, w, c = x.shape
@@ -363,6 +515,7 @@ class VisionTransformer(nn.Module):
           sow_attention_weights=self.sow_attention_weights,
           approximate_gelu=self.approximate_gelu,
           layernorm_epsilon=self.layernorm_epsilon,
+          fused_qkv=self.fused_qkv,
           **self.transformer)(x, train=train)
 
     if self.classifier == 'token':

@@ -9,7 +9,6 @@ places that say how they run over devices (today `jax.pmap`), so moving to
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
-import flax.jax_utils
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,8 +113,17 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
 
 
 def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
-  """One copy of `tree` per device, laid out as `data_parallel` expects."""
-  return flax.jax_utils.replicate(tree, devices)
+  """One copy of `tree` per device, laid out as `data_parallel` expects.
+
+  The copies get the sharding of the step's own outputs (`shard`'s), so
+  the state a step returns calls the step compiled for the first state;
+  `flax.jax_utils.replicate`'s mesh differs in its axis name, which made
+  the train step compile twice.
+  """
+  devices = devices or jax.local_devices()
+  return shard(jax.tree.map(
+      lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))),
+      tree), devices)
 
 
 def shard(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
