@@ -1,6 +1,7 @@
 """Inference and training throughput of ViTs, against this machine's matmul peak.
 
-For every combination of --models, --crops, --batches and --dtypes and each
+For every combination of --models, --crops, --batches, --dtypes and
+--model_options and each
 kind of --work (`inference`: the evaluation forward pass; `train`: the
 trainer's own step with SGD momentum, clipping and the fine-tuning mode of
 --finetune), builds the compiled step on all local devices, warms it up, then
@@ -13,6 +14,9 @@ FLOP/s measured in the same run for that dtype, and XLA's memory per device.
   PYTHONPATH=. python scripts/benchmark.py --models ViT-Ti_16,ViT-B_16 \
       --batches 8,32 --work inference,train [--dtypes float32,bfloat16]
 
+`--model_options ";fused_qkv=True"` times variants of each model (model
+options changed; "" = as registered) side by side.
+
 `--compare timm` adds, for every float32 row, the same work done by timm
 (PyTorch) on the same weights and images (`scripts/timm_reference.py`,
 `pip install -e '.[bench]'`), timed in the same alternation; it prints the
@@ -24,12 +28,13 @@ imported, so this runs wherever JAX, Flax, optax and ml_collections are.
 """
 
 import argparse
+import ast
 import importlib
 import itertools
 import os
 import platform
 import resource
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +48,25 @@ NUM_CLASSES = 1000
 WORK = ('inference', 'train')
 
 
+def parse_options(text: str) -> Dict[str, Any]:
+  """'fused_qkv=True,approximate_gelu=False' → {'fused_qkv': True, ...}."""
+  options = {}
+  for item in filter(None, text.split(',')):
+    name, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'--model_options item {item!r}: write name=value.')
+    options[name.strip()] = ast.literal_eval(value.strip())
+  return options
+
+
 def experiment_config(model: str, crop: int, batch: int, dtype: str,
-                      finetune: str):
+                      finetune: str, options: Optional[Dict[str, Any]] = None):
   """configs/common.py's CIFAR-10 fine-tuning settings for `model` at `crop`,
-  one step of `batch`."""
+  one step of `batch`, with model `options` (e.g. fused_qkv) changed."""
   config = common.with_dataset(common.get_config(), 'cifar10')
   config.model = models.MODEL_CONFIGS[model].copy_and_resolve_references()
+  with config.model.unlocked():
+    config.model.update(options or {})
   # Float32 momentum: the update timm's SGD makes (the trainer's default
   # bfloat16 momentum would make our step do different work).
   config.update({'batch': batch, 'batch_eval': batch, 'accum_steps': 1,
@@ -154,6 +172,11 @@ def main() -> None:
   parser.add_argument('--finetune', default='full',
                       choices=('full', 'head', 'injection'),
                       help='what the train step updates')
+  parser.add_argument('--model_options', default='',
+                      help='variants of the models to time side by side, '
+                      'separated by ";", each comma-separated name=value '
+                      'model options ("" = as registered), e.g. '
+                      '";fused_qkv=True"')
   parser.add_argument('--compare', default='', choices=('', 'timm'),
                       help='also time timm on the same weights (float32, '
                       'full fine-tuning)')
@@ -193,17 +216,19 @@ def main() -> None:
   grid = itertools.product(args.work.split(','), args.models.split(','),
                            map(int, args.crops.split(',')),
                            map(int, args.batches.split(',')),
-                           args.dtypes.split(','))
+                           args.dtypes.split(','),
+                           args.model_options.split(';'))
   rows, runs = [], {}
-  for work, model, crop, batch, dtype in grid:
-    key: Tuple = (work, model, crop, batch, dtype)
-    config = experiment_config(model, crop, batch, dtype, args.finetune)
+  for work, model, crop, batch, dtype, options in grid:
+    key: Tuple = (work, model, crop, batch, dtype, options)
+    config = experiment_config(model, crop, batch, dtype, args.finetune,
+                               parse_options(options))
     workload = make_workload(work, config)
     row = dict(zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
-               key=key, code='vit_jax', workload=workload)
+               key=key, code=f'vit_jax {options}'.strip(), workload=workload)
     rows.append(row)
     runs[key] = workload.run
-    if reference and dtype == 'float32':
+    if reference and dtype == 'float32' and not options:
       data = jax.device_get(timing.synthetic_batch(batch, crop, NUM_CLASSES,
                                                    jax.local_devices()))
       images = data['image'].reshape(batch, crop, crop, 3)

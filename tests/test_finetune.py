@@ -116,6 +116,8 @@ def test_query_key_value_targets_get_separate_projections(mode, targets,
   into; the wrapped model turns fusion off exactly when a target needs it."""
   config = ft_config(mode, 'ia3')
   config.finetune.injection.targets = targets
+  with config.model.unlocked():
+    config.model.fused_qkv = True
   model = finetune.build_model(config, 10)
   assert getattr(model, 'base', model).fused_qkv is fused
 

@@ -244,13 +244,13 @@ def test_fused_and_separate_projections_are_one_model():
   model = models.get_model('testing', num_classes=3)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = model.init(jax.random.key(1), images, train=False)
-  separate = model.clone(fused_qkv=False)
+  fused = model.clone(fused_qkv=True)
   chex.assert_trees_all_equal(
-      variables, separate.init(jax.random.key(1), images, train=False))
+      variables, fused.init(jax.random.key(1), images, train=False))
   variables = helpers.random_variables(model, images)
   chex.assert_trees_all_close(
       model.apply(variables, images, train=False),
-      separate.apply(variables, images, train=False), atol=1e-5)
+      fused.apply(variables, images, train=False), atol=1e-5)
 
 
 def test_attention_width_not_divisible_by_heads_is_an_error():

@@ -233,15 +233,12 @@ class MultiHeadSelfAttention(nn.Module):
     {query,key,value}/kernel [width, heads, head_dim], .../bias [heads, head_dim]
     out/kernel [heads, head_dim, width], out/bias [width]
 
-  With `fused_qkv`, query, key and value come from one matmul over the
-  three kernels stacked (one pass over the activations instead of three);
-  otherwise each is its own `nn.DenseGeneral` layer, which the injection
-  methods targeting query/key/value need (`vit_jax.finetune` turns fusion
-  off for them). In evaluation (`deterministic`, no sown weights) the
-  attention itself is `jax.nn.dot_product_attention` (XLA's on a CPU,
-  cuDNN's fused kernel on GPUs for bfloat16); training takes the explicit
-  softmax, which has attention dropout and whose backward pass XLA's CPU
-  ran faster than `dot_product_attention`'s (docs/benchmarks.md).
+  The attention runs head-major (`[batch, heads, tokens, head_dim]`), so
+  neither of its matmuls needs a transpose. With `fused_qkv`, query, key
+  and value come from one matmul over the three kernels stacked (same
+  parameters); it ran no faster than three projections on the 2-core CPU
+  (docs/benchmarks.md), so it is off by default, and an injection that
+  targets query/key/value turns it off (it needs the three layers).
 
   Attributes:
     num_heads: attention heads; must divide the width.
@@ -256,7 +253,7 @@ class MultiHeadSelfAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
-  fused_qkv: bool = True
+  fused_qkv: bool = False
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   sow_weights: bool = False
 
@@ -275,31 +272,31 @@ class MultiHeadSelfAttention(nn.Module):
       kernel = jnp.stack(kernels, axis=1).reshape(width, 3 * width)
       bias = jnp.stack(biases).reshape(3 * width)
       qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-      qkv = qkv.reshape(*x.shape[:-1], 3, *heads)
-      query, key, value = (qkv[..., i, :, :] for i in range(3))
+      # [batch, tokens, 3, heads, head_dim] → 3 x [batch, heads, tokens, d]
+      qkv = qkv.reshape(*x.shape[:-1], 3, *heads).transpose(2, 0, 3, 1, 4)
+      query, key, value = qkv
     else:
       query, key, value = (nn.DenseGeneral(
           heads, dtype=self.dtype, kernel_init=self.kernel_init,
-          name=name)(x) for name in names)
-    if deterministic and not self.sow_weights:
-      out = jax.nn.dot_product_attention(query, key, value)
-    else:
-      out = self._explicit_attention(query, key, value, deterministic)
+          name=name)(x).swapaxes(1, 2) for name in names)
+    out = self._attention(query, key, value, deterministic)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=self.kernel_init, name='out')(out)
+                           kernel_init=self.kernel_init,
+                           name='out')(out.swapaxes(1, 2))
 
-  def _explicit_attention(self, query: Array, key: Array, value: Array,
-                          deterministic: bool) -> Array:
-    """softmax(q k^T / sqrt(d)) v with the weights at hand: dropped out
+  def _attention(self, query: Array, key: Array, value: Array,
+                 deterministic: bool) -> Array:
+    """softmax(q k^T / sqrt(d)) v over `[batch, heads, tokens, head_dim]`
+    (head-major: both matmuls need no transpose), the weights dropped out
     and/or sown."""
     query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    logits = jnp.einsum('bhqd,bhkd->bhqk', query, key)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     if self.sow_weights:
       self.sow('intermediates', 'attention_weights', weights)
     weights = nn.Dropout(rate=self.dropout_rate)(
         weights.astype(self.dtype), deterministic=deterministic)
-    return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    return jnp.einsum('bhqk,bhkd->bhqd', weights, value)
 
 
 class Encoder1DBlock(nn.Module):
@@ -328,7 +325,7 @@ class Encoder1DBlock(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
-  fused_qkv: bool = True
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
@@ -386,7 +383,7 @@ class Encoder(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
-  fused_qkv: bool = True
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -482,7 +479,7 @@ class VisionTransformer(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
-  fused_qkv: bool = True
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
