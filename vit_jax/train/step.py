@@ -75,9 +75,15 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    grad_sum, micro_losses = jax.lax.scan(
-        accumulate, zeros,
-        (micro['image'], micro['label'], jnp.arange(accum_steps)))
+    if accum_steps == 1:
+      # No loop: inside a while loop XLA's CPU backend ran ResNet-Mini's
+      # convolutions 15x slower (39 s per step instead of 2.6 s).
+      grad_sum, loss = accumulate(zeros, (batch['image'], batch['label'], 0))
+      micro_losses = loss[None]
+    else:
+      grad_sum, micro_losses = jax.lax.scan(
+          accumulate, zeros,
+          (micro['image'], micro['label'], jnp.arange(accum_steps)))
     grads = jax.lax.pmean(
         jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
     # Frozen leaves get constant zero "gradients", which the optimizer's
