@@ -37,8 +37,8 @@ class StdConv(nn.Module):
   checkpoints, and as `nn.Conv` names and initialises it); it is standardised
   over the receptive field and input channels in float32 on every call.
   A 1x1 kernel runs as a matmul over the (strided) pixels: XLA's CPU
-  convolution runs 1x1 kernels at a sixth of its matmul speed
-  (docs/benchmarks.md, ResNet section).
+  convolution runs 1x1 kernels several times slower than the matmul
+  (docs/benchmarks.md, "What changed").
 
   Attributes:
     features: output channels.
@@ -73,7 +73,7 @@ class GroupNorm(nn.Module):
   Same parameters (`scale`, `bias` of shape `[channels]`), epsilon (1e-6)
   and float32 statistics as `nn.GroupNorm`, computed from per-channel sums
   over the pixels; XLA's CPU backend runs Flax's grouped reshape-and-reduce
-  2.3x slower, forward and backward (docs/benchmarks.md, ResNet section).
+  slower, forward and backward (docs/benchmarks.md, "What changed").
 
   Attributes:
     num_groups: groups of channels; must divide the channel count.

@@ -103,9 +103,9 @@ class PatchEmbedding(nn.Module):
   with kernel = stride = `patch`, its parameters (`kernel [ph, pw, in,
   features]`, `bias [features]`) and its initialisation, computed as one
   matmul over the flattened patches. XLA's CPU convolution computes the
-  kernel gradient of this strided conv slowly: it was a third of a
-  ViT-Ti/16 train step on 2 cores (docs/benchmarks.md); the matmul runs
-  near the matmul peak.
+  kernel gradient of this strided conv slowly, the largest cost of a
+  ViT-Ti/16 train step after the matmuls on 2 cores (docs/benchmarks.md,
+  "What changed"); the matmul goes through the backend's matmul library.
 
   Attributes:
     features: output width.
