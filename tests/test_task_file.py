@@ -10,7 +10,7 @@ import pytest
 
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import task_file
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 ADAPTER = 'Transformer/encoderblock_0/adapter'
 TRAINABLE = ('head', r'.*/adapter/.*')

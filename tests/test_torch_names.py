@@ -17,7 +17,7 @@ from scipy import special
 
 from vit_jax import models
 from vit_jax.checkpoint import torch_names
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 from vit_jax.models import vit
 
 from tests import helpers

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax.checkpoint import train_state
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 # AdamW's state mixes namedtuple types (ScaleByAdamState, EmptyState, ...), so
 # restoring it checks that optax's structure comes back, not just the arrays.

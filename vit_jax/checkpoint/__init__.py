@@ -28,7 +28,7 @@ from vit_jax.checkpoint import google_npz
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import swin_names
 from vit_jax.checkpoint import torch_names
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 __all__ = ['Checkpoint', 'CheckpointError', 'inspect_params', 'load',
            'load_pretrained', 'read', 'save']

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 Grid = Tuple[int, int]
 RESIZE_METHODS = ('bilinear', 'bicubic')

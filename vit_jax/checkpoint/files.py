@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, Mapping
 
 import numpy as np
 
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 _READ_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
 

@@ -24,7 +24,7 @@ from typing import Dict, Mapping
 import numpy as np
 
 from vit_jax.checkpoint import files
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 Flat = Dict[str, np.ndarray]
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from vit_jax.checkpoint import inspect
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 from vit_jax.checkpoint.torch_names import StateReader
 
 Params = Dict[str, Any]

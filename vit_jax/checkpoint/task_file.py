@@ -28,7 +28,7 @@ import numpy as np
 
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import inspect
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 PyTree = Any
 Trainable = Union[Callable[[str], bool], Collection[str]]

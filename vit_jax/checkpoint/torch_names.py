@@ -42,7 +42,7 @@ import safetensors
 import safetensors.numpy
 
 from vit_jax.checkpoint import files
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]

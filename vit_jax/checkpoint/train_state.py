@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vit_jax.checkpoint import inspect
-from vit_jax.checkpoint.errors import CheckpointError
+from vit_jax.errors import CheckpointError
 
 PyTree = Any
 

@@ -16,7 +16,7 @@ except RuntimeError:  # TensorFlow was already initialised by the caller.
   pass
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.errors import DatasetError
 from vit_jax.input_pipeline.pipeline import class_names
 from vit_jax.input_pipeline.folder import read_images
 from vit_jax.input_pipeline.pipeline import device_prefetch

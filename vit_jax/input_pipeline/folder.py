@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from vit_jax.input_pipeline import preprocess
 from vit_jax.input_pipeline import sources
-from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.errors import DatasetError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _SIGNATURES = {b'\xff\xd8\xff': 'JPEG', b'\x89PNG\r\n\x1a\n': 'PNG'}

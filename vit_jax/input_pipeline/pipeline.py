@@ -27,7 +27,7 @@ from vit_jax.input_pipeline import folder
 from vit_jax.input_pipeline import preprocess
 from vit_jax.input_pipeline import sources
 from vit_jax.input_pipeline import tfds_source
-from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.errors import DatasetError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.errors import DatasetError
 
 
 def split_indices(spec: str, split_sizes: Mapping[str, int],

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.input_pipeline import sources
-from vit_jax.input_pipeline.errors import DatasetError
+from vit_jax.errors import DatasetError
 
 
 def _not_prepared(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str],
