@@ -3,7 +3,7 @@
 import setuptools
 
 TEST_REQUIRES = ['pytest>=8', 'pytest-xdist>=3.5', 'chex>=0.1.90',
-                 'pillow>=10']
+                 'pillow>=10', 'ruff>=0.17,<0.18']
 
 setuptools.setup(
     name='vit_jax',
@@ -37,7 +37,6 @@ setuptools.setup(
     ],
     extras_require={
         'test': TEST_REQUIRES,
-        'dev': TEST_REQUIRES + ['ruff>=0.6'],
         # scripts/benchmark.py --compare timm: the PyTorch reference.
         'bench': ['torch>=2.4', 'torchvision>=0.19', 'timm>=1.0'],
     },

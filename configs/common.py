@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   #     (low-rank update of `rank`, scaled alpha / rank) or 'bitfit' (biases).
   #   injection.targets: comma-separated layer kinds among query, key, value,
   #     out, mlp_hidden, mlp_output, layernorm; None: the method's default.
+  #   trainable: comma-separated regular expressions over '/'-joined
+  #     parameter paths; the leaves they match in full also train (modes
+  #     head and injection), e.g. 'head/.*,.*/LayerNorm_.*'.
   #   task_file: the file (in the workdir) that receives what was trained,
   #     with a fingerprint of the base; '' writes none.
   config.finetune = ml_collections.ConfigDict({
@@ -107,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
           'rank': 8,
           'alpha': 8.0,
       },
+      'trainable': '',
       'task_file': 'task_params.npz',
   })
 

@@ -14,8 +14,8 @@ FLOP/s measured in the same run for that dtype, and XLA's memory per device.
   PYTHONPATH=. python scripts/benchmark.py --models ViT-Ti_16,ViT-B_16 \
       --batches 8,32 --work inference,train [--dtypes float32,bfloat16]
 
-`--model_options ";fused_qkv=True"` times variants of each model (model
-options changed; "" = as registered) side by side.
+`--model_options ";approximate_gelu=False"` times variants of each model
+(model options changed; "" = as registered) side by side.
 
 `--compare timm` adds, for every float32 row, the same work done by timm
 (PyTorch) on the same weights and images (`scripts/timm_reference.py`,
@@ -34,6 +34,7 @@ import itertools
 import os
 import platform
 import resource
+import statistics
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
@@ -41,15 +42,17 @@ import jax.numpy as jnp
 
 from configs import common
 from vit_jax import models
-from vit_jax.train import setup as setup_lib
-from vit_jax.train import timing
+from vit_jax.benchmarks import timing
+from vit_jax.checkpoint import pretrained
+from vit_jax.finetune import modes
 
 NUM_CLASSES = 1000
 WORK = ('inference', 'train')
 
 
 def parse_options(text: str) -> Dict[str, Any]:
-  """'fused_qkv=True,approximate_gelu=False' → {'fused_qkv': True, ...}."""
+  """'approximate_gelu=False,dropout_rate=0.1' → {'approximate_gelu': False,
+  ...}."""
   options = {}
   for item in filter(None, text.split(',')):
     name, sep, value = item.partition('=')
@@ -59,10 +62,12 @@ def parse_options(text: str) -> Dict[str, Any]:
   return options
 
 
-def experiment_config(model: str, crop: int, batch: int, dtype: str,
-                      finetune: str, options: Optional[Dict[str, Any]] = None):
+def experiment_config(model: str, crop: int, batch: int,
+                      dtype: str = 'float32', finetune: str = 'full',
+                      options: Optional[Dict[str, Any]] = None):
   """configs/common.py's CIFAR-10 fine-tuning settings for `model` at `crop`,
-  one step of `batch`, with model `options` (e.g. fused_qkv) changed."""
+  one step of `batch`, fine-tuning preset `finetune` (`modes.presets()`),
+  with model `options` (e.g. approximate_gelu) changed."""
   config = common.with_dataset(common.get_config(), 'cifar10')
   config.model = models.MODEL_CONFIGS[model].copy_and_resolve_references()
   with config.model.unlocked():
@@ -72,7 +77,7 @@ def experiment_config(model: str, crop: int, batch: int, dtype: str,
   config.update({'batch': batch, 'batch_eval': batch, 'accum_steps': 1,
                  'dtype': dtype, 'optim_dtype': 'float32'})
   config.pp.crop = crop
-  config.finetune.mode = finetune
+  config.finetune.update(modes.presets()[finetune])
   return config
 
 
@@ -90,7 +95,8 @@ def initial_model(config) -> Tuple[Any, Any]:
   train step's initial parameters too: same seed)."""
   model = models.build_model(config.model, num_classes=NUM_CLASSES,
                              dtype=jnp.dtype(config.dtype))
-  return model, setup_lib.init_params(model, config.pp.crop, config)
+  return model, pretrained.init_params(model, config.pp.crop,
+                                       seed=config.seed)
 
 
 def reference_run(reference, work: str, config, images, labels
@@ -170,13 +176,14 @@ def main() -> None:
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--work', default='inference,train')
   parser.add_argument('--finetune', default='full',
-                      choices=('full', 'head', 'injection'),
-                      help='what the train step updates')
+                      choices=sorted(modes.presets()),
+                      help='what the train step updates (a fine-tuning '
+                      'preset)')
   parser.add_argument('--model_options', default='',
                       help='variants of the models to time side by side, '
                       'separated by ";", each comma-separated name=value '
                       'model options ("" = as registered), e.g. '
-                      '";fused_qkv=True"')
+                      '";approximate_gelu=False"')
   parser.add_argument('--compare', default='', choices=('', 'timm'),
                       help='also time timm on the same weights (float32, '
                       'full fine-tuning)')
@@ -240,7 +247,7 @@ def main() -> None:
       runs[key + ('timm',)] = run
   seconds = timing.time_rounds(runs, args.rounds, args.warmup, args.settle)
   for row, key in zip(rows, runs):
-    row['seconds'] = timing.median(seconds[key])
+    row['seconds'] = statistics.median(seconds[key])
   print(f'Median of {args.rounds} alternating rounds after {args.warmup} '
         f'warm-up calls, {args.settle} untimed call(s) before each timed one; '
         f'train = the trainer\'s step (finetune {args.finetune}, SGD '

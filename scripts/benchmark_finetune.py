@@ -1,6 +1,6 @@
 """Train-step time of each fine-tuning mode as a ratio of full fine-tuning.
 
-Builds the trainer's own step (`vit_jax.train.step`, SGD with momentum and
+Builds the trainer's own step (`vit_jax.steps`, SGD with momentum and
 clipping as `configs/common.py` sets them) for every mode on the same model
 and batch, then times them in alternation (full, head, ..., full, head, ...)
 so that the machine's load drifts affect all alike, and prints the median
@@ -14,35 +14,13 @@ the backward pass through activations.
 """
 
 import argparse
+import statistics
+
+from benchmark import experiment_config
 import jax
 
-from configs import common
-from vit_jax import models
-from vit_jax.train import timing
-
-# name: (mode, head type, injection method)
-MODES = {
-    'full': ('full', 'linear', 'ia3'),
-    'head': ('head', 'linear', 'ia3'),
-    'head (mlp)': ('head', 'mlp', 'ia3'),
-    'ia3': ('injection', 'linear', 'ia3'),
-    'ssf': ('injection', 'linear', 'ssf'),
-    'lora': ('injection', 'linear', 'lora'),
-    'bitfit': ('injection', 'linear', 'bitfit'),
-}
-
-
-def mode_config(name: str, model: str, crop: int, batch: int):
-  """The trainer's config for fine-tuning mode `name` (CIFAR-10 settings)."""
-  mode, head, method = MODES[name]
-  config = common.with_dataset(common.get_config(), 'cifar10')
-  config.model = models.MODEL_CONFIGS[model].copy_and_resolve_references()
-  config.update({'batch': batch, 'accum_steps': 1})
-  config.pp.crop = crop
-  config.finetune.mode = mode
-  config.finetune.head.type = head
-  config.finetune.injection.method = method
-  return config
+from vit_jax.benchmarks import timing
+from vit_jax.finetune import modes
 
 
 def main() -> None:
@@ -52,7 +30,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--rounds', type=int, default=5,
                       help='timed steps per mode, alternating modes')
-  parser.add_argument('--modes', default=','.join(MODES))
+  parser.add_argument('--modes', default=','.join(modes.presets()))
   args = parser.parse_args()
   names = args.modes.split(',')
   print(f'JAX {jax.__version__} on {jax.devices()[0].device_kind}: '
@@ -61,12 +39,13 @@ def main() -> None:
   device = jax.local_devices()[:1]
   workloads, trainable = {}, {}
   for name in names:
-    config = mode_config(name, args.model, args.crop, args.batch)
+    config = experiment_config(args.model, args.crop, args.batch,
+                               finetune=name)
     workloads[name] = timing.train_workload(config, 10, device)
     trainable[name] = workloads[name].trainable_params
   seconds = timing.time_rounds({n: w.run for n, w in workloads.items()},
                                args.rounds)
-  medians = {name: timing.median(t) for name, t in seconds.items()}
+  medians = {name: statistics.median(t) for name, t in seconds.items()}
   reference = medians.get('full')
   print(f'{"mode":12} {"trainable":>10} {"s/step":>7} {"img/s":>6} '
         f'{"vs full":>7}')

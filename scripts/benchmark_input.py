@@ -4,7 +4,7 @@ For each row (dataset, crop, model) this measures, on this machine:
 
 * pipeline: images/s of the training input pipeline alone (tf.data to NumPy,
   decode + augmentation + batching, after warm-up);
-* step: images/s of the trainer's own train step (`vit_jax.train.step`:
+* step: images/s of the trainer's own train step (`vit_jax.steps`:
   forward, backward, clipping, SGD with momentum, as `configs/common.py`
   sets them) of the model on one fixed batch;
 * fed: images/s of the same step fed by the pipeline through
@@ -19,19 +19,22 @@ what it would with the real files.
 """
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from typing import Callable, Dict, Iterator
 
 import jax
+import tensorflow_datasets as tfds
 
 from configs import common
 from vit_jax import input_pipeline
 from vit_jax import models
-from vit_jax.input_pipeline import testing
-from vit_jax.train import step as step_lib
-from vit_jax.train import setup as setup_lib
+from vit_jax.benchmarks import timing
+
+CIFAR10_TRAIN = 50_000  # The split size the mocked dataset reports.
+
 
 ROWS = (  # dataset, crop, model
     ('cifar10', 224, 'ViT-Ti_16'),
@@ -57,29 +60,42 @@ def images_per_second(run_one: Callable[[], None], batch: int, count: int,
   return batch * calls / (time.perf_counter() - start)
 
 
-def measure_row(dataset: str, crop: int, model_name: str, batch: int,
-                steps: int, data_dir: str) -> Dict[str, float]:
-  config = common.with_dataset(common.get_config(), dataset)
-  config.update({'batch': batch, 'tfds_data_dir': data_dir})
-  config.pp.crop = crop
-  source = input_pipeline.get_source(config)
-  hosts = input_pipeline.Hosts(0, 1, 1)
+def mock_cifar10(data_dir: str):
+  """tfds serves 1,000 random CIFAR-10 examples (real features) as a
+  prepared dataset in `data_dir` with CIFAR-10's train split size."""
+  builder = tfds.builder('cifar10', data_dir=data_dir)
+  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name='train', shard_lengths=[CIFAR10_TRAIN], num_bytes=0)]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+  return tfds.testing.mock_data(num_examples=1_000, data_dir=data_dir,
+                                policy=tfds.testing.MockPolicy.USE_FILES)
 
-  batches = input_pipeline.train_dataset(source, config,
-                                         hosts).as_numpy_iterator()
+
+def measure_row(dataset: str, crop: int, model_name: str, batch: int,
+                count: int, data_dir: str) -> Dict[str, float]:
+  config = common.with_dataset(common.get_config(), dataset)
+  config.update({'batch': batch, 'accum_steps': 1})
+  config.pp.crop = crop
+  config.model = models.MODEL_CONFIGS[model_name]
+  source = input_pipeline.get_source(dataset, tfds_data_dir=data_dir)
+  device = jax.local_devices()[:1]
+
+  def train_data():
+    return input_pipeline.train_dataset(
+        source, config.pp, batch_size=batch, seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        hosts=input_pipeline.Hosts(0, 1, 1))
+
+  batches = train_data().as_numpy_iterator()
   pipeline = statistics.median(
-      images_per_second(lambda: next(batches), batch, 10 * steps, warmup=3)
+      images_per_second(lambda: next(batches), batch, 10 * count, warmup=3)
       for _ in range(3))
 
-  config.model = models.MODEL_CONFIGS[model_name]
-  config.accum_steps = 1
-  setup = setup_lib.create_setup(config, source.info.num_classes)
-  device = jax.local_devices()[:1]
-  step = step_lib.data_parallel(
-      step_lib.make_train_step(setup.model, setup.optimizer, setup.schedule),
-      donate_state=True, devices=device)
+  step, state = timing.train_step_and_state(config, source.info.num_classes,
+                                            device)
   fixed = next(batches)
-  holder = {'state': step_lib.replicate(setup.state, device)}
+  holder = {'state': state}
 
   def run_step(images_and_labels):
     holder['state'], _ = step(holder['state'], images_and_labels)
@@ -87,13 +103,12 @@ def measure_row(dataset: str, crop: int, model_name: str, batch: int,
 
   # Two warm-up calls: with one, the first timed window measured 2.9 img/s
   # against 4.8 fed (ViT-Ti/16, 224), i.e. a one-off cost remained in it.
-  fixed_rate = images_per_second(lambda: run_step(fixed), batch, steps,
+  fixed_rate = images_per_second(lambda: run_step(fixed), batch, count,
                                  warmup=2)
-  fed_batches: Iterator = input_pipeline.device_prefetch(
-      input_pipeline.train_dataset(source, config, hosts), 2)
+  fed_batches: Iterator = input_pipeline.device_prefetch(train_data(), 2)
   # Warm-up fills the shuffle buffer and lets tf.data's autotuning settle.
   fed_rate = images_per_second(lambda: run_step(next(fed_batches)),
-                               batch, steps, warmup=steps)
+                               batch, count, warmup=count)
   return {'pipeline': pipeline, 'step': fixed_rate, 'fed': fed_rate}
 
 
@@ -109,9 +124,7 @@ def main() -> None:
             f'{"step img/s":>10} {"fed img/s":>9} {"pipeline/step":>13} '
             f'{"fed/step":>8}')
   print(header)
-  with tempfile.TemporaryDirectory() as data_dir, testing.mock_tfds(
-      data_dir, 'cifar10', {'train': 50_000, 'test': 10_000},
-      num_examples=1_000):
+  with tempfile.TemporaryDirectory() as data_dir, mock_cifar10(data_dir):
     for dataset, crop, model_name in ROWS:
       r = measure_row(dataset, crop, model_name, args.batch, args.steps,
                       data_dir)

@@ -1,6 +1,6 @@
 """Train several architectures on one dataset with one budget; tabulate them.
 
-Each model is trained from scratch by the project's trainer with
+Each model is trained from scratch by the project's training job with
 `configs/scratch.py:DATASET,MODEL`: the same data, augmentation, optimizer,
 schedule, batch and number of steps for all, so the table compares the
 architectures and nothing else. Rows: model, parameters, GFLOPs per image
@@ -19,9 +19,10 @@ from typing import Any, Dict, List
 
 from configs import scratch
 from vit_jax import models
+from vit_jax import results as results_lib
+from vit_jax import train as train_lib
 from vit_jax.checkpoint import files
 from vit_jax.models import table
-from vit_jax.train import trainer
 
 NUM_CLASSES = 10  # Both datasets of configs/scratch.py are digits.
 
@@ -32,8 +33,8 @@ def train(dataset: str, model: str, steps: int, out: str) -> Dict[str, Any]:
   if steps:
     config.total_steps = steps
   workdir = os.path.join(out, model)
-  results = (trainer.finished_results(workdir) or
-             trainer.train_and_evaluate(config, workdir))
+  results = (results_lib.finished_results(workdir) or
+             train_lib.train_and_evaluate(config, workdir))
   name = config.model.model_name
   net = models.build_model(config.model, num_classes=NUM_CLASSES)
   variables = table.abstract_variables(net, config.pp.crop)

@@ -4,9 +4,10 @@
    learned position embeddings so that a new resolution resizes them) and
    exports its parameters to `OUT/upstream.npz`, unless `--upstream` gives a
    checkpoint file (any format `vit_jax.checkpoint` reads).
-2. Downstream: for each mode (full, head, head with an MLP head, injection
-   with ia3 / ssf / lora / bitfit) runs the trainer on DOWNSTREAM at
-   `--crop` from that checkpoint, in `OUT/<row>/`.
+2. Downstream: for each fine-tuning preset (`vit_jax.finetune.modes.presets`:
+   full, head, head with an MLP head, one row per injection method) runs the
+   training job on DOWNSTREAM at `--crop` from that checkpoint, in
+   `OUT/<row>/`.
 3. Serving: reads the upstream checkpoint once and evaluates every run's task
    file on it (`vit_jax.finetune.serving`), a check that the small files
    reproduce the trained models.
@@ -17,13 +18,14 @@ finished in an earlier invocation with the same OUT are not trained again.
   PYTHONPATH=. python scripts/compare_finetune_modes.py --out=/tmp/ft_compare
 
 The real case (ViT-B/16 from ImageNet-21k on CIFAR-10, as vit_jax's README)
-is the same command with `--upstream=ViT-B_16.npz --config=configs/vit.py:b16,cifar10`.
+is the same command with `--upstream=ViT-B_16.npz --config=b16,cifar10` (an
+argument of `configs/vit.py`).
 """
 
 import argparse
 import os
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from absl import logging
 import jax
@@ -34,22 +36,17 @@ from configs import scratch
 from configs import vit as vit_configs
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
+from vit_jax import results as results_lib
+from vit_jax import train
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import task_file
+from vit_jax.finetune import modes
 from vit_jax.finetune import serving
-from vit_jax.train import trainer
 
 UPSTREAM_FILE = 'upstream.npz'
-# row name: (mode, head type, injection method, base_lr)
-ROWS: Dict[str, Tuple[str, str, str, float]] = {
-    'full': ('full', 'linear', '-', 1e-3),
-    'head': ('head', 'linear', '-', 1e-2),
-    'head-mlp': ('head', 'mlp', '-', 1e-2),
-    'ia3': ('injection', 'linear', 'ia3', 1e-2),
-    'ssf': ('injection', 'linear', 'ssf', 1e-2),
-    'lora': ('injection', 'linear', 'lora', 1e-2),
-    'bitfit': ('injection', 'linear', 'bitfit', 1e-2),
-}
+ROWS = modes.presets()
+# The small downstream setup's learning rate: frozen modes take a larger one.
+FULL_LR, FROZEN_LR = 1e-3, 1e-2
 
 
 def upstream_checkpoint(args, out: str) -> str:
@@ -57,7 +54,7 @@ def upstream_checkpoint(args, out: str) -> str:
   config = scratch.get_config(args.upstream_dataset)
   config.model.posemb = 'learned'
   workdir = os.path.join(out, 'upstream')
-  results = trainer.train_and_evaluate(config, workdir)
+  results = train.train_and_evaluate(config, workdir)
   params = task_file.load_task_params(results['task_file'], base_params={})
   path = os.path.join(out, UPSTREAM_FILE)
   checkpoint.save(path, params)
@@ -69,7 +66,6 @@ def upstream_checkpoint(args, out: str) -> str:
 def downstream_config(args, upstream: str, row: str
                       ) -> ml_collections.ConfigDict:
   """The downstream run of `row`, starting from `upstream`."""
-  mode, head, method, base_lr = ROWS[row]
   if args.config:
     config = vit_configs.get_config(args.config)
   else:
@@ -78,12 +74,9 @@ def downstream_config(args, upstream: str, row: str
     config.model.posemb = 'learned'
     config.pp.update({'crop': args.crop, 'pad': 2})
     config.total_steps = args.steps
-    config.base_lr = base_lr
+    config.base_lr = FULL_LR if row == 'full' else FROZEN_LR
   config.pretrained_path = upstream
-  config.finetune.mode = mode
-  config.finetune.head.type = head
-  if method != '-':
-    config.finetune.injection.method = method
+  config.finetune.update(ROWS[row])  # Merges the nested keys.
   return config
 
 
@@ -95,8 +88,12 @@ def serve_accuracy(upstream: str, runs: Dict[str, Any]) -> Dict[str, float]:
   accuracy = {}
   for (row, run), task in zip(runs.items(), tasks.values()):
     config = run['config']
-    data = input_pipeline.eval_dataset(input_pipeline.get_source(config),
-                                       config, input_pipeline.Hosts(0, 1, 1))
+    source = input_pipeline.get_source(
+        config.dataset, tfds_data_dir=config.tfds_data_dir,
+        tfds_manual_dir=config.tfds_manual_dir)
+    data = input_pipeline.eval_dataset(source, config.pp,
+                                       batch_size=config.batch_eval,
+                                       hosts=input_pipeline.Hosts(0, 1, 1))
     correct = 0
     for batch in data.dataset.as_numpy_iterator():
       logits = np.asarray(task.logits(batch['image'][0]))
@@ -147,16 +144,18 @@ def main() -> None:
     config = downstream_config(args, upstream, row)
     workdir = os.path.join(args.out, row)
     runs[row] = {'config': config, 'workdir': workdir,
-                 'results': trainer.finished_results(workdir) or
-                            trainer.train_and_evaluate(config, workdir)}
+                 'results': results_lib.finished_results(workdir) or
+                            train.train_and_evaluate(config, workdir)}
   served = serve_accuracy(upstream, runs)
   rows = []
   for row, run in runs.items():
-    mode, head, method, _ = ROWS[row]
+    fine = run['config'].finetune
     r = run['results']
     rows.append({
-        'row': row, 'mode': mode if head == 'linear' else f'{mode} ({head})',
-        'method': method, 'served_accuracy': served[row],
+        'row': row, 'mode': (fine.mode if fine.head.type == 'linear' else
+                             f'{fine.mode} ({fine.head.type})'),
+        'method': (fine.injection.method if fine.mode == 'injection' else
+                   '-'), 'served_accuracy': served[row],
         'base_lr': run['config'].base_lr,
         **{k: r[k] for k in ('trainable_params', 'total_params',
                              'test_accuracy', 'wall_time_s', 'step_time_s',

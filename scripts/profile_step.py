@@ -22,12 +22,12 @@ import tempfile
 import time
 from typing import Dict, Tuple
 
+import benchmark
 import jax
+
 # TensorFlow (already the input pipeline's dependency) carries the proto of
 # the profiler's trace files.
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-import benchmark
 
 # Events of the runtime itself, not operations of the step.
 RUNTIME_EVENTS = ('ThunkExecutor', 'SlinkyThreadPool', 'end: ')

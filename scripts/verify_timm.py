@@ -13,8 +13,8 @@
 3. here → timm (Google .npz): `checkpoint.save(..., '.npz')` is loaded by
    timm's own npz loader (`model.load_pretrained`); timm computes exact GELU,
    so it is compared with our model in that mode.
-4. (--published FOLDER) a folder written by `python -m vit_jax.finetune
-   publish` is built and loaded by `timm.create_model('local-dir:FOLDER',
+4. (--published FOLDER) a folder written by `python -m vit_jax.publish` is
+   built and loaded by `timm.create_model('local-dir:FOLDER',
    pretrained=True)` (the Hub's loading path, from config.json alone) and
    computes the logits of the folder's vit_jax model.
 5. (--swin ARCHITECTURE) a timm Swin's `state_dict` is read here and our
@@ -36,13 +36,13 @@ import tempfile
 
 import jax
 import numpy as np
+from safetensors.torch import save_file
 import timm
 import torch
-from safetensors.torch import save_file
 
 from vit_jax import checkpoint
 from vit_jax import models
-from vit_jax.finetune import serving
+from vit_jax.checkpoint import pretrained
 
 # timm architecture → (our registered model, heads)
 ARCHITECTURES = {
@@ -72,7 +72,7 @@ def main() -> int:
                       help='also check a transformers ViT (needs transformers)')
   parser.add_argument('--published', default=None, metavar='FOLDER',
                       help='also load a folder written by `python -m '
-                      "vit_jax.finetune publish` with timm's own loader")
+                      "vit_jax.publish` with timm's own loader")
   parser.add_argument('--swin', default=None, metavar='ARCHITECTURE',
                       help='also check a timm Swin, e.g. '
                       'swin_tiny_patch4_window7_224, both directions')
@@ -158,7 +158,7 @@ def check_published(folder: str, tolerance: float) -> int:
   crop = summary['crop']
   images = np.random.default_rng(1).uniform(
       -1, 1, (4, crop, crop, 3)).astype(np.float32)
-  model, params = serving.model_from_checkpoint(
+  model, params = pretrained.model_from_checkpoint(
       summary['model'], os.path.join(folder, 'model.npz'), crop)
   ours = np.asarray(model.apply({'params': params}, images, train=False))
   loaded = timm.create_model(f'local-dir:{os.path.abspath(folder)}',

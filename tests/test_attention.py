@@ -5,7 +5,6 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -13,12 +12,12 @@ import pytest
 from tests import helpers
 from vit_jax import attention
 from vit_jax import checkpoint
-from vit_jax import input_pipeline
 from vit_jax import finetune
+from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax.attention import render
 from vit_jax.checkpoint import inspect
-from vit_jax.finetune import serving
+from vit_jax.checkpoint import pretrained
 
 CROP = 16  # A 4x4 grid of ViT-Micro_4's 4-pixel patches.
 
@@ -156,8 +155,7 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path):
   bad.write_text('not an image')
   with pytest.raises(input_pipeline.DatasetError, match='notes.png is not a '
                      'JPEG or PNG'):
-    input_pipeline.read_images([str(bad)],
-                               ml_collections.ConfigDict({'crop': CROP}))
+    input_pipeline.read_images([str(bad)], CROP)
 
 
 def test_a_checkpoint_loads_as_a_model_at_any_crop(tmp_path):
@@ -169,10 +167,10 @@ def test_a_checkpoint_loads_as_a_model_at_any_crop(tmp_path):
   params = helpers.random_variables(model, x)['params']
   path = str(tmp_path / 'model.npz')
   checkpoint.save(path, params)
-  loaded_model, loaded = serving.model_from_checkpoint(config.model, path, 8)
+  loaded_model, loaded = pretrained.model_from_checkpoint(config.model, path, 8)
   assert loaded_model.num_classes == 7
   chex.assert_trees_all_close(loaded, params)
   # At 12 px the position embeddings are resized to a 3x3 grid.
-  _, resized = serving.model_from_checkpoint(config.model, path, 12)
+  _, resized = pretrained.model_from_checkpoint(config.model, path, 12)
   chex.assert_shape(resized['Transformer']['posembed_input']['pos_embedding'],
                     (1, 10, 64))

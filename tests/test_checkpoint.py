@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import inspect
-
-from tests import helpers
 
 
 def write_published_npz(path, shapes, seed=0, group_norm_units=False):
@@ -213,8 +212,22 @@ def test_not_a_checkpoint(tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
   path = tmp_path / 'pickled.npz'
   np.savez(path, embedding=np.array([{'kernel': 1}], dtype=object))
-  with pytest.raises(checkpoint.CheckpointError, match='pickled.npz'):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="pickled.npz: 'embedding' holds pickled Python"):
     checkpoint.load(str(path))
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_random_bytes_are_named_without_numpys_pickle_text(tmp_path, seed):
+  """numpy reads unknown bytes as a pickle and says 'allow_pickle'; the user
+  learns only that the file is not an .npz archive."""
+  path = tmp_path / 'random.npz'
+  path.write_bytes(np.random.default_rng(seed).bytes(4096))
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    checkpoint.load(str(path))
+  message = str(error.value)
+  assert message.startswith(f'{path}: not a readable .npz archive')
+  assert 'pickle' not in message.lower()
 
 
 def test_another_models_checkpoint_names_the_differences(tmp_path):

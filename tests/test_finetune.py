@@ -15,16 +15,18 @@ import pytest
 from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import finetune
+from vit_jax import losses
 from vit_jax import models
+from vit_jax import results as results_lib
+from vit_jax import steps as step_lib
+from vit_jax import train as train_lib
+from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import inspect
-from vit_jax.models import table
 from vit_jax.checkpoint import train_state
-from vit_jax.finetune import labels as labels_lib
+from vit_jax.errors import ConfigError
 from vit_jax.finetune import methods
 from vit_jax.finetune import serving
-from vit_jax.train import setup as setup_lib
-from vit_jax.train import step as step_lib
-from vit_jax.train import trainer
+from vit_jax.models import table
 
 CROP = helpers.CROP
 METHODS = ('ia3', 'ssf', 'lora', 'bitfit')
@@ -84,13 +86,14 @@ class InjectedInitTest(chex.TestCase):
     base = micro(num_classes=10)
     injected = finetune.build_model(ft_config('injection', method), 10)
     base_params = helpers.random_variables(base, images())['params']
-    added, _ = labels_lib.split(init(injected), injected.injection.is_added)
+    added, _ = trainable_lib.partition(init(injected),
+                                       injected.injection.is_added)
     apply_injected = self.variant(
         lambda p, x: injected.apply({'params': p}, x, train=False))
     apply_base = self.variant(
         lambda p, x: base.apply({'params': p}, x, train=False))
     chex.assert_trees_all_equal(
-        apply_injected(labels_lib.combine(base_params, added), images()),
+        apply_injected(trainable_lib.combine(base_params, added), images()),
         apply_base(base_params, images()))
 
 
@@ -104,22 +107,6 @@ def test_added_parameters_sit_inside_their_target_layers():
   assert added == {
       **{f'{attention.format(i)}/query/ia3_scale': (2, 32) for i in range(LAYERS)},
       **{f'{attention.format(i)}/out/ia3_scale': (64,) for i in range(LAYERS)}}
-
-
-@pytest.mark.parametrize('mode,targets,fused', [
-    ('full', '', True), ('head', '', True),
-    ('injection', 'mlp_hidden,out', True),
-    ('injection', 'key,value', False), ('injection', 'query', False)])
-def test_query_key_value_targets_get_separate_projections(mode, targets,
-                                                          fused):
-  """A fused query/key/value matmul has no per-projection layer to inject
-  into; the wrapped model turns fusion off exactly when a target needs it."""
-  config = ft_config(mode, 'ia3')
-  config.finetune.injection.targets = targets
-  with config.model.unlocked():
-    config.model.fused_qkv = True
-  model = finetune.build_model(config, 10)
-  assert getattr(model, 'base', model).fused_qkv is fused
 
 
 def vit_ti16_counts(method):
@@ -142,20 +129,19 @@ def test_trainable_counts_of_each_method(method):
   config.model = models.MODEL_CONFIGS['ViT-Ti_16'].copy_and_resolve_references()
   fine = finetune.from_config(config.finetune)
   params = abstract_params(finetune.build_model(config, 10), 224)
-  labels = labels_lib.label_params(params, fine.is_trainable)
-  assert labels_lib.count(params, labels) == vit_ti16_counts(method)
+  assert trainable_lib.count(params, fine.is_trainable) == vit_ti16_counts(
+      method)
   base_total = 5_526_346  # ViT-Ti/16 with a 10-class head.
   added = sum(int(np.prod(s)) for p, s in inspect.shapes(params).items()
               if fine.is_added(p))
-  assert labels_lib.count(params, labels, None) == base_total + added
+  assert trainable_lib.count(params) == base_total + added
 
 
 def test_head_modes_train_only_the_head():
   config = ft_config('head')
   params = init(finetune.build_model(config, 10))
-  labels = labels_lib.label_params(
-      params, finetune.from_config(config.finetune).is_trainable)
-  assert labels_lib.count(params, labels) == 64 * 10 + 10
+  assert trainable_lib.count(
+      params, finetune.from_config(config.finetune).is_trainable) == 64 * 10 + 10
 
   config.finetune.head.type = 'mlp'
   config.finetune.head.mlp_dim = 32
@@ -163,9 +149,38 @@ def test_head_modes_train_only_the_head():
   assert inspect.shapes(params['head']) == {
       'hidden/kernel': (64, 32), 'hidden/bias': (32,),
       'out/kernel': (32, 10), 'out/bias': (10,)}
-  labels = labels_lib.label_params(
-      params, finetune.from_config(config.finetune).is_trainable)
-  assert labels_lib.count(params, labels) == 64 * 32 + 32 + 32 * 10 + 10
+  assert trainable_lib.count(
+      params, finetune.from_config(config.finetune).is_trainable) == (
+          64 * 32 + 32 + 32 * 10 + 10)
+
+
+def test_trainable_patterns_add_leaves_to_a_freezing_mode():
+  """`config.finetune.trainable`: head plus every LayerNorm (not the final
+  encoder_norm, which the pattern does not match)."""
+  config = ft_config('head')
+  config.finetune.trainable = '.*/LayerNorm_.*'
+  fine = finetune.from_config(config.finetune)
+  params = init(finetune.build_model(config, 10))
+  trained = [p for p in inspect.flatten(params) if fine.is_trainable(p)]
+  assert sorted(trained) == sorted(
+      ['head/kernel', 'head/bias'] +
+      [f'Transformer/encoderblock_{i}/LayerNorm_{n}/{leaf}'
+       for i in range(LAYERS) for n in (0, 1) for leaf in ('scale', 'bias')])
+  fine.check(params)  # Every pattern matches something.
+
+
+@pytest.mark.parametrize('trainable,mode,message', [
+    ('head/(', 'head', r"config.finetune.trainable: 'head/\(' is not a "
+     'regular expression'),
+    ('.*/NoSuchLayer/.*', 'head', 'NoSuchLayer.*match no parameter'),
+    ('.*/LayerNorm_.*', 'full', "has no effect with config.finetune.mode='full'"),
+])
+def test_bad_trainable_patterns_are_config_errors(trainable, mode, message):
+  config = ft_config(mode)
+  config.finetune.trainable = trainable
+  with pytest.raises(ConfigError, match=message):
+    fine = finetune.from_config(config.finetune)
+    fine.check(init(finetune.build_model(config, 10)))
 
 
 @pytest.mark.parametrize('change,message', [
@@ -185,7 +200,7 @@ def test_bad_fine_tuning_configs_name_the_key(change, message):
     for part in parents:
       node = node[part]
     node[leaf] = value
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ConfigError, match=message):
     finetune.build_model(config, 10)
 
 
@@ -230,8 +245,8 @@ def test_a_new_method_is_one_registered_class():
 @pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
 def test_optimizer_state_covers_only_trainable_leaves(optimizer):
   config = ft_config('injection', 'lora', optimizer=optimizer)
-  setup = setup_lib.create_setup(config, num_classes=10)
-  trainable = labels_lib.count(setup.state.params, setup.labels)
+  setup = helpers.create_setup(config, num_classes=10)
+  trainable = trainable_lib.count(setup.state.params, setup.trainable)
   state_values = sum(x.size for x in jax.tree.leaves(setup.state.opt_state)
                      if x.ndim)  # Leaves a step counter out.
   moments = 1 if optimizer == 'sgd' else 2
@@ -245,8 +260,9 @@ def run_steps(setup, steps=5, seed=0):
   step 0's learning rate is 0), then B (step 2), then A (step 3).
   """
   train_step = step_lib.data_parallel(
-      step_lib.make_train_step(setup.model, setup.optimizer, setup.schedule,
-                               labels=setup.labels),
+      step_lib.make_train_step(losses.classifier_loss(setup.model),
+                               setup.optimizer, setup.schedule,
+                               setup.trainable),
       devices=jax.local_devices()[:1])
   state = step_lib.replicate(setup.state, jax.local_devices()[:1])
   rng = np.random.default_rng(seed)
@@ -258,20 +274,29 @@ def run_steps(setup, steps=5, seed=0):
   return step_lib.unreplicate(state)
 
 
-@pytest.mark.parametrize('mode,method', [
-    ('head', 'ia3'), ('injection', 'ia3'), ('injection', 'ssf'),
-    ('injection', 'lora'), ('injection', 'bitfit')])
-def test_steps_change_every_trainable_leaf_and_no_frozen_bit(mode, method):
-  setup = setup_lib.create_setup(ft_config(mode, method), num_classes=10)
+@pytest.mark.parametrize('mode,method,patterns', [
+    ('head', 'ia3', ''), ('head', 'ia3', '.*/LayerNorm_1/.*'),
+    ('injection', 'ia3', ''), ('injection', 'ssf', ''),
+    ('injection', 'lora', ''), ('injection', 'bitfit', '')])
+def test_steps_change_every_trainable_leaf_and_no_frozen_bit(mode, method,
+                                                             patterns):
+  config = ft_config(mode, method)
+  config.finetune.trainable = patterns
+  setup = helpers.create_setup(config, num_classes=10)
   before = jax.device_get(setup.state.params)
   after = jax.device_get(run_steps(setup).params)
-  trainable_before, frozen_before = labels_lib.partition(before, setup.labels)
-  trainable_after, frozen_after = labels_lib.partition(after, setup.labels)
+  trainable_before, frozen_before = trainable_lib.partition(before,
+                                                            setup.trainable)
+  trainable_after, frozen_after = trainable_lib.partition(after,
+                                                          setup.trainable)
   chex.assert_trees_all_equal(frozen_after, frozen_before)
   unchanged = [path for path, value in inspect.flatten(trainable_after).items()
                if np.array_equal(value, inspect.flatten(trainable_before)[path])]
   assert not unchanged
   assert inspect.flatten(frozen_before)  # The mode does freeze something.
+  if patterns:
+    assert any('LayerNorm_1' in path for path in inspect.flatten(
+        trainable_before))
 
 
 def count_matmuls(jaxpr) -> int:
@@ -297,9 +322,10 @@ def test_backward_pass_computes_no_frozen_weight_gradient():
            'label': jnp.zeros([1, 8], jnp.int32)}
   counts = {}
   for mode in ('full', 'injection', 'head'):
-    setup = setup_lib.create_setup(ft_config(mode, 'ia3'), num_classes=10)
-    step = step_lib.make_train_step(setup.model, setup.optimizer,
-                                    setup.schedule, labels=setup.labels)
+    setup = helpers.create_setup(ft_config(mode, 'ia3'), num_classes=10)
+    step = step_lib.make_train_step(losses.classifier_loss(setup.model),
+                                    setup.optimizer, setup.schedule,
+                                    setup.trainable)
     counts[mode] = count_matmuls(jax.make_jaxpr(jax.vmap(
         step, axis_name=step_lib.AXIS))(
             jax.tree.map(lambda x: x[None], setup.state), batch).jaxpr)
@@ -353,12 +379,12 @@ def two_tasks(tmp_path_factory):
     config.pp.crop = 12  # A 3x3 patch grid: position embeddings are resized.
     workdir = str(root / f'digits_{method}')
     runs[method] = (config, workdir,
-                    trainer.train_and_evaluate(config, workdir))
+                    train_lib.train_and_evaluate(config, workdir))
   return base_path, runs
 
 
 def restored_params(config, workdir):
-  target = setup_lib.create_setup(config, num_classes=10).state
+  target = helpers.create_setup(config, num_classes=10).state
   with train_state.TrainCheckpointer(workdir) as checkpointer:
     return checkpointer.restore(target).params
 
@@ -366,7 +392,7 @@ def restored_params(config, workdir):
 def test_results_and_task_file_record_what_trained(two_tasks):
   _, runs = two_tasks
   config, workdir, results = runs['ia3']
-  with open(os.path.join(workdir, trainer.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, results_lib.RESULTS_FILE)) as f:
     assert json.load(f) == results
   assert results['finetune'] == 'injection (ia3 on key,value,mlp_hidden)'
   assert results['trainable_params'] == (
@@ -427,5 +453,5 @@ def test_an_injected_run_resumes(two_tasks):
   config, workdir, _ = runs['lora']
   config = config.copy_and_resolve_references()
   config.total_steps = 6
-  results = trainer.train_and_evaluate(config, workdir)
+  results = train_lib.train_and_evaluate(config, workdir)
   assert results['resumed_from_step'] == 4

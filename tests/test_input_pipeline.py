@@ -2,23 +2,26 @@
 
 import functools
 import os
+import re
 import shutil
 
 import chex
 import jax
 import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
 from tests import data_helpers
+from tests import tfds_mock
 from vit_jax import input_pipeline
+from vit_jax.errors import ConfigError
 from vit_jax.input_pipeline import embedded
+from vit_jax.input_pipeline import folder
 from vit_jax.input_pipeline import preprocess
 from vit_jax.input_pipeline import sources
-from vit_jax.input_pipeline import testing
 from vit_jax.input_pipeline import tfds_source
 
 Hosts = input_pipeline.Hosts
@@ -33,6 +36,27 @@ def make_config(dataset: str = 'digits', crop: int = 16, batch: int = 32,
   config.batch_eval = batch
   config.shuffle_buffer = 256
   return config
+
+
+def source_of(config: ml_collections.ConfigDict) -> sources.Source:
+  """The source of `config.dataset`, as the training job opens it."""
+  return input_pipeline.get_source(
+      config.dataset, tfds_data_dir=config.tfds_data_dir,
+      tfds_manual_dir=config.tfds_manual_dir,
+      tfds_download=config.tfds_download)
+
+
+def train_of(source, config, hosts=None):
+  """The training stream of `config`, as the training job builds it."""
+  return input_pipeline.train_dataset(
+      source, config.pp, batch_size=config.batch, seed=config.seed,
+      shuffle_buffer=config.shuffle_buffer, hosts=hosts)
+
+
+def eval_of(source, config, hosts=None):
+  """The evaluation data of `config`, as the training job builds it."""
+  return input_pipeline.eval_dataset(source, config.pp,
+                                     batch_size=config.batch_eval, hosts=hosts)
 
 
 def first_batches(dataset, count: int):
@@ -59,7 +83,7 @@ def assert_train_batch(batch, devices: int, per_device: int, crop: int,
 
 def eval_labels(source, config, hosts):
   """Labels of the masked-in examples, and the padded examples' images."""
-  data = input_pipeline.eval_dataset(source, config, hosts)
+  data = eval_of(source, config, hosts)
   batches = list(data.dataset.as_numpy_iterator())
   assert len(batches) == data.num_batches
   masks = np.stack([b['mask'] for b in batches])
@@ -86,7 +110,10 @@ def nearest_centroid_accuracy(source) -> float:
   """Test accuracy of classifying by the closest class-mean train image."""
   train_x, train_y = raw_split(source, 'train')
   test_x, test_y = raw_split(source, 'test')
-  flat = lambda x: x.reshape(len(x), -1).astype(np.float32)
+
+  def flat(x):
+    return x.reshape(len(x), -1).astype(np.float32)
+
   centroids = np.stack([flat(train_x[train_y == c]).mean(0)
                         for c in range(10)])
   distances = ((flat(test_x)[:, None] - centroids[None]) ** 2).sum(-1)
@@ -139,7 +166,7 @@ def test_mnist5k_are_real_images(mnist5k):
 def test_embedded_train_batches(mnist5k):
   config = make_config('mnist5k', crop=28, batch=64, pad=4)
   batch = first_batches(
-      input_pipeline.train_dataset(mnist5k, config, Hosts(0, 1, 8)), 1)[0]
+      train_of(mnist5k, config, Hosts(0, 1, 8)), 1)[0]
   assert_train_batch(batch, 8, 8, 28, 10)
   image = batch['image']
   np.testing.assert_array_equal(image[..., 0], image[..., 2])  # Grey → RGB.
@@ -151,7 +178,7 @@ def test_embedded_train_batches(mnist5k):
 @pytest.fixture
 def mock_tfds(tmp_path):
   """Mocks tfds with real metadata and our split sizes for `name`."""
-  return functools.partial(testing.mock_tfds, str(tmp_path))
+  return functools.partial(tfds_mock.mock_tfds, str(tmp_path))
 
 
 @pytest.mark.parametrize('name,raw_channels', [('cifar10', 3), ('mnist', 1)])
@@ -161,11 +188,11 @@ def test_tfds_dataset(name, raw_channels, mock_tfds, tmp_path):
     config = make_config(name, crop=24, batch=32)
     config.tfds_data_dir = str(tmp_path)
     config.pp.train = 'train[:90%]'
-    source = input_pipeline.get_source(config)
+    source = source_of(config)
     assert source.info.num_classes == 10
     assert source.info.split_sizes == sizes
     assert source.num_examples('train[:90%]') == 180
-    train = input_pipeline.train_dataset(source, config, Hosts(0, 1, 4))
+    train = train_of(source, config, Hosts(0, 1, 4))
     for batch in first_batches(train, 3):
       assert_train_batch(batch, 4, 8, 24, 10)
       if raw_channels == 1:
@@ -198,7 +225,7 @@ def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch,
   config = make_config('cifar10')
   config.tfds_data_dir = str(tmp_path)
   with pytest.raises(input_pipeline.DatasetError) as error:
-    input_pipeline.get_source(config)
+    source_of(config)
   message = str(error.value)
   assert "'cifar10' is not prepared in " + str(tmp_path) in message
   assert f'tfds build cifar10 --data_dir={tmp_path}' in message
@@ -208,20 +235,20 @@ def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch,
   config.tfds_manual_dir = str(tmp_path / 'manual')
   with pytest.raises(input_pipeline.DatasetError,
                      match=r'downloaded by hand.*looked in .*manual'):
-    input_pipeline.get_source(config)
+    source_of(config)
 
   assert attempts == ['cifar10', 'imagenet2012']
   config.tfds_download = False
   with pytest.raises(input_pipeline.DatasetError,
                      match=r'not prepared .* config.tfds_download is False'):
-    input_pipeline.get_source(config)
+    source_of(config)
   assert len(attempts) == 2  # Failed without trying to download.
 
 
 def test_unknown_dataset_name():
   with pytest.raises(input_pipeline.DatasetError,
                      match="Unknown dataset 'no_such_set'"):
-    input_pipeline.get_source(make_config('no_such_set'))
+    source_of(make_config('no_such_set'))
 
 
 # ------------------------------------------------------------ image folder
@@ -254,15 +281,14 @@ def image_folder(tmp_path):
 
 def test_image_folder(image_folder):
   config = make_config(str(image_folder), crop=16, batch=8)
-  source = input_pipeline.get_source(config)
+  source = source_of(config)
   assert source.info.class_names == ('cat', 'dog')
   assert source.info.split_sizes == {'train': 5, 'test': 3}
-  batch = first_batches(
-      input_pipeline.train_dataset(source, config, Hosts(0, 1, 2)), 1)[0]
+  batch = first_batches(train_of(source, config, Hosts(0, 1, 2)), 1)[0]
   assert_train_batch(batch, 2, 4, 16, 2)
   labels, _, _ = eval_labels(source, config, Hosts(0, 1, 2))
   assert sorted(labels) == [0, 1, 1]
-  for split_batch in [batch, next(input_pipeline.eval_dataset(
+  for split_batch in [batch, next(eval_of(
       source, config, Hosts(0, 1, 2)).dataset.as_numpy_iterator())]:
     images, labels = split_batch['image'], split_batch['label']
     # Solid red cats and blue dogs stay red and blue (JPEG: within 0.1).
@@ -274,8 +300,10 @@ def test_image_folder(image_folder):
 
 
 def test_image_folder_errors(image_folder):
-  folder = str(image_folder)
-  load = lambda: input_pipeline.get_source(make_config(folder))
+
+  def load():
+    return source_of(make_config(str(image_folder)))
+
   (image_folder / 'train/cat/broken.jpg').write_bytes(b'GIF89a....')
   with pytest.raises(input_pipeline.DatasetError,
                      match=r'train/cat/broken.jpg is not a JPEG or PNG'):
@@ -293,6 +321,48 @@ def test_image_folder_errors(image_folder):
   with pytest.raises(input_pipeline.DatasetError,
                      match=r'lacks test sub-directories'):
     load()
+
+
+def write_truncated_jpeg(path) -> None:
+  """A noisy 64x64 JPEG cut in half: a valid header, half the scan data."""
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  Image.fromarray(pixels).save(path, 'JPEG')
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def test_image_folder_reports_every_problem_at_once(image_folder):
+  """A truncated JPEG (valid header) is found at listing, with the others."""
+  write_truncated_jpeg(image_folder / 'train/cat/cut.jpg')
+  (image_folder / 'test/dog/notes.png').write_text('not an image')
+  os.makedirs(image_folder / 'train/bird')
+  with pytest.raises(input_pipeline.DatasetError) as error:
+    source_of(make_config(str(image_folder)))
+  message = str(error.value)
+  assert 'has 3 problem(s)' in message
+  assert re.search(r'Cannot decode image .*train/cat/cut.jpg: .*truncated',
+                   message)
+  assert re.search(r'test/dog/notes.png is not a JPEG or PNG', message)
+  assert re.search(r'train/bird holds no .jpg/.jpeg/.png images', message)
+  assert 'more' not in message
+
+
+def test_image_folder_lists_at_most_max_listed_problems(image_folder):
+  count = folder.MAX_LISTED + 5
+  for index in range(count):
+    (image_folder / f'train/dog/bad{index:02d}.png').write_bytes(b'GIF89a')
+  with pytest.raises(input_pipeline.DatasetError) as error:
+    source_of(make_config(str(image_folder)))
+  message = str(error.value)
+  assert f'has {count} problem(s)' in message
+  assert message.count('is not a JPEG or PNG') == folder.MAX_LISTED
+  assert message.endswith('... and 5 more.')
+
+
+def test_class_names_of_a_folder_read_no_image(image_folder):
+  write_truncated_jpeg(image_folder / 'train/cat/cut.jpg')  # Found by decoding.
+  assert input_pipeline.class_names(str(image_folder)) == ('cat', 'dog')
+  assert input_pipeline.class_names('digits') == tuple('0123456789')
 
 
 # -------------------------------------------- evaluation, hosts, batching
@@ -333,7 +403,7 @@ def test_train_stream_pixels_match_labels_and_reshuffle():
   config = make_config(batch=64, crop=4, augment='none', flip=False)
   config.shuffle_buffer = 1  # Only the source's exact per-epoch shuffle.
   batches = first_batches(
-      input_pipeline.train_dataset(source, config, Hosts(0, 1, 4)), 2)
+      train_of(source, config, Hosts(0, 1, 4)), 2)
   for batch in batches:
     pixels = np.round((batch['image'][..., 0, 0, 0] + 1) * 127.5)
     np.testing.assert_array_equal(pixels, batch['label'] % 251)
@@ -345,8 +415,10 @@ def test_train_stream_pixels_match_labels_and_reshuffle():
 def test_train_stream_is_deterministic_per_seed(digits):
   config = make_config(crop=16, batch=16, augment='inception_crop', flip=True)
   hosts = Hosts(0, 1, 2)
-  run = lambda: first_batches(
-      input_pipeline.train_dataset(digits, config, hosts), 3)
+
+  def run():
+    return first_batches(train_of(digits, config, hosts), 3)
+
   chex.assert_trees_all_equal(run(), run())
   config.seed = 1
   other = run()
@@ -356,19 +428,29 @@ def test_train_stream_is_deterministic_per_seed(digits):
 
 def test_batch_must_divide_over_devices():
   source = data_helpers.id_source(num_train=10, num_test=10)
-  with pytest.raises(ValueError, match=r'config.batch=30 .* 8 devices'):
-    input_pipeline.train_dataset(source, make_config(batch=30),
-                                 Hosts(0, 2, 4))
-  with pytest.raises(ValueError, match=r'config.batch_eval=12'):
+  with pytest.raises(ConfigError, match=r'config.batch=30 .* 8 devices'):
+    train_of(source, make_config(batch=30), Hosts(0, 2, 4))
+  with pytest.raises(ConfigError, match=r'config.batch_eval=12'):
     config = make_config(batch=16)
     config.batch_eval = 12
-    input_pipeline.eval_dataset(source, config, Hosts(0, 1, 8))
+    eval_of(source, config, Hosts(0, 1, 8))
+
+
+def test_per_device_batch_is_a_config_error_naming_the_knob():
+  hosts = Hosts(0, 2, 4)
+  assert hosts.per_device_batch(32) == 4
+  for batch in (0, 12):
+    with pytest.raises(ConfigError,
+                       match=rf'config.batch_eval={batch} must be a positive '
+                       r'multiple of the 8 devices \(2 host\(s\) x 4 local'):
+      hosts.per_device_batch(batch, 'batch_eval')
+  assert issubclass(ConfigError, ValueError)  # Old `except ValueError` holds.
 
 
 def test_device_prefetch_shards_over_local_devices(mnist5k):
   devices = jax.local_device_count()
   config = make_config('mnist5k', crop=8, batch=2 * devices)
-  dataset = input_pipeline.train_dataset(mnist5k, config)
+  dataset = train_of(mnist5k, config)
   batch = next(input_pipeline.device_prefetch(dataset, 2))
   assert isinstance(batch['image'], jax.Array)
   chex.assert_shape(batch['image'], (devices, 2, 8, 8, 3))
@@ -389,7 +471,7 @@ def single_dot_source(side: int = 16):
 def test_pad_and_crop_shifts_by_at_most_pad():
   config = make_config(batch=64, crop=16, augment='pad_and_crop', pad=3,
                        flip=False)
-  batch = first_batches(input_pipeline.train_dataset(
+  batch = first_batches(train_of(
       single_dot_source(), config, Hosts(0, 1, 1)), 1)[0]
   images = batch['image'][0, ..., 0]
   rows, cols = np.unravel_index(images.reshape(64, -1).argmax(1), (16, 16))
@@ -401,7 +483,7 @@ def test_pad_and_crop_shifts_by_at_most_pad():
 def test_eval_preprocessing_maps_pixels_to_minus_one_one():
   source = data_helpers.id_source(num_train=1, num_test=255, side=8)
   config = make_config(batch=8, crop=12)
-  batch = next(input_pipeline.eval_dataset(
+  batch = next(eval_of(
       source, config, Hosts(0, 1, 1)).dataset.as_numpy_iterator())
   expected = (batch['label'][0] % 251) / 127.5 - 1
   np.testing.assert_allclose(batch['image'][0, :, 0, 0, 0], expected,
@@ -409,5 +491,5 @@ def test_eval_preprocessing_maps_pixels_to_minus_one_one():
 
 
 def test_unknown_augmentation_is_a_config_error():
-  with pytest.raises(ValueError, match=r"config.pp.augment='mixup'"):
+  with pytest.raises(ConfigError, match=r"config.pp.augment='mixup'"):
     preprocess.check_pp(make_config(augment='mixup').pp)

@@ -16,12 +16,13 @@ from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import predict
+from vit_jax import publish
+from vit_jax import train as train_lib
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import task_file
-from vit_jax.finetune import publish
+from vit_jax.errors import ConfigError
 from vit_jax.input_pipeline import embedded
 from vit_jax.models import vit
-from vit_jax.train import trainer
 
 COMMAND = 'python -m vit_jax.main --config=configs/scratch.py:mnist5k'
 
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
   """A finished 6-step run (two-layer ViT-Micro, sincos2d + GAP) on mnist5k."""
   workdir = str(tmp_path_factory.mktemp('run'))
   config = helpers.job_config()
-  results = trainer.train_and_evaluate(config, workdir, COMMAND)
+  results = train_lib.train_and_evaluate(config, workdir, COMMAND)
   return workdir, config, results
 
 
@@ -51,8 +52,7 @@ def digit_files(tmp_path_factory):
 
 def reference_probabilities(model, params, paths, crop):
   """Softmax of the model on the files, read as evaluation reads them."""
-  images = input_pipeline.read_images(paths, helpers.job_config(
-      pp={'crop': crop}).pp)
+  images = input_pipeline.read_images(paths, crop)
   logits = model.apply({'params': params}, images, train=False)
   return np.asarray(jax.nn.softmax(logits))
 
@@ -231,13 +231,13 @@ def test_published_folder_holds_the_same_model(run, digit_files, tmp_path):
   assert COMMAND in card and 'library_name: timm' in card
   assert open(os.path.join(out, 'class_names.txt')).read().split() == list(
       embedded.DIGIT_NAMES)
-  with pytest.raises(FileExistsError, match='vit_micro_mnist5k exists'):
+  with pytest.raises(ConfigError, match='vit_micro_mnist5k exists'):
     publish.publish(workdir, out)
 
 
 def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
     run, tmp_path, monkeypatch):
-  with pytest.raises(FileNotFoundError, match='not the workdir of a finished'):
+  with pytest.raises(ConfigError, match='not the workdir of a finished'):
     publish.publish(str(tmp_path), str(tmp_path / 'out'))
   params = {'head': {'hidden': {}}}
   config = helpers.micro_model_config().to_dict()

@@ -11,11 +11,10 @@ from configs import scratch
 from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import train
 from vit_jax.checkpoint import train_state
 from vit_jax.models import registry
 from vit_jax.models import table
-from vit_jax.train import setup as setup_lib
-from vit_jax.train import trainer
 
 # ResNet: (matched ViT, resolution, classes at which the counts are compared).
 MATCHED_VITS = {
@@ -99,8 +98,8 @@ def micro_resnet_config():
 
   It has every kind of layer of the whole model (StdConv, GroupNorm without
   batch statistics, the `head`) and compiles several times faster: a strided
-  stage's gradient is slow to compile on a CPU, and every op compiles on its
-  own without jit. tests/test_models.py runs every registered ResNet.
+  stage's gradient is slow to compile on a CPU. tests/test_models.py sizes
+  every registered ResNet.
   """
   config = registry.get_resnet_micro_config()
   config.stages = (1,)
@@ -111,25 +110,6 @@ def images(resolution: int, batch: int = 2) -> jax.Array:
   """A batch of uniform random images in [-1, 1]."""
   return jax.random.uniform(jax.random.key(1), (batch, resolution, resolution,
                                                 3), minval=-1, maxval=1)
-
-
-class ForwardTest(chex.TestCase):
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_output_shape_and_jit_consistency(self):
-    model = models.build_model(micro_resnet_config(), num_classes=7)
-    x = images(helpers.CROP)
-    variables = helpers.random_variables(model, x)
-    forward = lambda v, x: model.apply(v, x, train=False)
-
-    logits = self.variant(forward)(variables, x)
-
-    chex.assert_shape(logits, (2, 7))
-    chex.assert_type(logits, jnp.float32)
-    chex.assert_tree_all_finite(logits)
-    self.assertGreater(float(jnp.std(logits)), 0.1)
-    chex.assert_trees_all_close(logits, forward(variables, x), rtol=1e-4,
-                                atol=1e-4)
 
 
 def test_without_classes_returns_pooled_features():
@@ -187,7 +167,7 @@ def job(mode: str):
 def initial_params():
   """The parameters every `job` starts from (the trainer's own init)."""
   return jax.device_get(
-      setup_lib.create_setup(job('full'), num_classes=10).state.params)
+      helpers.create_setup(job('full'), num_classes=10).state.params)
 
 
 def test_head_starts_at_zero(initial_params):
@@ -206,17 +186,18 @@ def split_head(params) -> tuple:
   return head, body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['full', 'head'])
 def test_trainer_trains_a_small_resnet(mode, initial_params, tmp_path):
   """The head trains in both modes; the body trains in full mode and keeps
   every bit of its initial value in head mode."""
   config = job(mode)
 
-  results = trainer.train_and_evaluate(config, str(tmp_path))
+  results = train.train_and_evaluate(config, str(tmp_path))
 
   assert np.isfinite(results['test_loss'])
   target = jax.eval_shape(
-      lambda: setup_lib.create_setup(config, num_classes=10).state)
+      lambda: helpers.create_setup(config, num_classes=10).state)
   with train_state.TrainCheckpointer(str(tmp_path)) as checkpointer:
     trained = checkpointer.restore(target)
   assert int(trained.step) == 4

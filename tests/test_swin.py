@@ -10,13 +10,11 @@ from tests import helpers
 from tests import test_finetune
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax.checkpoint import files
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import swin_names
-from vit_jax.checkpoint import torch_names
-from vit_jax.finetune import labels as labels_lib
 from vit_jax.models import swin
 from vit_jax.models import table
-from vit_jax.train import setup as setup_lib
 
 # A Swin small enough for 8x8 images: patch 2 → a 4x4 grid of 2x2 windows
 # (shifted by 1 in odd blocks), then 2x2 after merging (one window).
@@ -162,7 +160,7 @@ def timm_swin_state(embed_dim, depths, heads, window, patch, classes, seed=0,
 def test_a_timm_named_swin_file_loads_and_round_trips(tmp_path):
   state = timm_swin_state(16, (2, 2), (2, 4), 2, 2, 10)
   path = str(tmp_path / 'swin.safetensors')
-  torch_names.write_safetensors(path, state)
+  files.write_safetensors(path, state)
   ckpt = checkpoint.read(path)
   assert ckpt.format == 'timm'
   assert ckpt.architecture == {
@@ -189,15 +187,14 @@ def test_a_timm_named_swin_file_loads_and_round_trips(tmp_path):
   # Back to timm's names: the same state dict, every tensor.
   exported = str(tmp_path / 'exported.safetensors')
   checkpoint.save(exported, ckpt.params)
-  chex.assert_trees_all_close(torch_names.read_safetensors(exported), state)
+  chex.assert_trees_all_close(files.read_safetensors(exported), state)
 
 
 def test_old_timm_layout_loads_to_the_same_tree(tmp_path):
   new = str(tmp_path / 'new.safetensors')
   old = str(tmp_path / 'old.safetensors')
-  torch_names.write_safetensors(new, timm_swin_state(16, (2, 2), (2, 4), 2,
-                                                     2, 10))
-  torch_names.write_safetensors(old, timm_swin_state(
+  files.write_safetensors(new, timm_swin_state(16, (2, 2), (2, 4), 2, 2, 10))
+  files.write_safetensors(old, timm_swin_state(
       16, (2, 2), (2, 4), 2, 2, 10, old_layout=True))
   chex.assert_trees_all_close(checkpoint.read(old).params,
                               checkpoint.read(new).params)
@@ -207,7 +204,7 @@ def test_a_swin_file_with_a_missing_tensor_is_named(tmp_path):
   state = timm_swin_state(16, (2, 2), (2, 4), 2, 2, 10)
   del state['layers.1.blocks.0.mlp.fc2.bias']
   path = str(tmp_path / 'broken.safetensors')
-  torch_names.write_safetensors(path, state)
+  files.write_safetensors(path, state)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'broken.safetensors.*layers.1.blocks.0.mlp.fc2.'
                      'bias.*standard Swin'):
@@ -225,18 +222,15 @@ def swin_config(mode, method='ia3'):
     ('full', 'ia3'), ('head', 'ia3'), ('injection', 'ia3'),
     ('injection', 'lora')])
 def test_swin_trains_in_every_fine_tuning_mode(mode, method):
-  setup = setup_lib.create_setup(swin_config(mode, method), num_classes=10)
+  setup = helpers.create_setup(swin_config(mode, method), num_classes=10)
   flat = inspect.flatten(setup.state.params)
   if mode == 'injection':  # Targets found inside the window attention.
     added = 'ia3_scale' if method == 'ia3' else 'lora_a'
     leaf = 'key' if method == 'ia3' else 'query'
     assert f'stage_1/block_1/attention/{leaf}/{added}' in flat
   before = jax.device_get(setup.state.params)
-  after = jax.device_get(test_finetune.run_steps(setup).params)
-  trainable = inspect.flatten(setup.labels)
+  after = inspect.flatten(
+      jax.device_get(test_finetune.run_steps(setup).params))
   for path, value in inspect.flatten(before).items():
-    moved = not np.array_equal(value, inspect.flatten(after)[path])
-    if trainable[path] == labels_lib.TRAINABLE:
-      assert moved, path
-    else:
-      assert not moved, path
+    moved = not np.array_equal(value, after[path])
+    assert moved == setup.trainable(path), path

@@ -8,12 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import task_file
 from vit_jax.errors import CheckpointError
 
 ADAPTER = 'Transformer/encoderblock_0/adapter'
-TRAINABLE = ('head', r'.*/adapter/.*')
+
+
+def matching(patterns: str) -> trainable_lib.Trainable:
+  """The predicate of comma-separated path regexes."""
+  return trainable_lib.matcher(trainable_lib.parse_patterns(patterns))
+
+
+TRAINABLE = matching('head/.*,.*/adapter/.*')
 
 
 def base_params(seed: int = 0) -> dict:
@@ -61,21 +69,20 @@ def test_round_trip_gives_the_fine_tuned_tree(saved):
       jnp.bfloat16)
 
 
-def test_predicate_prefixes_and_explicit_base(tmp_path):
+def test_patterns_match_whole_paths_and_explicit_base(tmp_path):
   base = base_params()
   params = fine_tuned(base)
   params['header'] = {'kernel': np.ones(3, np.float32)}
   base['header'] = params['header']
   path = str(tmp_path / 'task.npz')
 
-  # 'head' selects 'head/...' but not 'header/...'.
-  task_file.save_task_params(path, params, ['head', ADAPTER], base_params=base)
+  # 'head/.*' selects 'head/...' but not 'header/...'.
+  task_file.save_task_params(path, params, matching(f'head/.*,{ADAPTER}/.*'),
+                             base_params=base)
   with np.load(path, allow_pickle=False) as data:
     assert not any(key.startswith('header') for key in data.files)
+    assert 'head/kernel' in data.files
 
-  task_file.save_task_params(
-      path, params, lambda p: p.startswith(('head/', ADAPTER)),
-      base_params=base)
   # The base's own 10-class head is replaced, so its shape is not compared.
   merged = task_file.load_task_params(path, base)
   chex.assert_trees_all_equal(merged['head'], params['head'])
@@ -94,7 +101,7 @@ def test_trained_frozen_leaf_is_refused(tmp_path):
 def test_selecting_nothing_is_refused(tmp_path):
   with pytest.raises(CheckpointError, match='selects none'):
     task_file.save_task_params(str(tmp_path / 'task.npz'), base_params(),
-                               ['decoder'])
+                               matching('decoder/.*'))
 
 
 def test_base_with_other_values_fails_the_fingerprint_unless_not_strict(saved):
@@ -166,7 +173,7 @@ def test_writes_atomically_without_leftovers(saved, monkeypatch):
     before = f.read()
   monkeypatch.setattr(np, 'savez', crash)
   with pytest.raises(OSError, match='simulated crash'):
-    task_file.save_task_params(saved, base_params(), ['head'])
+    task_file.save_task_params(saved, base_params(), trainable_lib.is_head)
   assert os.listdir(os.path.dirname(saved)) == ['task.npz']
   with open(saved, 'rb') as f:
     assert f.read() == before

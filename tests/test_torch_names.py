@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from scipy import special
 
+from tests import helpers
 from vit_jax import models
+from vit_jax.checkpoint import files
 from vit_jax.checkpoint import torch_names
 from vit_jax.errors import CheckpointError
 from vit_jax.models import vit
-
-from tests import helpers
 
 # A tiny ViT: hidden 32, 4 heads of 8, MLP 64, 2 layers, 4x4 patches of 32x32
 # images (an 8x8 grid of 64 patch tokens), 5 classes.
@@ -321,8 +321,8 @@ def test_our_params_round_trip_through_timm():
 def test_safetensors_round_trip(tmp_path):
   state = random_state(timm_shapes())
   path = tmp_path / 'model.safetensors'
-  torch_names.write_safetensors(path, state, metadata={'format': 'pt'})
-  chex.assert_trees_all_equal(torch_names.read_safetensors(path), state)
+  files.write_safetensors(path, state, metadata={'format': 'pt'})
+  chex.assert_trees_all_equal(files.read_safetensors(path), state)
   assert os.listdir(tmp_path) == ['model.safetensors']  # No temporary left.
 
 
@@ -330,17 +330,17 @@ def test_read_safetensors_widens_half_precision(tmp_path):
   values = np.array([[1.5, -2.25], [3.0, 0.125]], np.float32)
   flat = {'half': values.astype(np.float16),
           'bf16': values.astype(jnp.bfloat16)}
-  torch_names.write_safetensors(tmp_path / 'half.safetensors', flat)
-  read = torch_names.read_safetensors(tmp_path / 'half.safetensors')
+  files.write_safetensors(tmp_path / 'half.safetensors', flat)
+  read = files.read_safetensors(tmp_path / 'half.safetensors')
   chex.assert_trees_all_equal(read, {'half': values, 'bf16': values})
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
   path = tmp_path / 'model.safetensors'
-  torch_names.write_safetensors(path, {'a': np.ones(3, np.float32)})
+  files.write_safetensors(path, {'a': np.ones(3, np.float32)})
   with pytest.raises(CheckpointError, match='model.safetensors'):
-    torch_names.write_safetensors(path, {'a': np.array(['not a number'])})
-  chex.assert_trees_all_equal(torch_names.read_safetensors(path),
+    files.write_safetensors(path, {'a': np.array(['not a number'])})
+  chex.assert_trees_all_equal(files.read_safetensors(path),
                               {'a': np.ones(3, np.float32)})
   assert os.listdir(tmp_path) == ['model.safetensors']
 
@@ -351,10 +351,10 @@ def test_unreadable_safetensors_file_is_named(tmp_path, damage):
   if damage == 'garbage':
     path.write_bytes(b'PK\x03\x04 a zip archive, say, not safetensors')
   elif damage == 'truncated':
-    torch_names.write_safetensors(path, random_state(timm_shapes()))
+    files.write_safetensors(path, random_state(timm_shapes()))
     path.write_bytes(path.read_bytes()[:-100])
   with pytest.raises(CheckpointError, match=f'{damage}.safetensors'):
-    torch_names.read_safetensors(path)
+    files.read_safetensors(path)
 
 
 # Errors.

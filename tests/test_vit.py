@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
 from vit_jax import models
 from vit_jax.models import resnet
 from vit_jax.models import vit
-
-from tests import helpers
 
 
 def param_shapes(model, resolution: int) -> dict:
@@ -96,10 +95,9 @@ def test_bfloat16_is_close_to_float32_and_params_stay_float32(name):
 
   # Every layer computes in bf16 (vit_jax's encoder blocks ignore `dtype`).
   outputs = flax.traverse_util.flatten_dict(state['intermediates'], sep='/')
-  # The model's own output is float32; a fused attention's ProjectionParams
-  # return their float32 (kernel, bias), not an activation.
+  # The model's own output is float32.
   inner = {path: out[0].dtype for path, out in outputs.items()
-           if path != '__call__' and not isinstance(out[0], tuple)}
+           if path != '__call__'}
   assert inner and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}, inner
 
 
@@ -155,15 +153,25 @@ def test_no_position_embedding():
 ##########################################
 
 
-@pytest.mark.parametrize('classifier, shape', [
-    ('token', (2, 5)), ('gap', (2, 5)), ('unpooled', (2, 4, 5)),
-    ('token_unpooled', (2, 5, 5))])
-def test_classifier_output_shapes(classifier, shape):
-  model = models.get_model('testing', num_classes=5, classifier=classifier)
-  images = jnp.ones((2, 32, 32, 3))
-  variables = model.init(jax.random.key(0), images, train=False)
-  chex.assert_shape(model.apply(variables, images, train=False), shape)
-  assert ('cls' in variables['params']) == classifier.startswith('token')
+def test_classifiers_pool_the_same_tokens():
+  """'token_unpooled' is 'token' plus the patch tokens; the head is linear,
+  so the mean of 'unpooled' logits is the 'gap' logits."""
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  logits = {}
+  for classifier in ('token', 'token_unpooled', 'gap', 'unpooled'):
+    model = models.get_model('testing', num_classes=5, classifier=classifier)
+    if classifier in ('token', 'gap'):
+      variables = helpers.random_variables(model, images)
+    assert ('cls' in variables['params']) == classifier.startswith('token')
+    logits[classifier] = model.apply(variables, images, train=False)
+
+  chex.assert_shape([logits['token'], logits['gap']], (2, 5))
+  chex.assert_shape(logits['token_unpooled'], (2, 5, 5))
+  chex.assert_shape(logits['unpooled'], (2, 4, 5))
+  chex.assert_trees_all_close(logits['token_unpooled'][:, 0], logits['token'],
+                              atol=1e-5)
+  chex.assert_trees_all_close(logits['unpooled'].mean(1), logits['gap'],
+                              atol=1e-5)
 
 
 def test_invalid_classifier_is_rejected():
@@ -215,13 +223,12 @@ def _attention_inputs():
   return x, jax.random.normal(jax.random.key(1), x.shape)
 
 
-@pytest.mark.parametrize('fused_qkv', [True, False])
-def test_attention_equals_flax_multi_head_attention(fused_qkv):
+def test_attention_equals_flax_multi_head_attention():
   """Same parameter tree, initial values, outputs and gradients as
-  nn.MultiHeadDotProductAttention (vit_jax's), fused or not, in both the
-  inference (dot_product_attention) and the training path."""
+  nn.MultiHeadDotProductAttention (vit_jax's), in both the inference
+  (dot_product_attention) and the training path."""
   x, cotangent = _attention_inputs()
-  ours = vit.MultiHeadSelfAttention(num_heads=4, fused_qkv=fused_qkv)
+  ours = vit.MultiHeadSelfAttention(num_heads=4)
   flax_mha = nn.MultiHeadDotProductAttention(
       num_heads=4, kernel_init=nn.initializers.xavier_uniform())
   params = ours.init(jax.random.key(2), x, deterministic=True)
@@ -238,19 +245,6 @@ def test_attention_equals_flax_multi_head_attention(fused_qkv):
   chex.assert_trees_all_close(
       grad(lambda p: ours.apply(p, x, deterministic=False)),
       grad(lambda p: flax_mha.apply(p, x, x)), atol=1e-5)
-
-
-def test_fused_and_separate_projections_are_one_model():
-  model = models.get_model('testing', num_classes=3)
-  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(1), images, train=False)
-  fused = model.clone(fused_qkv=True)
-  chex.assert_trees_all_equal(
-      variables, fused.init(jax.random.key(1), images, train=False))
-  variables = helpers.random_variables(model, images)
-  chex.assert_trees_all_close(
-      model.apply(variables, images, train=False),
-      fused.apply(variables, images, train=False), atol=1e-5)
 
 
 def test_attention_width_not_divisible_by_heads_is_an_error():

@@ -16,8 +16,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import cli
 from vit_jax.attention import maps
 from vit_jax.attention import render
+from vit_jax.checkpoint import pretrained
 from vit_jax.finetune import serving
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,14 +46,14 @@ def main(argv) -> None:
   elif _CONFIG.value is None:
     raise app.UsageError('Give --config (the model of --checkpoint) or --task.')
   else:
-    model, params = serving.model_from_checkpoint(
+    model, params = pretrained.model_from_checkpoint(
         _CONFIG.value.model, _CHECKPOINT.value, _CONFIG.value.pp.crop)
     crop = _CONFIG.value.pp.crop
-  for path in render.write_pngs(model, params, _IMAGES.value, crop, _OUT.value,
-                         _FUSION.value):
+  for path in render.write_pngs(model, params, _IMAGES.value, crop,
+                                _OUT.value, _FUSION.value):
     print(path)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['checkpoint', 'out'])
-  app.run(main)
+  cli.run(main)

@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use('Agg')
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt
-import ml_collections
 import numpy as np
 
 from vit_jax import input_pipeline
@@ -90,8 +89,7 @@ def heads_png(path: str, maps: np.ndarray, title: str) -> None:
 def write_pngs(model: Any, params: Any, image_paths: Sequence[str], crop: int,
                out_dir: str, head_fusion: str = 'mean') -> List[str]:
   """Writes each image's rollout and per-head PNGs; returns their paths."""
-  images = input_pipeline.read_images(
-      image_paths, ml_collections.ConfigDict({'crop': crop}))
+  images = input_pipeline.read_images(image_paths, crop)
   weights = maps.attention_weights(model, params, images)
   grid = maps.patch_grid(model, (crop, crop))
   heat = maps.token_map(maps.rollout(weights, head_fusion), model.classifier,

@@ -62,8 +62,8 @@ class Checkpoint:
 def _read_arrays(path: str) -> Dict[str, np.ndarray]:
   """The flat {key: array} content of an .npz or .safetensors file."""
   if path.endswith('.safetensors'):
-    return torch_names.read_safetensors(path)
-  return google_npz.read_npz(path)
+    return files.read_safetensors(path)
+  return files.read_npz(path, float32=True)
 
 
 def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
@@ -136,30 +136,6 @@ def inspect_params(*, params: Mapping[str, Any], expected: Mapping[str, Any],
   return diff
 
 
-def _is_head(key: str) -> bool:
-  return key.startswith('head/')
-
-
-def _reset_head(loaded: Dict[str, Any], expected: Mapping[str, Any],
-                reset: bool, log: Callable[[str], None]) -> Dict[str, Any]:
-  """`loaded` with the model's initialised head, if reset or it differs.
-
-  The head is every leaf under `head/` (a Dense, or an MLP head's layers); a
-  loaded head that does not have the model's head paths and shapes is
-  replaced whole.
-  """
-  new_head = {k: v for k, v in expected.items() if _is_head(k)}
-  old_head = {k: v for k, v in loaded.items() if _is_head(k)}
-  fits = ({k: np.shape(v) for k, v in old_head.items()} ==
-          {k: np.shape(v) for k, v in new_head.items()})
-  if not new_head or (fits and not reset):
-    return loaded
-  log(f'head {sorted((k, np.shape(v)) for k, v in old_head.items())} → '
-      f'initialised {sorted((k, np.shape(v)) for k, v in new_head.items())}.')
-  kept = {k: v for k, v in loaded.items() if not _is_head(k)}
-  return {**kept, **{k: np.asarray(v) for k, v in new_head.items()}}
-
-
 def load_pretrained(*, pretrained_path: Union[str, Checkpoint],
                     init_params: Mapping[str, Any],
                     model_config: Mapping[str, Any],
@@ -208,31 +184,13 @@ def load_pretrained(*, pretrained_path: Union[str, Checkpoint],
           f'function only with {option}={value!r}; build the model with '
           f'`**checkpoint.read(path).model_options` (or '
           f'--config.model.{option}={value}).')
-  loaded = inspect.flatten(ckpt.params)
   expected = inspect.flatten(init_params)
-
-  if 'pre_logits/kernel' in loaded and 'pre_logits/kernel' not in expected:
-    log(f'{pretrained_path}: dropping pre_logits (model has no '
-        'representation layer).')
-    loaded = {k: v for k, v in loaded.items() if not k.startswith('pre_logits/')}
-  loaded = _reset_head(loaded, expected, reset_head,
-                       lambda message: log(f'{pretrained_path}: {message}'))
-  posemb = 'Transformer/posembed_input/pos_embedding'
-  if (posemb in loaded and posemb in expected and
-      np.shape(loaded[posemb]) != np.shape(expected[posemb])):
-    num_prefix = 1 if 'cls' in expected else 0
-    new_tokens = np.shape(expected[posemb])[1] - num_prefix
-    new_grid = grid or adapt.square_grid(new_tokens, 'model pos_embedding')
-    try:
-      resized = adapt.resize_posemb(
-          loaded[posemb], new_grid, num_prefix=num_prefix,
-          old_grid=pretrained_grid, method=resize_method)
-    except CheckpointError as e:
-      raise CheckpointError(f'{pretrained_path}: {e}') from e
-    log(f'{pretrained_path}: resized {posemb} {np.shape(loaded[posemb])} → '
-        f'{resized.shape} ({resize_method}).')
-    loaded[posemb] = resized
-
+  loaded = adapt.adapt_to_model(
+      inspect.flatten(ckpt.params), expected, reset_head=reset_head,
+      resize_method=resize_method, grid=grid,
+      pretrained_grid=pretrained_grid,
+      log=lambda message: log(f'{pretrained_path}: {message}'),
+      source=pretrained_path)
   inspect_params(params=inspect.unflatten(loaded), expected=init_params,
                  source=pretrained_path)
   return inspect.unflatten({key: np.asarray(loaded[key], dtype=value.dtype)
@@ -251,11 +209,11 @@ def save(path: str, params: Mapping[str, Any], *,
   flat = {key: np.asarray(value, np.float32)
           for key, value in inspect.flatten(params).items()}
   if path.endswith('.safetensors') and 'stage_0' in params:  # A Swin.
-    torch_names.write_safetensors(path, swin_names.to_timm(params))
+    files.write_safetensors(path, swin_names.to_timm(params))
   elif path.endswith('.safetensors'):
     if num_heads is None:
       raise CheckpointError(f'{path}: saving timm names needs num_heads.')
-    torch_names.write_safetensors(
+    files.write_safetensors(
         path, torch_names.to_timm(inspect.unflatten(flat), num_heads))
   elif path.endswith('.npz'):
     files.write_npz(path, google_npz.to_google(flat))

@@ -5,12 +5,11 @@
 """
 
 import argparse
-import sys
-from typing import List, Optional
 
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax.checkpoint import inspect
 
 
@@ -36,10 +35,11 @@ def _convert(args: argparse.Namespace) -> None:
   print(f'{args.input} ({ckpt.format}) → {args.output} ({args.to})')
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.checkpoint',
+def parser() -> argparse.ArgumentParser:
+  """`python -m vit_jax.checkpoint`'s command line."""
+  result = argparse.ArgumentParser(prog='python -m vit_jax.checkpoint',
                                    description=__doc__.splitlines()[0])
-  commands = parser.add_subparsers(dest='command', required=True)
+  commands = result.add_subparsers(dest='command', required=True)
   show = commands.add_parser('inspect', help='print paths, shapes, dtypes')
   show.add_argument('file')
   convert = commands.add_parser('convert', help='convert between formats')
@@ -51,14 +51,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         '--num_heads', type=int, default=None,
         help='attention heads; needed to read timm/HF files and to write '
         'safetensors (e.g. 3 Ti, 6 S, 12 B, 16 L/H)')
-  args = parser.parse_args(argv)
-  try:
-    (_inspect if args.command == 'inspect' else _convert)(args)
-  except checkpoint.CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  return result
+
+
+def main(args: argparse.Namespace) -> None:
+  (_inspect if args.command == 'inspect' else _convert)(args)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_argparse(main, parser())

@@ -23,9 +23,6 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from vit_jax.checkpoint import files
-from vit_jax.errors import CheckpointError
-
 Flat = Dict[str, np.ndarray]
 
 # Pre-linen name → linen name, inside `Transformer/encoderblock_{i}`.
@@ -38,26 +35,6 @@ _PRE_LINEN_BLOCK_NAMES = {
 _LINEN_BLOCK_NAMES = {v: k for k, v in _PRE_LINEN_BLOCK_NAMES.items()}
 _BLOCK = re.compile(r'^(.*encoderblock_\d+)/([^/]+)/(.*)$')
 _GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
-
-
-def read_npz(path: str) -> Flat:
-  """All arrays of an `.npz` file, keyed by name, as float32 where float.
-
-  Raises:
-    CheckpointError: naming `path` if it is unreadable (see `files.read_npz`)
-      or empty.
-  """
-  flat = files.read_npz(path)
-  if not flat:
-    raise CheckpointError(f'{path}: the archive holds no arrays.')
-  return {key: _as_float32(value) for key, value in flat.items()}
-
-
-def _as_float32(value: np.ndarray) -> np.ndarray:
-  """float16/bfloat16/float64 leaves become float32 (Flax params' dtype)."""
-  if value.dtype.kind == 'f' or value.dtype.name == 'bfloat16':
-    return value.astype(np.float32)
-  return value
 
 
 def from_google(flat: Mapping[str, np.ndarray]) -> Flat:

@@ -29,8 +29,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from vit_jax.checkpoint import inspect
-from vit_jax.errors import CheckpointError
 from vit_jax.checkpoint.torch_names import StateReader
+from vit_jax.errors import CheckpointError
 
 Params = Dict[str, Any]
 _BUFFERS = re.compile(r'layers\.\d+\.blocks\.\d+\.(attn\.relative_position_index'

@@ -4,7 +4,7 @@ Parameter-efficient fine-tuning trains a few leaves (the head, injected
 adapters, ...) of a large frozen base. A task file stores just those leaves,
 so one base checkpoint serves many small task files:
 
-  save_task_params('cifar10.npz', params, trainable=['head', r'.*/adapter/.*'])
+  save_task_params('cifar10.npz', params, trainable=fine.is_trainable)
   params = load_task_params('cifar10.npz', base_params)
 
 The file is an `.npz` readable with `np.load(path, allow_pickle=False)`: one
@@ -20,18 +20,17 @@ the parameters saved are replicated, and one writer is enough.
 
 import hashlib
 import json
-import re
-from typing import Any, Callable, Collection, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import inspect
 from vit_jax.errors import CheckpointError
 
 PyTree = Any
-Trainable = Union[Callable[[str], bool], Collection[str]]
 
 META_PREFIX = '__meta__/'
 META_KEY = META_PREFIX + 'json'
@@ -39,28 +38,6 @@ FORMAT = 'vit_jax task params'
 VERSION = 1
 # Hex digits of a fingerprint shown in error messages.
 _SHORT = 12
-
-
-def _predicate(trainable: Trainable) -> Callable[[str], bool]:
-  """Turns a predicate, or a collection of path prefixes/regexes, into one.
-
-  A string selects the paths it is a '/'-component prefix of ('head' selects
-  'head/kernel' but not 'header/kernel') and the paths it matches in full as a
-  regular expression (r'.*/adapter/.*').
-  """
-  if callable(trainable):
-    return trainable
-  if isinstance(trainable, str):
-    trainable = [trainable]
-  try:
-    patterns = [(prefix, re.compile(prefix)) for prefix in trainable]
-  except re.error as e:
-    raise CheckpointError(
-        f'Invalid regular expression in trainable={trainable!r}: {e}. Escape '
-        f'it with re.escape to match it literally.') from e
-  return lambda path: any(
-      path == prefix or path.startswith(prefix + '/') or regex.fullmatch(path)
-      for prefix, regex in patterns)
 
 
 def _flat_numpy(tree: PyTree) -> Dict[str, np.ndarray]:
@@ -84,7 +61,8 @@ def fingerprint(flat: Mapping[str, np.ndarray]) -> str:
   return sha.hexdigest()
 
 
-def save_task_params(path: str, params: PyTree, trainable: Trainable,
+def save_task_params(path: str, params: PyTree,
+                     trainable: trainable_lib.Trainable,
                      base_params: Optional[PyTree] = None,
                      metadata: Optional[Mapping[str, Any]] = None) -> None:
   """Writes the `trainable` leaves of `params` and a record of their base.
@@ -92,27 +70,24 @@ def save_task_params(path: str, params: PyTree, trainable: Trainable,
   Args:
     path: the `.npz` file to write (replaced atomically if it exists).
     params: the fine-tuned parameter tree (nested dicts of arrays).
-    trainable: a predicate on '/'-joined paths, or a collection of path
-      prefixes / regular expressions (see `_predicate`), naming the leaves
-      that were trained.
+    trainable: the run's predicate on '/'-joined paths (see
+      `vit_jax.trainable`), true for the leaves that were trained.
     base_params: the base the fine-tuning started from. Default: the leaves
       of `params` that are not trainable, which were frozen so still equal
       the base. If given, those frozen leaves must equal it.
     metadata: JSON-serialisable description of the task (e.g. the model and
-      fine-tuning config, class names), returned by `read_metadata`.
+      fine-tuning config, class names), returned by `read_record`.
 
   Raises:
     CheckpointError: if nothing is selected, a path uses the reserved
       `META_PREFIX`, or a frozen leaf differs from `base_params`.
   """
-  selected = _predicate(trainable)
   flat = _flat_numpy(params)
-  task = {p: v for p, v in flat.items() if selected(p)}
+  task = {p: v for p, v in flat.items() if trainable(p)}
   if not task:
     raise CheckpointError(
-        f'{path}: trainable={trainable!r} selects none of the parameters '
-        f'(e.g. {sorted(flat)[:5]}); name the trained leaves by path prefix '
-        f'(e.g. "head") or regex.')
+        f'{path}: `trainable` selects none of the parameters (e.g. '
+        f'{sorted(flat)[:5]}); nothing was trained.')
   reserved = sorted(p for p in flat if p.startswith(META_PREFIX))
   if reserved:
     raise CheckpointError(
@@ -171,11 +146,6 @@ def read_record(path: str) -> Dict[str, Any]:
   base's `base_shapes` (empty when the file holds every parameter) and
   `base_fingerprint`."""
   return _parse_meta(path, files.read_npz(path))
-
-
-def read_metadata(path: str) -> Dict[str, Any]:
-  """The `metadata` a task file was saved with ({} if none)."""
-  return read_record(path).get('metadata', {})
 
 
 def load_task_params(path: str, base_params: PyTree,

@@ -31,21 +31,24 @@ Both libraries compute what our model computes with `approximate_gelu=False`
 importers return these options with the parameters (see `from_timm`).
 """
 
-import os
 import re
-from typing import (Any, Dict, List, Mapping, NamedTuple, Optional, Sequence,
-                    Tuple, Union)
+from typing import (
+  Any,
+  Dict,
+  List,
+  Mapping,
+  NamedTuple,
+  Optional,
+  Sequence,
+  Tuple,
+)
 
 from flax import traverse_util
 import numpy as np
-import safetensors
-import safetensors.numpy
 
-from vit_jax.checkpoint import files
 from vit_jax.errors import CheckpointError
 
 Params = Dict[str, Any]
-PathLike = Union[str, os.PathLike]
 Pair = Tuple[np.ndarray, np.ndarray]
 
 TIMM = 'timm'
@@ -85,7 +88,6 @@ _HF_PREFIX = 'vit.'
 # Used only for masked-image-modelling inputs (`bool_masked_pos`), never by
 # the classification or feature forward pass, so dropping it loses nothing.
 _HF_UNUSED = ('embeddings.mask_token',)
-_HALF_PRECISION = ('float16', 'bfloat16')
 _LISTED_KEYS = 10
 
 
@@ -300,7 +302,7 @@ def to_timm(params: Mapping[str, Any],
       which record the head count themselves.
 
   Returns:
-    A flat dict of contiguous float32 arrays, ready for `write_safetensors`.
+    A flat dict of contiguous float32 arrays, ready for `files.write_safetensors`.
 
   Raises:
     CheckpointError: for trees timm's ViT cannot hold (`pre_logits`, a hybrid
@@ -568,54 +570,3 @@ def _info(vit: _TorchViT, num_heads: int, epsilon: float) -> Dict[str, Any]:
       'layernorm_epsilon': epsilon,
   }
 
-
-# Files.
-########
-
-
-def read_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
-  """Every tensor of a safetensors file; float16 and bfloat16 become float32.
-
-  Widening is exact, and spares callers bfloat16, which numpy lacks.
-
-  Raises:
-    CheckpointError: naming the file, when it is missing, unreadable,
-      truncated or not in the safetensors format.
-  """
-  path = os.fspath(path)
-  try:
-    flat = safetensors.numpy.load_file(path)
-  except FileNotFoundError as e:
-    raise CheckpointError(
-        f'Checkpoint file {path!r} does not exist; check the path.') from e
-  except (safetensors.SafetensorError, OSError) as e:
-    raise CheckpointError(
-        f'Cannot read {path!r} as a safetensors file ({e}). It may be '
-        'truncated (an interrupted download: fetch it again) or in another '
-        'format (a pickled .bin/.pth file: convert it to safetensors).') from e
-  return {key: value.astype(np.float32)
-                    if value.dtype.name in _HALF_PRECISION else value
-          for key, value in flat.items()}
-
-
-def write_safetensors(path: PathLike, flat: Mapping[str, Any],
-                      metadata: Optional[Mapping[str, str]] = None) -> None:
-  """Writes `flat` to `path` atomically (see `files.atomic_path`).
-
-  Args:
-    path: destination file.
-    flat: name -> array (numpy or JAX; any layout, written C-contiguous).
-    metadata: optional string -> string header entries.
-
-  Raises:
-    CheckpointError: naming the file, when safetensors rejects a tensor.
-  """
-  path = os.fspath(path)
-  tensors = {key: np.ascontiguousarray(value) for key, value in flat.items()}
-  metadata = None if metadata is None else dict(metadata)
-  with files.atomic_path(path) as temporary:
-    try:
-      safetensors.numpy.save_file(tensors, temporary, metadata=metadata)
-    except safetensors.SafetensorError as e:
-      raise CheckpointError(
-          f'Cannot write {path!r}: {e}. Pass numeric arrays only.') from e

@@ -1,7 +1,7 @@
 """Resumable training checkpoints, written with Orbax.
 
-A run saves its whole training state (parameters, optimizer state, step, RNG
-key: any pytree) every few steps into `WORKDIR/checkpoints/<step>/`, keeping
+A run saves its whole training state (parameters, optimizer state, step: any
+pytree) every few steps into `WORKDIR/checkpoints/<step>/`, keeping
 the last few. A process that starts in the same workdir builds a fresh state,
 calls `restore(fresh_state)` and carries on from the latest step; in a fresh
 workdir `restore` returns None and the run starts from scratch:
@@ -43,29 +43,6 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 _ITEM = 'default'
 
 
-def _is_typed_key(leaf: Any) -> bool:
-  """Whether `leaf` is a new-style typed PRNG key array (`jax.random.key`)."""
-  return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
-      leaf.dtype, jax.dtypes.prng_key)
-
-
-def _keys_to_data(tree: PyTree) -> PyTree:
-  """Replaces typed PRNG keys by their raw uint32 data, which Orbax writes."""
-  return jax.tree.map(
-      lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-
-
-def _data_to_keys(restored: PyTree, target: PyTree) -> PyTree:
-  """Wraps raw key data back into typed keys where `target` holds typed keys."""
-
-  def wrap(data, like):
-    if _is_typed_key(like):
-      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(like))
-    return data
-
-  return jax.tree.map(wrap, restored, target)
-
-
 def _shape(leaf: Any) -> tuple:
   """Shape of an array, `jax.ShapeDtypeStruct`, Orbax metadata or scalar."""
   return tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
@@ -84,8 +61,8 @@ class TrainCheckpointer:
   """Saves and restores training states under `WORKDIR/checkpoints/`.
 
   A thin layer over `orbax.checkpoint.CheckpointManager` that keeps the last
-  `keep` steps, supports typed PRNG keys, returns None when there is nothing to
-  resume from, and raises `CheckpointError`s that name the offending paths.
+  `keep` steps, returns None when there is nothing to resume from, and raises
+  `CheckpointError`s that name the offending paths.
   Use it as a context manager (or call `close`) so that asynchronous saves and
   deletions finish before the process exits.
   """
@@ -134,15 +111,15 @@ class TrainCheckpointer:
 
     Args:
       step: the training step `state` belongs to; larger than any saved step.
-      state: a pytree of arrays and scalars, e.g. params, optax state, step
-        and RNG key; typed PRNG keys are stored as their raw key data.
+      state: a pytree of arrays and scalars, e.g. params, optax state and
+        step.
 
     Returns:
       Whether a checkpoint was written: False if `step` is not larger than the
       latest saved step.
     """
     return self._manager.save(
-        step, args=ocp.args.StandardSave(_keys_to_data(state)))
+        step, args=ocp.args.StandardSave(state))
 
   def restore(self, target: PyTree,
               step: Optional[int] = None) -> Optional[PyTree]:
@@ -150,8 +127,8 @@ class TrainCheckpointer:
 
     Args:
       target: a state like the one saved, e.g. freshly initialized; optax
-        namedtuples and typed PRNG keys come back as in `target`. Leaves may
-        be `jax.ShapeDtypeStruct`s, except typed keys, which must be arrays.
+        namedtuples come back as in `target`. Leaves may be
+        `jax.ShapeDtypeStruct`s.
       step: the step to restore; the latest if None.
 
     Returns:
@@ -172,20 +149,18 @@ class TrainCheckpointer:
           f'saved steps are {self.all_steps()}. Pass one of them, or None for '
           f'the latest.')
     step_dir = os.path.join(self._directory, str(step))
-    wanted = _keys_to_data(target)
-    self._check_fits(step, step_dir, wanted)
+    self._check_fits(step, step_dir, target)
     try:
-      restored = self._manager.restore(
-          step, args=ocp.args.StandardRestore(wanted))
+      return self._manager.restore(
+          step, args=ocp.args.StandardRestore(target))
     except (ValueError, KeyError, TypeError, OSError) as e:
       raise CheckpointError(
           f'Cannot restore the checkpoint {step_dir}: {e}') from e
-    return _data_to_keys(restored, target)
 
-  def _check_fits(self, step: int, step_dir: str, wanted: PyTree):
-    """Raises CheckpointError naming paths where disk and `wanted` differ."""
+  def _check_fits(self, step: int, step_dir: str, target: PyTree):
+    """Raises CheckpointError naming paths where disk and `target` differ."""
     stored = self._manager.metadata(step).item_metadata
-    diff = inspect.compare(_path_shapes(stored), _path_shapes(wanted))
+    diff = inspect.compare(_path_shapes(stored), _path_shapes(target))
     if not diff.ok:
       raise CheckpointError(
           f'The checkpoint {step_dir} does not fit the restore target (the '

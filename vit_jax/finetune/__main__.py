@@ -1,32 +1,27 @@
 """Command line: what each fine-tuning mode trains, and exporting tasks.
 
   python -m vit_jax.finetune sizes --model=ViT-B_16 --num_classes=10 --crop=384
-  python -m vit_jax.finetune export --base=upstream.npz \
+  python -m vit_jax.finetune export --base=upstream.npz \\
       --task=runs/digits_ia3/task_params.npz --out=digits_ia3.npz
-  python -m vit_jax.finetune publish --workdir=/tmp/vit_mnist5k \
-      --out=/tmp/vit_mnist5k_model
 
-`sizes` builds every mode's parameter tree from shapes alone (no weights,
-no download) and prints trainable parameters and their float32 size against
-the whole model's. `export` writes base + task file as one plain checkpoint,
-injected methods folded into the weights (`.npz`: Google names,
-`.safetensors`: timm names). `publish` writes a finished run as a folder
-to share (see `vit_jax.finetune.publish`).
+`sizes` builds the parameter tree of every fine-tuning preset
+(`modes.presets()`) from shapes alone (no weights, no download) and prints
+trainable parameters and their float32 size against the whole model's.
+`export` writes base + task file as one plain checkpoint, injected methods
+folded into the weights (`.npz`: Google names, `.safetensors`: timm names).
+A finished run becomes a folder to share with `python -m vit_jax.publish`.
 """
 
 import argparse
-import os
-import sys
-from typing import List, Optional
 
+import ml_collections
 
+from vit_jax import cli
 from vit_jax import models
-from vit_jax.models import table
-from vit_jax.finetune import labels as labels_lib
-from vit_jax.finetune import methods
+from vit_jax import trainable as trainable_lib
 from vit_jax.finetune import modes
-from vit_jax.finetune import publish
 from vit_jax.finetune import serving
+from vit_jax.models import table
 
 
 def _size(values: int) -> str:
@@ -41,40 +36,39 @@ def _size(values: int) -> str:
 
 def sizes(model: str, num_classes: int, crop: int, rank: int = 8,
           mlp_dim: int = 256) -> str:
-  """A table of trainable parameters per mode for a registered model."""
+  """A table of trainable parameters per fine-tuning preset of a model."""
   model_config = models.MODEL_CONFIGS[model].to_dict()
-  rows = [('full', 'linear', None), ('head', 'linear', None),
-          ('head', 'mlp', None)]
-  rows += [('injection', 'linear', name) for name in sorted(methods.METHODS)]
   lines = [f'{model}, {num_classes} classes, {crop}x{crop} (LoRA rank {rank}, '
            f'MLP head width {mlp_dim}; each method on its default targets)',
-           f'{"mode":10} {"head":6} {"method":7} {"trainable":>12} '
-           f'{"% of total":>10} {"float32":>9} {"whole model":>11}']
-  for mode, head, method in rows:
-    finetune = {
-        'mode': mode, 'head': {'type': head, 'mlp_dim': mlp_dim,
-                               'dropout': 0.0},
-        'injection': {'method': method, 'targets': None, 'rank': rank,
-                      'alpha': float(rank)}}
+           f'{"mode":10} {"trainable":>12} {"% of total":>10} '
+           f'{"float32":>9} {"whole model":>11}']
+  for name, preset in modes.presets().items():
+    finetune = ml_collections.ConfigDict({
+        'mode': 'full', 'trainable': '',
+        'head': {'type': 'linear', 'mlp_dim': mlp_dim, 'dropout': 0.0},
+        'injection': {'method': None, 'targets': None, 'rank': rank,
+                      'alpha': float(rank)}})
+    finetune.update(preset)
+    finetune = finetune.to_dict()
     fine = modes.from_config(finetune)
     net = modes.build_model({'model': model_config, 'finetune': finetune,
                              'dtype': 'float32'}, num_classes, fine)
     params = table.abstract_variables(net, crop)['params']
-    labels = labels_lib.label_params(params, fine.is_trainable)
-    trainable = labels_lib.count(params, labels)
-    total = labels_lib.count(params, labels, None)
-    lines.append(f'{mode:10} {head:6} {method or "-":7} {trainable:12,d} '
+    trainable = trainable_lib.count(params, fine.is_trainable)
+    total = trainable_lib.count(params)
+    lines.append(f'{name:10} {trainable:12,d} '
                  f'{100 * trainable / total:9.3f}% {_size(trainable):>9} '
                  f'{_size(total):>11}')
   return '\n'.join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.finetune',
+def parser() -> argparse.ArgumentParser:
+  """`python -m vit_jax.finetune`'s command line."""
+  result = argparse.ArgumentParser(prog='python -m vit_jax.finetune',
                                    description=__doc__.split('\n')[0])
-  commands = parser.add_subparsers(dest='command', required=True)
+  commands = result.add_subparsers(dest='command', required=True)
   size_parser = commands.add_parser('sizes', help='trainable parameters of '
-                                    'every mode, from shapes')
+                                    'every preset, from shapes')
   size_parser.add_argument('--model', default='ViT-B_16',
                            choices=sorted(models.MODEL_CONFIGS))
   size_parser.add_argument('--num_classes', type=int, default=10)
@@ -87,25 +81,13 @@ def main(argv: Optional[List[str]] = None) -> None:
   export_parser.add_argument('--task', required=True)
   export_parser.add_argument('--out', required=True,
                              help='.npz (Google names) or .safetensors (timm)')
-  publish_parser = commands.add_parser(
-      'publish', help='a finished run → a folder to share (weights for '
-      'vit_jax and timm, config, class names, model card)')
-  publish_parser.add_argument('--workdir', required=True,
-                              help='the run\'s workdir')
-  publish_parser.add_argument('--out', required=True,
-                              help='the folder to create')
-  publish_parser.add_argument('--base', default=None,
-                              help='base checkpoint of the task file '
-                              '(default: the one the run recorded)')
-  args = parser.parse_args(argv)
+  return result
+
+
+def main(args: argparse.Namespace) -> None:
   if args.command == 'sizes':
     print(sizes(args.model, args.num_classes, args.crop, args.rank,
                 args.mlp_dim))
-  elif args.command == 'publish':
-    out = publish.publish(args.workdir, args.out, args.base)
-    for name in sorted(os.listdir(out)):
-      print(f'{os.path.join(out, name)}: '
-            f'{os.path.getsize(os.path.join(out, name)):,} bytes')
   else:
     task, = serving.load_tasks(args.base, [args.task]).values()
     serving.export(task, args.out)
@@ -114,4 +96,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run_argparse(main, parser())

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 import flax.linen as nn
 
 from vit_jax.checkpoint import inspect
+from vit_jax.errors import ConfigError
 from vit_jax.finetune import methods
 
 PyTree = Any
@@ -51,11 +52,11 @@ def parse_targets(targets: Sequence[str] | str | None,
     targets = [t.strip() for t in targets.split(',') if t.strip()]
   unknown = sorted(set(targets) - set(TARGETS))
   if unknown:
-    raise ValueError(
+    raise ConfigError(
         f'Unknown injection target(s) {unknown}; choose from {list(TARGETS)} '
         '(--config.finetune.injection.targets=key,value,mlp_hidden).')
   if method.linear_only and 'layernorm' in targets:
-    raise ValueError(f'{method.name} adapts weight matrices; it cannot target '
+    raise ConfigError(f'{method.name} adapts weight matrices; it cannot target '
                      '"layernorm".')
   return tuple(dict.fromkeys(targets))
 
@@ -112,7 +113,7 @@ class Injection:
                for t in self.targets}
     missing = [t for t, found in matched.items() if not found]
     if missing:
-      raise ValueError(
+      raise ConfigError(
           f'Injection targets {missing} match no layer of this model (its '
           f'modules include {modules[:6]}...); choose targets among '
           f'{[t for t, found in matched.items() if found] or list(TARGETS)}.')
@@ -131,7 +132,7 @@ class Injection:
         return outputs
       if self.method.linear_only and not isinstance(module,
                                                     methods.LINEAR_TYPES):
-        raise ValueError(f'{self.method.name} cannot adapt '
+        raise ConfigError(f'{self.method.name} cannot adapt '
                          f'{"/".join(module.path)}: not a linear layer.')
       return self.method.inject(module, args[0], outputs)
 

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.errors import ConfigError
+
 Array = jax.Array
 Leaves = Dict[str, Any]
 
@@ -116,7 +118,7 @@ def register(cls: Type[Method]) -> Type[Method]:
 def get_method(name: str, config: Mapping[str, Any]) -> Method:
   """The registered method `name`, configured from `config`."""
   if name not in METHODS:
-    raise ValueError(
+    raise ConfigError(
         f'Unknown injection method {name!r}; registered: {sorted(METHODS)} '
         '(--config.finetune.injection.method=...).')
   return METHODS[name].from_config(config)
@@ -213,7 +215,7 @@ class LoRA(Method):
   @classmethod
   def from_config(cls, config):
     if config['rank'] < 1:
-      raise ValueError(
+      raise ConfigError(
           f'config.finetune.injection.rank={config["rank"]}; LoRA needs >= 1.')
     return cls(rank=int(config['rank']), alpha=float(config['alpha']))
 

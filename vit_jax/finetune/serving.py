@@ -8,7 +8,8 @@ and every task is rebuilt on top of it:
       'mnist5k.npz', ['runs/digits_ia3/task_params.npz', 'digits_lora.npz'])
   logits = tasks['digits_ia3'].logits(images)  # images at the task's crop
   serving.export(tasks['digits_lora'], 'digits_lora_folded.npz')
-  model, params = serving.model_from_checkpoint(config.model, 'model.npz', 224)
+  model, params = pretrained.model_from_checkpoint(config.model, 'model.npz',
+                                                  224)
 
 Tasks of the same architecture and resolution share the base's arrays (one
 copy in memory). `export` folds injected methods into the weights, so the
@@ -20,16 +21,25 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+  Any,
+  Callable,
+  Dict,
+  Mapping,
+  Optional,
+  Sequence,
+  Tuple,
+  Union,
+)
 
 import jax
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import models
+from vit_jax import trainable as trainable_lib
+from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
-from vit_jax.models import table
-from vit_jax.finetune import labels as labels_lib
+from vit_jax.errors import ConfigError
 from vit_jax.finetune import modes
 
 PyTree = Any
@@ -85,23 +95,16 @@ def _config(metadata: Mapping[str, Any]) -> Dict[str, Any]:
           'dtype': metadata.get('dtype', 'float32')}
 
 
-def _zero_params(model, crop: int) -> PyTree:
-  """Zeros in the model's parameter shapes at `crop` (no initialiser run):
-  the target structure for loading a checkpoint."""
-  shapes = table.abstract_variables(model, crop)['params']
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
 def _base_for(ckpt: checkpoint.Checkpoint, model, fine: modes.Finetune,
               metadata: Mapping[str, Any]) -> PyTree:
   """The base checkpoint adapted to a task's model (resolution), without a
   head: every task file brings its own."""
-  _, zeros = labels_lib.split(_zero_params(model, int(metadata['crop'])),
-                              fine.is_added)
+  _, zeros = trainable_lib.partition(
+      pretrained.zero_params(model, int(metadata['crop'])), fine.is_added)
   base = checkpoint.load_pretrained(pretrained_path=ckpt, init_params=zeros,
                                     model_config=metadata['model'],
                                     log=lambda _: None)
-  return labels_lib.split(base, modes.is_head)[1]
+  return trainable_lib.partition(base, trainable_lib.is_head)[1]
 
 
 def task_name(path: str) -> str:
@@ -160,30 +163,9 @@ def load_tasks(base: Union[None, str, checkpoint.Checkpoint],
     params = task_file.load_task_params(path, adapted[key], strict=strict)
     name = task_name(path)
     if name in tasks:
-      raise ValueError(f'Two task files are named {name!r}; rename one.')
+      raise ConfigError(f'Two task files are named {name!r}; rename one.')
     tasks[name] = Task(name, model, params, fine, meta)
   return tasks
-
-
-def model_from_checkpoint(model_config: Mapping[str, Any], path: str,
-                          crop: int) -> Tuple[Any, PyTree]:
-  """A plain model and its parameters from one checkpoint file.
-
-  The model is `model_config` with the checkpoint's head size and source
-  options (e.g. timm's exact GELU); the parameters are adapted to `crop`
-  (position embeddings resized if the checkpoint has another grid).
-  """
-  model_config = dict(model_config)
-  heads = (model_config.get('transformer') or {}).get('num_heads')
-  ckpt = checkpoint.read(path, num_heads=heads)
-  head = ckpt.params.get('head', {}).get('kernel')
-  model_config.update(ckpt.model_options)
-  model = models.build_model(
-      model_config, num_classes=None if head is None else head.shape[-1])
-  params = checkpoint.load_pretrained(
-      pretrained_path=ckpt, model_config=model_config, reset_head=False,
-      init_params=_zero_params(model, crop))
-  return model, params
 
 
 def export(task: Task, path: str) -> None:

@@ -1,10 +1,14 @@
 """Input pipeline: tfds, embedded and image-folder datasets fed to pmap.
 
-  source = input_pipeline.get_source(config)        # config.dataset
-  train = input_pipeline.train_dataset(source, config)
-  evaluation = input_pipeline.eval_dataset(source, config)
+  source = input_pipeline.get_source(config.dataset, tfds_data_dir=...)
+  train = input_pipeline.train_dataset(
+      source, config.pp, batch_size=config.batch, seed=config.seed,
+      shuffle_buffer=config.shuffle_buffer)
+  evaluation = input_pipeline.eval_dataset(source, config.pp,
+                                           batch_size=config.batch_eval)
   for batch in input_pipeline.device_prefetch(train, config.prefetch): ...
 
+`pipeline.py` tells how one batch gets from disk to the devices.
 TensorFlow runs only the input pipeline, so it is kept off any GPU.
 """
 
@@ -17,19 +21,19 @@ except RuntimeError:  # TensorFlow was already initialised by the caller.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from vit_jax.errors import DatasetError
-from vit_jax.input_pipeline.pipeline import class_names
 from vit_jax.input_pipeline.folder import read_images
+from vit_jax.input_pipeline.pipeline import EvalData
+from vit_jax.input_pipeline.pipeline import Hosts
+from vit_jax.input_pipeline.pipeline import class_names
 from vit_jax.input_pipeline.pipeline import device_prefetch
 from vit_jax.input_pipeline.pipeline import eval_dataset
-from vit_jax.input_pipeline.pipeline import EvalData
 from vit_jax.input_pipeline.pipeline import get_source
-from vit_jax.input_pipeline.pipeline import Hosts
 from vit_jax.input_pipeline.pipeline import train_dataset
 from vit_jax.input_pipeline.sources import DatasetInfo
 from vit_jax.input_pipeline.sources import Source
 
 __all__ = [
     'DatasetError', 'DatasetInfo', 'EvalData', 'Hosts', 'Source',
-    'class_names', 'device_prefetch', 'eval_dataset', 'get_source', 'read_images',
-    'train_dataset',
+    'class_names', 'device_prefetch', 'eval_dataset', 'get_source',
+    'read_images', 'train_dataset',
 ]

@@ -1,5 +1,21 @@
 """tf.data pipelines that feed `jax.pmap`: batches laid out per device.
 
+One training batch, from disk to the train step (`vit_jax/train.py` calls
+each function here with explicit arguments):
+
+1. Source: `get_source(name)` picks the `Source` (`sources.py`): an embedded
+   array (`embedded.py`), an image folder (`folder.py`, every file decoded
+   once when listed) or a prepared tfds dataset (`tfds_source.py`).
+2. Decode: `train_dataset` reads this host's shard of the `pp.train` split
+   (`splits.py`) as cheap items (paths, encoded bytes or small images),
+   shuffles them and decodes each with `source.decode`.
+3. Augment: `preprocess.train_fn` crops, flips and scales each image to
+   [-1, 1] (`preprocess.py`).
+4. Batch per device: host batches are reshaped to [devices, batch, ...].
+5. `device_prefetch` puts batches on the devices ahead of `train.py`'s
+   `train_step` (`vit_jax.steps.make_train_step`), whose loss is
+   `vit_jax.losses.classifier_loss`.
+
 Training batches are `{'image': [D, B, crop, crop, 3] float32, 'label': [D, B]
 int32}` with D the host's local devices and B = global batch / (hosts * D);
 the stream is infinite, shuffled, and reproducible for a given seed.
@@ -22,12 +38,13 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from vit_jax.errors import ConfigError
+from vit_jax.errors import DatasetError
 from vit_jax.input_pipeline import embedded
 from vit_jax.input_pipeline import folder
 from vit_jax.input_pipeline import preprocess
 from vit_jax.input_pipeline import sources
 from vit_jax.input_pipeline import tfds_source
-from vit_jax.errors import DatasetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +60,11 @@ class Hosts:
                jax.local_device_count())
 
   def per_device_batch(self, global_batch: int, knob: str = 'batch') -> int:
-    """`global_batch` / all devices; a config error if it does not divide."""
+    """`global_batch` / all devices; ConfigError, naming `config.{knob}`, if
+    it does not divide."""
     devices = self.process_count * self.local_devices
     if global_batch <= 0 or global_batch % devices:
-      raise ValueError(
+      raise ConfigError(
           f'config.{knob}={global_batch} must be a positive multiple of the '
           f'{devices} devices ({self.process_count} host(s) x '
           f'{self.local_devices} local device(s)).')
@@ -61,9 +79,18 @@ class EvalData:
   num_examples: int  # Real (unmasked) examples on this host.
 
 
-def get_source(config: ml_collections.ConfigDict) -> sources.Source:
-  """The dataset named by `config.dataset`: embedded, a folder, or tfds."""
-  name = config.dataset
+def get_source(name: str, *, tfds_data_dir: Optional[str] = None,
+               tfds_manual_dir: Optional[str] = None,
+               tfds_download: bool = False) -> sources.Source:
+  """The dataset `name`: embedded, an image folder, or tfds.
+
+  Args:
+    name: 'digits' or 'mnist5k' (embedded), an existing directory
+      (`folder.py`), or else a tfds dataset name.
+    tfds_data_dir: where tfds datasets are prepared (tfds' default if None).
+    tfds_manual_dir: where datasets downloaded by hand are found.
+    tfds_download: whether to download and prepare a missing tfds dataset.
+  """
   if not name:
     raise DatasetError('config.dataset is empty; name a tfds dataset, an '
                        "embedded one ('digits', 'mnist5k') or a directory.")
@@ -71,19 +98,21 @@ def get_source(config: ml_collections.ConfigDict) -> sources.Source:
     return embedded.EMBEDDED[name]()
   if os.path.isdir(name):
     return folder.load_folder(name)
-  return tfds_source.TfdsSource(name, config.tfds_data_dir,
-                                config.tfds_manual_dir, config.tfds_download)
+  return tfds_source.TfdsSource(name, tfds_data_dir, tfds_manual_dir,
+                                tfds_download)
 
 
-def class_names(config: ml_collections.ConfigDict) -> Optional[Tuple[str, ...]]:
-  """The class names of `config.dataset` without preparing or downloading
-  it (tfds names come with the dataset's code); None where they are unknown."""
-  name = config.dataset
+def class_names(name: str, *, tfds_data_dir: Optional[str] = None
+                ) -> Optional[Tuple[str, ...]]:
+  """The class names of dataset `name` without reading its images (tfds
+  names come with the dataset's code); None where they are unknown."""
   if not name:
     return None
-  if name in embedded.EMBEDDED or os.path.isdir(name):
-    return get_source(config).info.class_names
-  return tfds_source.label_names(name, config.tfds_data_dir)
+  if name in embedded.EMBEDDED:
+    return embedded.EMBEDDED[name]().info.class_names
+  if os.path.isdir(name):
+    return tuple(folder.class_names(name))
+  return tfds_source.label_names(name, tfds_data_dir)
 
 
 def _host_seed(seed: int, process_index: int) -> int:
@@ -106,28 +135,37 @@ def _split_devices(local_devices: int):
   return split
 
 
-def train_dataset(source: sources.Source, config: ml_collections.ConfigDict,
+def train_dataset(source: sources.Source, pp: ml_collections.ConfigDict, *,
+                  batch_size: int, seed: int, shuffle_buffer: int,
                   hosts: Optional[Hosts] = None,
                   start_step: int = 0) -> tf.data.Dataset:
   """The endless, shuffled, augmented training stream of this host.
 
-  `start_step` resumes the stream where a run stopped: the batches are the
-  ones an uninterrupted run would see from that step on. The skipped
-  examples are shuffled but neither decoded nor augmented.
+  Args:
+    source: where the examples come from (`get_source`).
+    pp: the preprocessing settings (`config.pp`): the split `pp.train`,
+      `crop`, `augment`, `pad`, `flip`.
+    batch_size: the global batch, over all hosts and devices.
+    seed: of the shuffle and the augmentation (per host).
+    shuffle_buffer: examples in tf.data's shuffle buffer.
+    hosts: this host and its devices; `Hosts.from_jax()` if None.
+    start_step: resumes the stream where a run stopped: the batches are the
+      ones an uninterrupted run would see from that step on. The skipped
+      examples are shuffled but neither decoded nor augmented.
   """
   hosts = hosts or Hosts.from_jax()
-  host_batch = hosts.per_device_batch(config.batch) * hosts.local_devices
-  split = config.pp.train
+  host_batch = hosts.per_device_batch(batch_size) * hosts.local_devices
+  split = pp.train
   size = source.num_examples(split, hosts.process_index, hosts.process_count)
   if size == 0:
     raise DatasetError(f'Dataset {source.info.name!r}: training split '
                        f'{split!r} is empty on host {hosts.process_index}.')
-  seed = _host_seed(config.seed, hosts.process_index)
+  seed = _host_seed(seed, hosts.process_index)
   ds = source.examples(split, hosts.process_index, hosts.process_count,
                        shuffle_seed=seed)
-  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed).enumerate()
+  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed).enumerate()
   ds = ds.skip(start_step * host_batch)
-  augment = preprocess.train_fn(config.pp, seed)
+  augment = preprocess.train_fn(pp, seed)
   ds = ds.map(lambda i, ex: augment(i, _decoded(source, ex)),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(host_batch, drop_remainder=True)
@@ -143,22 +181,23 @@ def _padding(crop: int) -> tf.data.Dataset:
   }).repeat()
 
 
-def eval_dataset(source: sources.Source, config: ml_collections.ConfigDict,
-                 hosts: Optional[Hosts] = None) -> EvalData:
-  """Every example of `config.pp.test` once, in padded, masked batches."""
+def eval_dataset(source: sources.Source, pp: ml_collections.ConfigDict, *,
+                 batch_size: int, hosts: Optional[Hosts] = None) -> EvalData:
+  """Every example of split `pp.test` once, resized to `pp.crop`, in padded,
+  masked batches of `batch_size` over all hosts and devices."""
   hosts = hosts or Hosts.from_jax()
-  host_batch = (hosts.per_device_batch(config.batch_eval, 'batch_eval') *
+  host_batch = (hosts.per_device_batch(batch_size, 'batch_eval') *
                 hosts.local_devices)
-  split = config.pp.test
+  split = pp.test
   sizes = [source.num_examples(split, index, hosts.process_count)
            for index in range(hosts.process_count)]
   num_batches = math.ceil(max(sizes) / host_batch)
   ds = source.examples(split, hosts.process_index, hosts.process_count)
-  resize = preprocess.eval_fn(config.pp)
+  resize = preprocess.eval_fn(pp.crop)
   ds = ds.map(lambda ex: {**resize(_decoded(source, ex)),
                           'mask': tf.constant(True)},
               num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.concatenate(_padding(config.pp.crop))
+  ds = ds.concatenate(_padding(pp.crop))
   ds = ds.batch(host_batch, drop_remainder=True).take(num_batches)
   ds = ds.map(_split_devices(hosts.local_devices))
   return EvalData(ds.prefetch(tf.data.AUTOTUNE), num_batches,

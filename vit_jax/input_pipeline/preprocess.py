@@ -22,6 +22,8 @@ from typing import Callable, Dict
 import ml_collections
 import tensorflow as tf
 
+from vit_jax.errors import ConfigError
+
 AUGMENTATIONS = ('inception_crop', 'pad_and_crop', 'none')
 INCEPTION_AREA_RANGE = (0.05, 1.0)
 
@@ -29,13 +31,13 @@ Example = Dict[str, tf.Tensor]
 
 
 def check_pp(pp: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for preprocessing settings that cannot work."""
+  """Raises ConfigError for preprocessing settings that cannot work."""
   if pp.augment not in AUGMENTATIONS:
-    raise ValueError(f'config.pp.augment={pp.augment!r}; choose one of '
-                     f'{AUGMENTATIONS}.')
+    raise ConfigError(f'config.pp.augment={pp.augment!r}; choose one of '
+                      f'{AUGMENTATIONS}.')
   if pp.crop <= 0 or pp.pad < 0:
-    raise ValueError(f'config.pp.crop={pp.crop} must be > 0 and '
-                     f'config.pp.pad={pp.pad} >= 0.')
+    raise ConfigError(f'config.pp.crop={pp.crop} must be > 0 and '
+                      f'config.pp.pad={pp.pad} >= 0.')
 
 
 def _rgb_float(image: tf.Tensor) -> tf.Tensor:
@@ -74,11 +76,11 @@ def _pad_and_crop(image: tf.Tensor, crop: int, pad: int,
   return tf.image.stateless_random_crop(image, [crop, crop, 3], seed=seed)
 
 
-def eval_fn(pp: ml_collections.ConfigDict) -> Callable[[Example], Example]:
-  """The evaluation preprocessing of one example."""
+def eval_fn(crop: int) -> Callable[[Example], Example]:
+  """The evaluation preprocessing of one example: resized to `crop`."""
 
   def preprocess(example: Example) -> Example:
-    image = _normalize(_resize(_rgb_float(example['image']), pp.crop))
+    image = _normalize(_resize(_rgb_float(example['image']), crop))
     return {'image': image, 'label': example['label']}
 
   return preprocess

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax.input_pipeline import sources
 from vit_jax.errors import DatasetError
+from vit_jax.input_pipeline import sources
 
 
 def _not_prepared(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str],

@@ -196,36 +196,6 @@ class MlpBlock(nn.Module):
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
-class ProjectionParams(nn.Module):
-  """The kernel `[in, *features]` and bias `[*features]` of an
-  `nn.DenseGeneral(features)` over the last input axis, declared with its
-  names and initialisation but not applied (for a fused projection).
-
-  Attributes:
-    in_features: width of the input.
-    features: output shape of the projection.
-    kernel_init: initialiser of the kernel, viewed as `[in, prod(features)]`
-      (as `nn.DenseGeneral` applies it).
-  """
-
-  in_features: int
-  features: Tuple[int, ...]
-  kernel_init: Initializer
-
-  @nn.compact
-  def __call__(self) -> Tuple[Array, Array]:
-    shape = (self.in_features, *self.features)
-
-    def kernel_init(key, shape, dtype=jnp.float32):
-      flat = (self.in_features, int(np.prod(self.features)))
-      return self.kernel_init(key, flat, dtype).reshape(shape)
-
-    kernel = self.param('kernel', kernel_init, shape, jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, self.features,
-                      jnp.float32)
-    return kernel, bias
-
-
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head self-attention with the parameters of Flax's (and vit_jax's)
   `MultiHeadDotProductAttention`:
@@ -234,17 +204,12 @@ class MultiHeadSelfAttention(nn.Module):
     out/kernel [heads, head_dim, width], out/bias [width]
 
   The attention runs head-major (`[batch, heads, tokens, head_dim]`), so
-  neither of its matmuls needs a transpose. With `fused_qkv`, query, key
-  and value come from one matmul over the three kernels stacked (same
-  parameters); it ran no faster than three projections on the 2-core CPU
-  (docs/benchmarks.md), so it is off by default, and an injection that
-  targets query/key/value turns it off (it needs the three layers).
+  neither of its matmuls needs a transpose.
 
   Attributes:
     num_heads: attention heads; must divide the width.
     dtype: compute dtype; the softmax is float32.
     dropout_rate: dropout on the attention weights.
-    fused_qkv: one matmul for query, key and value.
     kernel_init: initialiser of the four kernels.
     sow_weights: record the softmaxed weights `[batch, heads, query, key]`
       in the `intermediates` collection as `attention_weights`.
@@ -253,7 +218,6 @@ class MultiHeadSelfAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
-  fused_qkv: bool = False
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   sow_weights: bool = False
 
@@ -264,21 +228,10 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(f'Width {width} is not divisible by {self.num_heads} '
                        'attention heads.')
     heads = (self.num_heads, width // self.num_heads)
-    names = ('query', 'key', 'value')
     x = x.astype(self.dtype)
-    if self.fused_qkv:
-      kernels, biases = zip(*(ProjectionParams(
-          width, heads, self.kernel_init, name=name)() for name in names))
-      kernel = jnp.stack(kernels, axis=1).reshape(width, 3 * width)
-      bias = jnp.stack(biases).reshape(3 * width)
-      qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-      # [batch, tokens, 3, heads, head_dim] → 3 x [batch, heads, tokens, d]
-      qkv = qkv.reshape(*x.shape[:-1], 3, *heads).transpose(2, 0, 3, 1, 4)
-      query, key, value = qkv
-    else:
-      query, key, value = (nn.DenseGeneral(
-          heads, dtype=self.dtype, kernel_init=self.kernel_init,
-          name=name)(x).swapaxes(1, 2) for name in names)
+    query, key, value = (nn.DenseGeneral(
+        heads, dtype=self.dtype, kernel_init=self.kernel_init,
+        name=name)(x).swapaxes(1, 2) for name in ('query', 'key', 'value'))
     out = self._attention(query, key, value, deterministic)
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                            kernel_init=self.kernel_init,
@@ -314,7 +267,6 @@ class Encoder1DBlock(nn.Module):
     approximate_gelu: see `MlpBlock`.
     layernorm_epsilon: epsilon of both LayerNorms (1e-6 as Flax and timm;
       Hugging Face transformers' ViT uses 1e-12).
-    fused_qkv: see `MultiHeadSelfAttention` (same parameters either way).
   """
 
   mlp_dim: int
@@ -325,7 +277,6 @@ class Encoder1DBlock(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
-  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
@@ -337,7 +288,6 @@ class Encoder1DBlock(nn.Module):
         num_heads=self.num_heads,
         dtype=self.dtype,
         dropout_rate=self.attention_dropout_rate,
-        fused_qkv=self.fused_qkv,
         sow_weights=self.sow_attention_weights,
         name='MultiHeadDotProductAttention_0',
     )(x, deterministic=deterministic)
@@ -369,7 +319,6 @@ class Encoder(nn.Module):
     sow_attention_weights: see `Encoder1DBlock`.
     approximate_gelu: see `MlpBlock`.
     layernorm_epsilon: epsilon of every LayerNorm, see `Encoder1DBlock`.
-    fused_qkv: see `MultiHeadSelfAttention`.
   """
 
   num_layers: int
@@ -383,7 +332,6 @@ class Encoder(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
-  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -410,7 +358,6 @@ class Encoder(nn.Module):
           sow_attention_weights=self.sow_attention_weights,
           approximate_gelu=self.approximate_gelu,
           layernorm_epsilon=self.layernorm_epsilon,
-          fused_qkv=self.fused_qkv,
           name=f'encoderblock_{layer}',
       )(x, deterministic=not train)
     return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
@@ -458,8 +405,6 @@ class VisionTransformer(nn.Module):
       `intermediates` collection (pass `mutable=['intermediates']` to apply).
     approximate_gelu: tanh GELU (Google's weights) or exact (timm, HF).
     layernorm_epsilon: epsilon of the encoder's LayerNorms (HF uses 1e-12).
-    fused_qkv: query, key and value from one matmul (see
-      `MultiHeadSelfAttention`); the parameters are the same either way.
   """
 
   num_classes: Optional[int]
@@ -479,7 +424,6 @@ class VisionTransformer(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
-  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
@@ -512,7 +456,6 @@ class VisionTransformer(nn.Module):
           sow_attention_weights=self.sow_attention_weights,
           approximate_gelu=self.approximate_gelu,
           layernorm_epsilon=self.layernorm_epsilon,
-          fused_qkv=self.fused_qkv,
           **self.transformer)(x, train=train)
 
     if self.classifier == 'token':

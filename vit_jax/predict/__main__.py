@@ -14,7 +14,7 @@ the config's model at its `pp.crop`, and classes are named after
 model, crop and class names come from the trainer's task file, on top of
 --checkpoint, its base (not needed for a task file of `finetune.mode=full`,
 which holds every parameter). A --checkpoint that is a folder written by
-`python -m vit_jax.finetune publish` needs nothing else.
+`python -m vit_jax.publish` needs nothing else.
 """
 
 import os
@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import cli
 from vit_jax import predict
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,4 +67,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

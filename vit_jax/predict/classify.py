@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 
 from vit_jax import input_pipeline
-from vit_jax.finetune import publish
+from vit_jax import publish
+from vit_jax.checkpoint import pretrained
 from vit_jax.finetune import serving
 
 
@@ -99,22 +100,23 @@ def from_checkpoint(config: ml_collections.ConfigDict, path: str,
   its outputs match the checkpoint's head (e.g. not for a 21k-class
   checkpoint under a CIFAR-10 config); otherwise none.
   """
-  model, params = serving.model_from_checkpoint(config.model, path,
-                                                config.pp.crop)
+  model, params = pretrained.model_from_checkpoint(config.model, path,
+                                                   config.pp.crop)
   classifier = Classifier(model, params, config.pp.crop)
   outputs = _num_outputs(classifier)
   if class_names:
     names = _checked_names(class_names, outputs, 'The class names file')
   else:
-    names = input_pipeline.class_names(config) or ()
+    names = input_pipeline.class_names(
+        config.dataset, tfds_data_dir=config.tfds_data_dir) or ()
     names = names if len(names) == outputs else ()
   return dataclasses.replace(classifier, class_names=names)
 
 
 def from_published(folder: str) -> Classifier:
-  """The model of a folder written by `vit_jax.finetune.publish`."""
+  """The model of a folder written by `vit_jax.publish`."""
   summary = publish.read_summary(folder)
-  model, params = serving.model_from_checkpoint(
+  model, params = pretrained.model_from_checkpoint(
       summary['model'], os.path.join(folder, publish.NPZ_FILE),
       summary['crop'])
   classifier = Classifier(model, params, summary['crop'])
@@ -132,10 +134,9 @@ def predict(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
   """
   if top_k < 1 or batch < 1:
     raise ValueError(f'top_k={top_k}, batch={batch}: both must be >= 1.')
-  pp = ml_collections.ConfigDict({'crop': classifier.crop})
   for start in range(0, len(paths), batch):
     chunk = list(paths[start:start + batch])
-    images = input_pipeline.read_images(chunk, pp)
+    images = input_pipeline.read_images(chunk, classifier.crop)
     padded = np.zeros((batch,) + images.shape[1:], images.dtype)
     padded[:len(chunk)] = images
     probabilities = classifier.probabilities(padded)[:len(chunk)]

@@ -1,6 +1,6 @@
-"""Training loss and evaluation sums."""
+"""The training loss of a classifier, and the sums evaluation adds up."""
 
-from typing import Dict
+from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -26,3 +26,18 @@ def eval_sums(logits: jnp.ndarray, labels: jnp.ndarray,
   return {'correct': (correct * weights).sum(),
           'loss': (losses * weights).sum(),
           'count': weights.sum()}
+
+
+LossFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarray]
+
+
+def classifier_loss(model: Any, label_smoothing: float = 0.0) -> LossFn:
+  """`loss(params, images, labels, dropout_key)` of `model` in training mode:
+  the mean cross-entropy of its logits (see `cross_entropy`)."""
+
+  def loss(params, images, labels, dropout_key):
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': dropout_key})
+    return cross_entropy(logits, labels, label_smoothing)
+
+  return loss

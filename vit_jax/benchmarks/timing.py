@@ -13,17 +13,20 @@ Nothing here imports TensorFlow: the benchmarks run where only JAX is.
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax.finetune import labels as labels_lib
+from vit_jax import finetune
+from vit_jax import losses
+from vit_jax import optim
+from vit_jax import steps
+from vit_jax import trainable as trainable_lib
+from vit_jax.checkpoint import pretrained
 from vit_jax.models import table
-from vit_jax.train import setup as setup_lib
-from vit_jax.train import step as step_lib
 
 # The matmul sizes `matmul_peak` tries: large enough to reach the peak of
 # a CPU or GPU, small enough to time in seconds on 2 CPU cores.
@@ -100,7 +103,7 @@ def synthetic_batch(batch: int, crop: int, num_classes: int,
                      'devices; use a multiple of the device count.')
   rng = np.random.default_rng(0)
   shape = [len(devices), batch // len(devices)]
-  return step_lib.shard({
+  return steps.shard({
       'image': rng.uniform(-1, 1, shape + [crop, crop, 3]).astype(np.float32),
       'label': rng.integers(0, num_classes, shape).astype(np.int32),
   }, devices)
@@ -111,32 +114,46 @@ def forward_workload(model, params: Any, batch: int, crop: int,
                      ) -> Workload:
   """The evaluation forward pass (`train=False`) on `batch` images."""
   devices = devices or jax.local_devices()
-  forward = step_lib.data_parallel(
+  forward = steps.data_parallel(
       lambda p, x: model.apply({'params': p}, x, train=False), devices=devices)
   images = synthetic_batch(batch, crop, 1, devices)['image']
-  return _workload(forward, step_lib.replicate(params, devices), [images],
+  return _workload(forward, steps.replicate(params, devices), [images],
                    batch, len(devices), donated=False,
                    params=table.count_params(params))
+
+
+def train_step_and_state(config: ml_collections.ConfigDict, num_classes: int,
+                         devices: Sequence[jax.Device]
+                         ) -> Tuple[Callable, steps.TrainState]:
+  """The trainer's data-parallel train step for `config` (model, fine-tuning
+  mode, optimizer, accumulation, dtype), built from the same functions as
+  `vit_jax.train`, and its step-0 state (randomly initialised weights),
+  replicated on `devices`."""
+  fine = finetune.from_config(config.finetune)
+  model = finetune.build_model(config, num_classes, fine)
+  params = pretrained.init_params(model, config.pp.crop, seed=config.seed)
+  schedule, optimizer = optim.from_config(config)
+  step = steps.data_parallel(steps.make_train_step(
+      losses.classifier_loss(model, config.label_smoothing), optimizer,
+      schedule, fine.is_trainable, accum_steps=config.accum_steps),
+                             donate_state=True, devices=devices)
+  state = steps.initial_state(params, optimizer, fine.is_trainable)
+  return step, steps.replicate(state, devices)
 
 
 def train_workload(config: ml_collections.ConfigDict, num_classes: int,
                    devices: Optional[Sequence[jax.Device]] = None
                    ) -> Workload:
-  """The trainer's step for `config` (model, fine-tuning mode, optimizer,
-  accumulation, dtype) on a batch of `config.batch` images."""
+  """`train_step_and_state`'s step on a fixed batch of `config.batch`."""
   devices = devices or jax.local_devices()
-  setup = setup_lib.create_setup(config, num_classes)
-  step = step_lib.data_parallel(
-      step_lib.make_train_step(setup.model, setup.optimizer, setup.schedule,
-                               labels=setup.labels,
-                               accum_steps=config.accum_steps),
-      donate_state=True, devices=devices)
+  step, state = train_step_and_state(config, num_classes, devices)
+  params = steps.unreplicate(state).params
+  fine = finetune.from_config(config.finetune)
   data = synthetic_batch(config.batch, config.pp.crop, num_classes, devices)
   return _workload(
-      step, step_lib.replicate(setup.state, devices), [data], config.batch,
-      len(devices), donated=True,
-      params=labels_lib.count(setup.state.params, setup.labels, None),
-      trainable_params=labels_lib.count(setup.state.params, setup.labels))
+      step, state, [data], config.batch, len(devices), donated=True,
+      params=trainable_lib.count(params),
+      trainable_params=trainable_lib.count(params, fine.is_trainable))
 
 
 def time_rounds(runs: Mapping[str, Callable[[], None]], rounds: int,
@@ -164,10 +181,6 @@ def time_rounds(runs: Mapping[str, Callable[[], None]], rounds: int,
   return seconds
 
 
-def median(seconds: Sequence[float]) -> float:
-  return statistics.median(seconds)
-
-
 def matmul_peak(dtype: Any = jnp.float32, sizes: Sequence[int] = PEAK_SIZES,
                 rounds: int = 5,
                 device: Optional[jax.Device] = None) -> Dict[str, float]:
@@ -181,9 +194,10 @@ def matmul_peak(dtype: Any = jnp.float32, sizes: Sequence[int] = PEAK_SIZES,
   for size in sizes:
     a, b = (jax.device_put(jnp.ones((size, size), dtype) / size, device)
             for _ in range(2))
-    seconds = time_rounds({'matmul': lambda: matmul(a, b).block_until_ready()},
-                          rounds, warmup=1)['matmul']
-    achieved = 2 * size ** 3 / median(seconds)
+    seconds = time_rounds(
+        {'matmul': lambda a=a, b=b: matmul(a, b).block_until_ready()},
+        rounds, warmup=1)['matmul']
+    achieved = 2 * size ** 3 / statistics.median(seconds)
     if achieved > best['flops_per_s']:
       best = {'flops_per_s': achieved, 'size': size}
   return best

@@ -1,4 +1,4 @@
-"""The per-device train and eval steps, and how they are mapped to devices.
+"""The per-device train and eval steps, and how they map onto devices.
 
 The steps are plain functions of one device's batch that reduce over the
 named axis `AXIS`; `data_parallel`, `replicate` and `unreplicate` are the only
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax.finetune import labels as labels_lib
-from vit_jax.train import losses
+from vit_jax import losses
+from vit_jax import trainable as trainable_lib
 
 AXIS = 'batch'
 Batch = Dict[str, jnp.ndarray]
@@ -25,83 +25,89 @@ Metrics = Dict[str, jnp.ndarray]
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs: the step, params and optimizer state."""
+  """Everything a resumed run needs: the step, params and optimizer state.
+
+  `opt_state` is the optimizer's state of the trainable leaves only.
+  """
   step: jnp.ndarray
   params: Any
   opt_state: Any
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, labels: Optional[Any] = None,
-                    accum_steps: int = 1, label_smoothing: float = 0.0,
-                    seed: int = 0
+def initial_state(params: Any, optimizer: optax.GradientTransformation,
+                  trainable: trainable_lib.Trainable) -> TrainState:
+  """The step-0 state; the optimizer sees only the trainable leaves."""
+  return TrainState(
+      step=jnp.zeros([], jnp.int32), params=params,
+      opt_state=optimizer.init(trainable_lib.partition(params, trainable)[0]))
+
+
+def make_train_step(loss_fn: losses.LossFn,
+                    optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule,
+                    trainable: trainable_lib.Trainable, *,
+                    accum_steps: int = 1, seed: int = 0
                     ) -> Callable[[TrainState, Batch], Tuple[TrainState,
                                                              Metrics]]:
   """One optimizer update from one device's batch `[B, H, W, 3]`.
 
-  Only the leaves `labels` marks trainable (all, if None) are differentiated,
-  so the backward pass computes no gradient of a frozen weight and the
-  accumulator holds only trainable gradients; frozen leaves are passed
-  through untouched. The batch is split into `accum_steps` micro-batches
-  whose gradients are averaged (a `lax.scan`, so memory is that of one
-  micro-batch); then gradients are averaged over `AXIS` and applied. With
-  equal micro-batches this is the update of the whole batch at once. Dropout
-  keys derive from (seed, step, device), so a resumed run draws the same
-  masks.
+  Only the `trainable` leaves are differentiated and updated, so the
+  backward pass computes no gradient of a frozen weight, and frozen leaves
+  pass through untouched. The batch is split into `accum_steps`
+  micro-batches whose gradients are averaged (a `lax.scan`, so memory is
+  that of one micro-batch); then gradients are averaged over `AXIS` and
+  applied. With equal micro-batches this is the update of the whole batch
+  at once. Dropout keys derive from (seed, step, device), so a resumed run
+  draws the same masks.
+
+  Args:
+    loss_fn: `loss_fn(params, images, labels, dropout_key)`, a scalar (see
+      `losses.classifier_loss`).
+    optimizer: applied to the trainable sub-tree.
+    schedule: the optimizer's learning rate, reported in the metrics.
+    trainable: which leaves train (see `vit_jax.trainable`).
+    accum_steps: micro-batches per update; must divide the batch.
+    seed: the run's seed, for dropout.
   """
-
-  def split(params):
-    if labels is None:
-      return params, {}
-    return labels_lib.partition(params, labels)
-
-  def loss_fn(trainable, frozen, images, targets, key):
-    params = labels_lib.combine(trainable, frozen)
-    logits = model.apply({'params': params}, images, train=True,
-                         rngs={'dropout': key})
-    return losses.cross_entropy(logits, targets, label_smoothing)
 
   def train_step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.fold_in(
         jax.random.key(seed), state.step), jax.lax.axis_index(AXIS))
-    micro = jax.tree.map(
-        lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-    trainable, frozen = split(state.params)
+    params, frozen = trainable_lib.partition(state.params, trainable)
 
     def accumulate(grad_sum, inputs):
-      images, targets, index = inputs
-      loss, grads = jax.value_and_grad(loss_fn)(
-          trainable, frozen, images, targets, jax.random.fold_in(key, index))
+      images, labels, index = inputs
+      loss, grads = jax.value_and_grad(
+          lambda p: loss_fn(trainable_lib.combine(p, frozen), images, labels,
+                            jax.random.fold_in(key, index)))(params)
       return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     if accum_steps == 1:
       # No loop: inside a while loop XLA's CPU backend ran ResNet-Mini's
-      # convolutions 15x slower (39 s per step instead of 2.6 s).
+      # convolutions 15x slower.
       grad_sum, loss = accumulate(zeros, (batch['image'], batch['label'], 0))
       micro_losses = loss[None]
     else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
       grad_sum, micro_losses = jax.lax.scan(
           accumulate, zeros,
           (micro['image'], micro['label'], jnp.arange(accum_steps)))
     grads = jax.lax.pmean(
         jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
-    # Frozen leaves get constant zero "gradients", which the optimizer's
-    # set_to_zero branch never reads.
-    all_grads = labels_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = optimizer.update(all_grads, state.opt_state,
-                                          state.params)
-    trainable = optax.apply_updates(trainable, split(updates)[0])
-    new_state = state.replace(step=state.step + 1,
-                              params=labels_lib.combine(trainable, frozen),
-                              opt_state=opt_state)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
     all_finite = jnp.all(jnp.stack([jnp.isfinite(p).all()
-                                    for p in jax.tree.leaves(trainable)]))
+                                    for p in jax.tree.leaves(params)]))
     metrics = {'loss': jax.lax.pmean(micro_losses.mean(), AXIS),
                'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step),
                # 1 while the updated params are all finite (NaN guard).
                'params_finite': all_finite.astype(jnp.float32)}
+    new_state = state.replace(step=state.step + 1,
+                              params=trainable_lib.combine(params, frozen),
+                              opt_state=opt_state)
     return new_state, metrics
 
   return train_step

@@ -1,5 +1,7 @@
 """Publishing a trained run as a self-describing folder (e.g. a Hub repository).
 
+  python -m vit_jax.publish --workdir=/tmp/vit_mnist5k \\
+      --out=/tmp/vit_mnist5k_model [--base=upstream.npz]
   publish.publish('/tmp/vit_mnist5k', '/tmp/vit_mnist5k_model')
 
 reads the run's `results.json` and task file (with its base checkpoint when
@@ -23,6 +25,7 @@ per-token classifiers, other LayerNorm epsilons) get no safetensors file;
 the card says why. Nothing here touches the network.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -34,13 +37,15 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import models
+from vit_jax import results as results_lib
 from vit_jax.checkpoint import files
+from vit_jax.errors import CheckpointError
+from vit_jax.errors import ConfigError
 from vit_jax.finetune import serving
 from vit_jax.models import table
 from vit_jax.models import vit
-from vit_jax.train import setup as setup_lib
-from vit_jax.train import trainer
 
 CONFIG_FILE = 'config.json'
 NPZ_FILE = 'model.npz'
@@ -54,10 +59,10 @@ TIMM_EPSILON = 1e-6
 
 
 def _read_results(workdir: str) -> Dict[str, Any]:
-  results = trainer.finished_results(workdir)
+  results = results_lib.finished_results(workdir)
   if results is None:
-    raise FileNotFoundError(
-        f'{os.path.join(workdir, trainer.RESULTS_FILE)}: no such file; '
+    raise ConfigError(
+        f'{os.path.join(workdir, results_lib.RESULTS_FILE)}: no such file; '
         f'{workdir} is not the workdir of a finished run of python -m '
         'vit_jax.main.')
   return results
@@ -66,7 +71,7 @@ def _read_results(workdir: str) -> Dict[str, Any]:
 def _task_path(workdir: str, results: Mapping[str, Any]) -> str:
   path = results.get('task_file')
   if not path:
-    raise FileNotFoundError(
+    raise ConfigError(
         f'The run in {workdir} wrote no task file '
         "(config.finetune.task_file=''); train with the default "
         "'task_params.npz' to publish it.")
@@ -150,9 +155,9 @@ def read_summary(folder: str) -> Dict[str, Any]:
   config, crop, class names and what the run was."""
   path = os.path.join(folder, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise CheckpointError(
         f'{path}: no such file; {folder} is not a folder written by '
-        '`python -m vit_jax.finetune publish`.')
+        '`python -m vit_jax.publish`.')
   with open(path) as f:
     return json.load(f)['vit_jax']
 
@@ -178,12 +183,16 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
 
   Returns:
     `out`.
+
+  Raises:
+    ConfigError: `out` exists, or `workdir` holds no finished run with a
+      task file.
   """
   if os.path.exists(out):
-    raise FileExistsError(f'{out} exists; remove it or choose another folder.')
+    raise ConfigError(f'{out} exists; remove it or choose another folder.')
   results = _read_results(workdir)
   task_path = _task_path(workdir, results)
-  base = base or setup_lib.pretrained_path(
+  base = base or results_lib.pretrained_path(
       ml_collections.ConfigDict(results['config']))
   task, = serving.load_tasks(base, [task_path]).values()
   params = jax.tree.map(np.asarray, task.plain_params())
@@ -213,7 +222,7 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
                      {**(hub_config or {}), 'vit_jax': summary})
     with open(os.path.join(staging, CLASS_NAMES_FILE), 'w') as f:
       f.writelines(f'{name}\n' for name in task.class_names)
-    files.write_json(os.path.join(staging, trainer.RESULTS_FILE), results)
+    files.write_json(os.path.join(staging, results_lib.RESULTS_FILE), results)
     with open(os.path.join(staging, CARD_FILE), 'w') as f:
       f.write(model_card(os.path.basename(os.path.normpath(out)), summary,
                          results, no_timm))
@@ -323,7 +332,7 @@ def model_card(name: str, summary: Mapping[str, Any],
        else f'- no timm weights: the model has {no_timm}.'),
       f'- `{CONFIG_FILE}`: timm\'s configuration and, under `vit_jax`, the '
       'model config, crop and class names.',
-      f'- `{CLASS_NAMES_FILE}`, `{trainer.RESULTS_FILE}`: class names; the '
+      f'- `{CLASS_NAMES_FILE}`, `{results_lib.RESULTS_FILE}`: class names; the '
       'run\'s results and full config.',
       '',
       '## Use',
@@ -342,3 +351,29 @@ def model_card(name: str, summary: Mapping[str, Any],
         '```',
     ]
   return '\n'.join(lines) + '\n'
+
+
+def parser() -> argparse.ArgumentParser:
+  """`python -m vit_jax.publish`'s command line."""
+  result = argparse.ArgumentParser(
+      prog='python -m vit_jax.publish',
+      description='A finished run as a folder to share: weights for vit_jax '
+      'and timm, config, class names, model card.')
+  result.add_argument('--workdir', required=True, help="the run's workdir")
+  result.add_argument('--out', required=True, help='the folder to create')
+  result.add_argument('--base', default=None,
+                      help='base checkpoint of the task file (default: the '
+                      'one the run recorded)')
+  return result
+
+
+def main(args: argparse.Namespace) -> None:
+  """Publishes `args.workdir` as `args.out`, then lists its files."""
+  out = publish(args.workdir, args.out, args.base)
+  for name in sorted(os.listdir(out)):
+    path = os.path.join(out, name)
+    print(f'{path}: {os.path.getsize(path):,} bytes')
+
+
+if __name__ == '__main__':
+  cli.run_argparse(main, parser())

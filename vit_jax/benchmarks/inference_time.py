@@ -9,6 +9,7 @@ times many models, training too, against the machine's matmul peak.
 """
 
 import os
+import statistics
 from typing import Any, Dict
 
 from absl import logging
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import models
+from vit_jax import results as results_lib
+from vit_jax.benchmarks import timing
 from vit_jax.checkpoint import files
-from vit_jax.train import setup as setup_lib
-from vit_jax.train import timing
+from vit_jax.checkpoint import pretrained
 
 WARMUP_RUNS = 3
 INFERENCE_RUNS = 10
@@ -32,10 +34,13 @@ def inference_time(config: ml_collections.ConfigDict,
   devices = jax.local_devices()
   model = models.build_model(config.model, num_classes=1000,
                              dtype=jnp.dtype(config.dtype))
-  params = setup_lib.init_params(model, config.pp.crop, config)
+  params = pretrained.init_params(
+      model, config.pp.crop, seed=config.seed,
+      pretrained_path=results_lib.pretrained_path(config),
+      model_config=config.model)
   workload = timing.forward_workload(model, params, config.batch_eval,
                                      config.pp.crop, devices)
-  seconds = timing.median(timing.time_rounds(
+  seconds = statistics.median(timing.time_rounds(
       {'forward': workload.run}, INFERENCE_RUNS, WARMUP_RUNS)['forward'])
   results = {
       'model': config.model.model_name, 'resolution': config.pp.crop,

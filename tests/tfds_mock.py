@@ -1,8 +1,8 @@
-"""tfds without the data: real metadata, random examples (tests, benchmarks).
+"""tfds without the data: real metadata, random examples, for the tests.
 
 `tfds.testing.mock_data` serves random examples with a dataset's true
 features, but takes split sizes from a `dataset_info.json` on disk. This
-writes that file for the split sizes a test or benchmark wants.
+writes that file for the split sizes a test wants.
 """
 
 import contextlib

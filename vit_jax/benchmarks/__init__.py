@@ -1,0 +1,1 @@
+"""Speed measurements: the timing harness and the `inference_time` job."""

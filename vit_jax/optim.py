@@ -1,0 +1,97 @@
+"""Learning-rate schedules and optimizers, from explicit settings.
+
+Schedules are vit_jax's `create_learning_rate_schedule`: a linear warm-up
+from 0 to `base_lr`, then cosine, linear or constant decay. Optimizers are
+SGD with momentum (vit_jax) or AdamW, both after clipping the global
+gradient norm. `moment_dtype` is the dtype of the first-moment state (SGD
+momentum, Adam's mu): bfloat16 halves the optimizer's memory, as vit_jax's
+`optim_dtype` intends.
+
+The optimizer is built for, and applied to, the trainable sub-tree only
+(`trainable.partition`): frozen leaves have no optimizer state and are
+never updated.
+"""
+
+from typing import Any, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax.errors import ConfigError
+
+DECAY_TYPES = ('cosine', 'linear', 'constant')
+OPTIMIZERS = ('sgd', 'adamw')
+
+
+def learning_rate_schedule(*, base_lr: float, total_steps: int,
+                           warmup_steps: int,
+                           decay_type: str = 'cosine') -> optax.Schedule:
+  """0 at step 0, `base_lr` after `warmup_steps`, decayed to 0 at the end."""
+  if decay_type not in DECAY_TYPES:
+    raise ConfigError(f'config.decay_type={decay_type!r}; choose one of '
+                      f'{DECAY_TYPES}.')
+  if not 0 <= warmup_steps < total_steps:
+    raise ConfigError(f'config.warmup_steps={warmup_steps} must be in [0, '
+                      f'config.total_steps={total_steps}).')
+  decay_steps = total_steps - warmup_steps
+  decay = {
+      'cosine': optax.cosine_decay_schedule(base_lr, decay_steps),
+      'linear': optax.linear_schedule(base_lr, 0.0, decay_steps),
+      'constant': optax.constant_schedule(base_lr),
+  }[decay_type]
+  if not warmup_steps:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base_lr, warmup_steps), decay],
+      [warmup_steps])
+
+
+def _decayed(params):
+  """AdamW decays weight matrices and embeddings, not biases or norm scales."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, *,
+                   weight_decay: float = 0.0,
+                   grad_norm_clip: float | None = None,
+                   moment_dtype: str = 'float32'
+                   ) -> optax.GradientTransformation:
+  """SGD with momentum 0.9 or AdamW following `schedule`, after clipping.
+
+  Args:
+    name: 'sgd' or 'adamw' (`config.optimizer`).
+    schedule: learning rate per step.
+    weight_decay: AdamW's decoupled weight decay (unused by SGD).
+    grad_norm_clip: the global gradient norm is clipped to this; None for
+      no clipping.
+    moment_dtype: dtype of the momentum / first-moment state.
+  """
+  dtype = jnp.dtype(moment_dtype)
+  if name == 'sgd':
+    optimizer = optax.sgd(schedule, momentum=0.9, accumulator_dtype=dtype)
+  elif name == 'adamw':
+    optimizer = optax.adamw(schedule, weight_decay=weight_decay,
+                            mu_dtype=dtype, mask=_decayed)
+  else:
+    raise ConfigError(f'config.optimizer={name!r}; choose one of '
+                      f'{OPTIMIZERS}.')
+  if grad_norm_clip is None:
+    return optimizer
+  return optax.chain(optax.clip_by_global_norm(grad_norm_clip), optimizer)
+
+
+def from_config(config: Mapping[str, Any]
+                ) -> Tuple[optax.Schedule, optax.GradientTransformation]:
+  """The schedule and optimizer of an experiment config's optimizer keys
+  (`base_lr`, `total_steps`, `warmup_steps`, `decay_type`, `optimizer`,
+  `weight_decay`, `grad_norm_clip`, `optim_dtype`), so the training job and
+  the benchmarks build the same ones."""
+  schedule = learning_rate_schedule(
+      base_lr=config['base_lr'], total_steps=config['total_steps'],
+      warmup_steps=config['warmup_steps'], decay_type=config['decay_type'])
+  optimizer = make_optimizer(
+      config['optimizer'], schedule, weight_decay=config['weight_decay'],
+      grad_norm_clip=config['grad_norm_clip'],
+      moment_dtype=config['optim_dtype'])
+  return schedule, optimizer
