@@ -101,18 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
   #     head and injection), e.g. 'head/.*,.*/LayerNorm_.*'.
   #   task_file: the file (in the workdir) that receives what was trained,
   #     with a fingerprint of the base; '' writes none.
-  config.finetune = ml_collections.ConfigDict({
+  config.finetune = ml_collections.ConfigDict(
+    {
       'mode': 'full',
       'head': {'type': 'linear', 'mlp_dim': 256, 'dropout': 0.0},
       'injection': {
-          'method': 'ia3',
-          'targets': config_dict.placeholder(str),
-          'rank': 8,
-          'alpha': 8.0,
+        'method': 'ia3',
+        'targets': config_dict.placeholder(str),
+        'rank': 8,
+        'alpha': 8.0,
       },
       'trainable': '',
       'task_file': 'task_params.npz',
-  })
+    }
+  )
 
   # The model's config, from `vit_jax.models.registry` (set by the
   # experiment config, e.g. `configs/vit.py:b16,cifar10`).
@@ -129,16 +131,30 @@ def get_config() -> ml_collections.ConfigDict:
   return config.lock()
 
 
-def _preset(total_steps: int, train: str, test: str, crop: int,
-            augment: str = 'inception_crop', pad: int = 0,
-            flip: bool = True) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
+def _preset(
+  total_steps: int,
+  train: str,
+  test: str,
+  crop: int,
+  augment: str = 'inception_crop',
+  pad: int = 0,
+  flip: bool = True,
+) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    {
       'total_steps': total_steps,
       # Short runs warm up for a tenth of their steps (500 at most).
       'warmup_steps': min(500, total_steps // 10),
-      'pp': {'train': train, 'test': test, 'crop': crop,
-             'augment': augment, 'pad': pad, 'flip': flip},
-  })
+      'pp': {
+        'train': train,
+        'test': test,
+        'crop': crop,
+        'augment': augment,
+        'pad': pad,
+        'flip': flip,
+      },
+    }
+  )
 
 
 # Fine-tuning presets for pre-trained models. A slice of each training set is
@@ -147,24 +163,26 @@ def _preset(total_steps: int, train: str, test: str, crop: int,
 # are embedded in PyPI packages and need no download; digits are shifted, not
 # flipped or cropped (a mirrored or half-cut 2 is no 2).
 DATASET_PRESETS = {
-    'cifar10': _preset(10_000, 'train[:98%]', 'test', 384),
-    'cifar100': _preset(10_000, 'train[:98%]', 'test', 384),
-    'oxford_iiit_pet': _preset(500, 'train[:90%]', 'test', 384),
-    'oxford_flowers102': _preset(500, 'train', 'test', 384),
-    'svhn_cropped': _preset(10_000, 'train[:98%]', 'test', 384),
-    'imagenet2012': _preset(20_000, 'train[:99%]', 'validation', 384),
-    'mnist': _preset(2_000, 'train[:98%]', 'test', 224, 'pad_and_crop', 28,
-                     flip=False),
-    'fashion_mnist': _preset(2_000, 'train[:98%]', 'test', 224),
-    'digits': _preset(500, 'train', 'test', 224, 'pad_and_crop', 28,
-                      flip=False),
-    'mnist5k': _preset(1_000, 'train', 'test', 224, 'pad_and_crop', 28,
-                       flip=False),
+  'cifar10': _preset(10_000, 'train[:98%]', 'test', 384),
+  'cifar100': _preset(10_000, 'train[:98%]', 'test', 384),
+  'oxford_iiit_pet': _preset(500, 'train[:90%]', 'test', 384),
+  'oxford_flowers102': _preset(500, 'train', 'test', 384),
+  'svhn_cropped': _preset(10_000, 'train[:98%]', 'test', 384),
+  'imagenet2012': _preset(20_000, 'train[:99%]', 'validation', 384),
+  'mnist': _preset(
+    2_000, 'train[:98%]', 'test', 224, 'pad_and_crop', 28, flip=False
+  ),
+  'fashion_mnist': _preset(2_000, 'train[:98%]', 'test', 224),
+  'digits': _preset(500, 'train', 'test', 224, 'pad_and_crop', 28, flip=False),
+  'mnist5k': _preset(
+    1_000, 'train', 'test', 224, 'pad_and_crop', 28, flip=False
+  ),
 }
 
 
-def with_dataset(config: ml_collections.ConfigDict,
-                 dataset: str) -> ml_collections.ConfigDict:
+def with_dataset(
+  config: ml_collections.ConfigDict, dataset: str
+) -> ml_collections.ConfigDict:
   """A copy of `config` for `dataset`, with its preset if it has one.
 
   A dataset without a preset (another tfds name, or an image directory) keeps
@@ -173,6 +191,9 @@ def with_dataset(config: ml_collections.ConfigDict,
   config = copy.deepcopy(config)
   config.dataset = dataset
   # A copy: `update` would share the preset's `pp` with the config.
-  config.update(copy.deepcopy(DATASET_PRESETS.get(
-      dataset, _preset(10_000, 'train', 'test', 224))))
+  config.update(
+    copy.deepcopy(
+      DATASET_PRESETS.get(dataset, _preset(10_000, 'train', 'test', 224))
+    )
+  )
   return config

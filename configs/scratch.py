@@ -12,8 +12,8 @@ from vit_jax.models import registry
 
 # dataset: (model, crop, pad of the random shift, steps)
 SETUPS = {
-    'mnist5k': ('mini7', 28, 2, 800),
-    'digits': ('micro4', 16, 2, 600),
+  'mnist5k': ('mini7', 28, 2, 800),
+  'digits': ('micro4', 16, 2, 600),
 }
 
 
@@ -21,8 +21,9 @@ def get_config(arg: str = 'mnist5k'):
   """Returns the from-scratch config for 'DATASET[,MODEL]'."""
   dataset, _, model = arg.partition(',')
   if dataset not in SETUPS:
-    raise ValueError(f'configs/scratch.py trains on {sorted(SETUPS)}, got '
-                     f'{dataset!r}.')
+    raise ValueError(
+      f'configs/scratch.py trains on {sorted(SETUPS)}, got {dataset!r}.'
+    )
   default_model, crop, pad, steps = SETUPS[dataset]
   config = common.with_dataset(common.get_config(), dataset)
   config.model = registry.get_config(model or default_model)

@@ -17,8 +17,9 @@ def get_config(model_dataset: str = 'b16,cifar10'):
   model, sep, dataset = model_dataset.partition(',')
   if not sep or not model or not dataset:
     raise ValueError(
-        f'configs/vit.py expects MODEL,DATASET (e.g. b16,cifar10), got '
-        f'{model_dataset!r}.')
+      f'configs/vit.py expects MODEL,DATASET (e.g. b16,cifar10), got '
+      f'{model_dataset!r}.'
+    )
   config = common.with_dataset(common.get_config(), dataset)
   config.model = registry.get_config(model)
   if (model, dataset) == ('b16', 'cifar10'):

@@ -62,9 +62,14 @@ def parse_options(text: str) -> Dict[str, Any]:
   return options
 
 
-def experiment_config(model: str, crop: int, batch: int,
-                      dtype: str = 'float32', finetune: str = 'full',
-                      options: Optional[Dict[str, Any]] = None):
+def experiment_config(
+  model: str,
+  crop: int,
+  batch: int,
+  dtype: str = 'float32',
+  finetune: str = 'full',
+  options: Optional[Dict[str, Any]] = None,
+):
   """configs/common.py's CIFAR-10 fine-tuning settings for `model` at `crop`,
   one step of `batch`, fine-tuning preset `finetune` (`modes.presets()`),
   with model `options` (e.g. approximate_gelu) changed."""
@@ -74,8 +79,15 @@ def experiment_config(model: str, crop: int, batch: int,
     config.model.update(options or {})
   # Float32 momentum: the update timm's SGD makes (the trainer's default
   # bfloat16 momentum would make our step do different work).
-  config.update({'batch': batch, 'batch_eval': batch, 'accum_steps': 1,
-                 'dtype': dtype, 'optim_dtype': 'float32'})
+  config.update(
+    {
+      'batch': batch,
+      'batch_eval': batch,
+      'accum_steps': 1,
+      'dtype': dtype,
+      'optim_dtype': 'float32',
+    }
+  )
   config.pp.crop = crop
   config.finetune.update(modes.presets()[finetune])
   return config
@@ -86,37 +98,52 @@ def make_workload(work: str, config) -> timing.Workload:
   if work == 'train':
     return timing.train_workload(config, NUM_CLASSES)
   model, params = initial_model(config)
-  return timing.forward_workload(model, params, config.batch_eval,
-                                 config.pp.crop)
+  return timing.forward_workload(
+    model, params, config.batch_eval, config.pp.crop
+  )
 
 
 def initial_model(config) -> Tuple[Any, Any]:
   """The model of `config` and the parameters its runs start from (the
   train step's initial parameters too: same seed)."""
-  model = models.build_model(config.model, num_classes=NUM_CLASSES,
-                             dtype=jnp.dtype(config.dtype))
-  return model, pretrained.init_params(model, config.pp.crop,
-                                       seed=config.seed)
+  model = models.build_model(
+    config.model, num_classes=NUM_CLASSES, dtype=jnp.dtype(config.dtype)
+  )
+  return model, pretrained.init_params(model, config.pp.crop, seed=config.seed)
 
 
-def reference_run(reference, work: str, config, images, labels
-                  ) -> Tuple[Callable[[], None], float]:
+def reference_run(
+  reference, work: str, config, images, labels
+) -> Tuple[Callable[[], None], float]:
   """timm's call doing `work` of `config` on our weights and batch, and the
   largest |our logit - timm's| on the first 4 images (the head gets random
   weights for that check: its initial zeros would make every logit 0)."""
   model, params = initial_model(config)
   head = params['head']['kernel']
-  params = dict(params, head=dict(params['head'], kernel=jax.random.normal(
-      jax.random.key(1), head.shape) * 0.02))
-  net = reference.build(config.model.model_name, params, config.pp.crop,
-                        NUM_CLASSES, model.approximate_gelu)
+  params = dict(
+    params,
+    head=dict(
+      params['head'],
+      kernel=jax.random.normal(jax.random.key(1), head.shape) * 0.02,
+    ),
+  )
+  net = reference.build(
+    config.model.model_name,
+    params,
+    config.pp.crop,
+    NUM_CLASSES,
+    model.approximate_gelu,
+  )
   ours = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
-      params, images[:4])
-  difference = float(abs(jax.device_get(ours) -
-                         reference.logits(net, images[:4])).max())
+    params, images[:4]
+  )
+  difference = float(
+    abs(jax.device_get(ours) - reference.logits(net, images[:4])).max()
+  )
   if work == 'train':
-    run = reference.train_run(net, images, labels, config.base_lr,
-                              config.grad_norm_clip)
+    run = reference.train_run(
+      net, images, labels, config.base_lr, config.grad_norm_clip
+    )
   else:
     run = reference.forward_run(net, images)
   return run, difference
@@ -127,24 +154,29 @@ def machine() -> str:
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
-      cpu = next(line.split(':', 1)[1].strip() for line in f
-                 if line.startswith('model name'))
+      cpu = next(
+        line.split(':', 1)[1].strip()
+        for line in f
+        if line.startswith('model name')
+      )
   except (OSError, StopIteration):
     pass
   device = jax.local_devices()[0]
-  return (f'JAX {jax.__version__}, {jax.local_device_count()} x '
-          f'{device.device_kind} ({device.platform}); host CPU {cpu}, '
-          f'{os.cpu_count()} logical cores')
+  return (
+    f'JAX {jax.__version__}, {jax.local_device_count()} x '
+    f'{device.device_kind} ({device.platform}); host CPU {cpu}, '
+    f'{os.cpu_count()} logical cores'
+  )
 
 
 def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
   """The results as a Markdown table; a timm row follows the row it copies
   and shows our images/s over its own."""
   lines = [
-      '| work | model | code | crop | batch | dtype | GFLOP/img | s/batch '
-      '| img/s | img/s/device | GFLOP/s | % of matmul peak | XLA MB/device '
-      '| vit_jax / timm |',
-      '|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| work | model | code | crop | batch | dtype | GFLOP/img | s/batch '
+    '| img/s | img/s/device | GFLOP/s | % of matmul peak | XLA MB/device '
+    '| vit_jax / timm |',
+    '|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   devices = jax.local_device_count()
   ours = {}
@@ -157,14 +189,15 @@ def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
     memory = '' if timm_row else f'{workload.memory_bytes / 2**20:.0f}'
     ratio = f'{seconds / ours[row["key"]]:.2f}' if timm_row else ''
     lines.append(
-        f'| {row["work"]} | {row["model"]} | {row["code"]} | {row["crop"]} '
-        f'| {row["batch"]} | {row["dtype"]} '
-        f'| {workload.flops / workload.images / 1e9:.2f} '
-        f'| {seconds:.3f} | {workload.images / seconds:.1f} '
-        f'| {workload.images / seconds / devices:.1f} '
-        f'| {achieved / 1e9:.1f} '
-        f'| {100 * achieved / devices / peaks[row["dtype"]]["flops_per_s"]:.0f}%'
-        f' | {memory} | {ratio} |')
+      f'| {row["work"]} | {row["model"]} | {row["code"]} | {row["crop"]} '
+      f'| {row["batch"]} | {row["dtype"]} '
+      f'| {workload.flops / workload.images / 1e9:.2f} '
+      f'| {seconds:.3f} | {workload.images / seconds:.1f} '
+      f'| {workload.images / seconds / devices:.1f} '
+      f'| {achieved / 1e9:.1f} '
+      f'| {100 * achieved / devices / peaks[row["dtype"]]["flops_per_s"]:.0f}%'
+      f' | {memory} | {ratio} |'
+    )
   return '\n'.join(lines)
 
 
@@ -175,24 +208,40 @@ def main() -> None:
   parser.add_argument('--batches', default='8')
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--work', default='inference,train')
-  parser.add_argument('--finetune', default='full',
-                      choices=sorted(modes.presets()),
-                      help='what the train step updates (a fine-tuning '
-                      'preset)')
-  parser.add_argument('--model_options', default='',
-                      help='variants of the models to time side by side, '
-                      'separated by ";", each comma-separated name=value '
-                      'model options ("" = as registered), e.g. '
-                      '";approximate_gelu=False"')
-  parser.add_argument('--compare', default='', choices=('', 'timm'),
-                      help='also time timm on the same weights (float32, '
-                      'full fine-tuning)')
-  parser.add_argument('--rounds', type=int, default=5,
-                      help='timed calls per row, alternating rows (median)')
+  parser.add_argument(
+    '--finetune',
+    default='full',
+    choices=sorted(modes.presets()),
+    help='what the train step updates (a fine-tuning preset)',
+  )
+  parser.add_argument(
+    '--model_options',
+    default='',
+    help='variants of the models to time side by side, '
+    'separated by ";", each comma-separated name=value '
+    'model options ("" = as registered), e.g. '
+    '";approximate_gelu=False"',
+  )
+  parser.add_argument(
+    '--compare',
+    default='',
+    choices=('', 'timm'),
+    help='also time timm on the same weights (float32, full fine-tuning)',
+  )
+  parser.add_argument(
+    '--rounds',
+    type=int,
+    default=5,
+    help='timed calls per row, alternating rows (median)',
+  )
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--settle', type=int, default=1,
-                      help='untimed calls of a row right before each timed '
-                      'one (so it is not timed in the wake of another row)')
+  parser.add_argument(
+    '--settle',
+    type=int,
+    default=1,
+    help='untimed calls of a row right before each timed '
+    'one (so it is not timed in the wake of another row)',
+  )
   args = parser.parse_args()
   for work in args.work.split(','):
     if work not in WORK:
@@ -200,61 +249,85 @@ def main() -> None:
   if args.compare and args.finetune != 'full':
     parser.error('--compare timm times full fine-tuning only.')
   # Imported only here: torch and timm are an optional extra.
-  reference = (importlib.import_module('timm_reference') if args.compare
-               else None)
+  reference = (
+    importlib.import_module('timm_reference') if args.compare else None
+  )
   print(machine())
   if reference:
-    print('Reference: ' + ', '.join(
-        f'{k} {v}' for k, v in reference.describe().items()))
+    print(
+      'Reference: '
+      + ', '.join(f'{k} {v}' for k, v in reference.describe().items())
+    )
   peaks = {}
   for dtype in args.dtypes.split(','):
     peaks[dtype] = timing.matmul_peak(jnp.dtype(dtype))
-    print(f'{dtype} matmul peak per device (JAX): '
-          f'{peaks[dtype]["flops_per_s"] / 1e9:.1f} GFLOP/s '
-          f'({peaks[dtype]["size"]}x{peaks[dtype]["size"]} matrices)')
+    print(
+      f'{dtype} matmul peak per device (JAX): '
+      f'{peaks[dtype]["flops_per_s"] / 1e9:.1f} GFLOP/s '
+      f'({peaks[dtype]["size"]}x{peaks[dtype]["size"]} matrices)'
+    )
   if reference and 'float32' in peaks:
     # The machine's peak is the better of the two libraries' matmuls.
     torch_peak = reference.matmul_peak(timing.PEAK_SIZES)
-    print(f'float32 matmul peak (PyTorch): '
-          f'{torch_peak["flops_per_s"] / 1e9:.1f} GFLOP/s '
-          f'({torch_peak["size"]}x{torch_peak["size"]} matrices)')
-    peaks['float32'] = max(peaks['float32'], torch_peak,
-                           key=lambda peak: peak['flops_per_s'])
-  grid = itertools.product(args.work.split(','), args.models.split(','),
-                           map(int, args.crops.split(',')),
-                           map(int, args.batches.split(',')),
-                           args.dtypes.split(','),
-                           args.model_options.split(';'))
+    print(
+      f'float32 matmul peak (PyTorch): '
+      f'{torch_peak["flops_per_s"] / 1e9:.1f} GFLOP/s '
+      f'({torch_peak["size"]}x{torch_peak["size"]} matrices)'
+    )
+    peaks['float32'] = max(
+      peaks['float32'], torch_peak, key=lambda peak: peak['flops_per_s']
+    )
+  grid = itertools.product(
+    args.work.split(','),
+    args.models.split(','),
+    map(int, args.crops.split(',')),
+    map(int, args.batches.split(',')),
+    args.dtypes.split(','),
+    args.model_options.split(';'),
+  )
   rows, runs = [], {}
   for work, model, crop, batch, dtype, options in grid:
     key: Tuple = (work, model, crop, batch, dtype, options)
-    config = experiment_config(model, crop, batch, dtype, args.finetune,
-                               parse_options(options))
+    config = experiment_config(
+      model, crop, batch, dtype, args.finetune, parse_options(options)
+    )
     workload = make_workload(work, config)
-    row = dict(zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
-               key=key, code=f'vit_jax {options}'.strip(), workload=workload)
+    row = dict(
+      zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
+      key=key,
+      code=f'vit_jax {options}'.strip(),
+      workload=workload,
+    )
     rows.append(row)
     runs[key] = workload.run
     if reference and dtype == 'float32' and not options:
-      data = jax.device_get(timing.synthetic_batch(batch, crop, NUM_CLASSES,
-                                                   jax.local_devices()))
+      data = jax.device_get(
+        timing.synthetic_batch(batch, crop, NUM_CLASSES, jax.local_devices())
+      )
       images = data['image'].reshape(batch, crop, crop, 3)
-      run, difference = reference_run(reference, work, config, images,
-                                      data['label'].reshape(batch))
-      print(f'{work} {model} at {crop}: max |logit difference| vit_jax vs '
-            f'timm = {difference:.2e}')
+      run, difference = reference_run(
+        reference, work, config, images, data['label'].reshape(batch)
+      )
+      print(
+        f'{work} {model} at {crop}: max |logit difference| vit_jax vs '
+        f'timm = {difference:.2e}'
+      )
       rows.append(dict(row, code='timm'))
       runs[key + ('timm',)] = run
   seconds = timing.time_rounds(runs, args.rounds, args.warmup, args.settle)
   for row, key in zip(rows, runs):
     row['seconds'] = statistics.median(seconds[key])
-  print(f'Median of {args.rounds} alternating rounds after {args.warmup} '
-        f'warm-up calls, {args.settle} untimed call(s) before each timed one; '
-        f'train = the trainer\'s step (finetune {args.finetune}, SGD '
-        'momentum, clipping).')
+  print(
+    f'Median of {args.rounds} alternating rounds after {args.warmup} '
+    f'warm-up calls, {args.settle} untimed call(s) before each timed one; '
+    f"train = the trainer's step (finetune {args.finetune}, SGD "
+    'momentum, clipping).'
+  )
   print(format_rows(rows, peaks))
-  print(f'Peak resident memory of this process: '
-        f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB')
+  print(
+    f'Peak resident memory of this process: '
+    f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB'
+  )
 
 
 if __name__ == '__main__':

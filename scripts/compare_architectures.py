@@ -33,47 +33,62 @@ def train(dataset: str, model: str, steps: int, out: str) -> Dict[str, Any]:
   if steps:
     config.total_steps = steps
   workdir = os.path.join(out, model)
-  results = (results_lib.finished_results(workdir) or
-             train_lib.train_and_evaluate(config, workdir))
+  results = results_lib.finished_results(
+    workdir
+  ) or train_lib.train_and_evaluate(config, workdir)
   name = config.model.model_name
   net = models.build_model(config.model, num_classes=NUM_CLASSES)
   variables = table.abstract_variables(net, config.pp.crop)
   return {
-      'model': name, 'params': table.count_params(variables['params']),
-      'gflops': table.forward_flops(net, variables, config.pp.crop) / 1e9,
-      'crop': config.pp.crop, 'steps': results['steps'],
-      'wall_time_s': results['wall_time_s'],
-      'step_time_s': results['step_time_s'],
-      'test_accuracy': results['test_accuracy'],
+    'model': name,
+    'params': table.count_params(variables['params']),
+    'gflops': table.forward_flops(net, variables, config.pp.crop) / 1e9,
+    'crop': config.pp.crop,
+    'steps': results['steps'],
+    'wall_time_s': results['wall_time_s'],
+    'step_time_s': results['step_time_s'],
+    'test_accuracy': results['test_accuracy'],
   }
 
 
 def results_table(rows: List[Dict[str, Any]]) -> str:
   """The Markdown table of the rows."""
-  lines = ['| model | parameters | GFLOPs / image | steps | train time '
-           '| step time | test accuracy |',
-           '|---|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    '| model | parameters | GFLOPs / image | steps | train time '
+    '| step time | test accuracy |',
+    '|---|---:|---:|---:|---:|---:|---:|',
+  ]
   for r in rows:
     lines.append(
-        f'| {r["model"]} | {r["params"]:,} | {r["gflops"]:.3f} | {r["steps"]} '
-        f'| {r["wall_time_s"] / 60:.1f} min | {1000 * r["step_time_s"]:.0f} ms '
-        f'| {100 * r["test_accuracy"]:.1f}% |')
+      f'| {r["model"]} | {r["params"]:,} | {r["gflops"]:.3f} | {r["steps"]} '
+      f'| {r["wall_time_s"] / 60:.1f} min | {1000 * r["step_time_s"]:.0f} ms '
+      f'| {100 * r["test_accuracy"]:.1f}% |'
+    )
   return '\n'.join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True)
-  parser.add_argument('--dataset', default='mnist5k',
-                      choices=sorted(scratch.SETUPS))
-  parser.add_argument('--models', default='mini7,swin_mini2,resnet_mini',
-                      help='registry short names (vit_jax/models/registry.py)')
-  parser.add_argument('--steps', type=int, default=0,
-                      help='training steps (default: the dataset\'s in '
-                      'configs/scratch.py)')
+  parser.add_argument(
+    '--dataset', default='mnist5k', choices=sorted(scratch.SETUPS)
+  )
+  parser.add_argument(
+    '--models',
+    default='mini7,swin_mini2,resnet_mini',
+    help='registry short names (vit_jax/models/registry.py)',
+  )
+  parser.add_argument(
+    '--steps',
+    type=int,
+    default=0,
+    help="training steps (default: the dataset's in configs/scratch.py)",
+  )
   args = parser.parse_args()
-  rows = [train(args.dataset, model, args.steps, args.out)
-          for model in args.models.split(',')]
+  rows = [
+    train(args.dataset, model, args.steps, args.out)
+    for model in args.models.split(',')
+  ]
   text = results_table(rows)
   files.write_json(os.path.join(args.out, 'results.json'), rows)
   with files.atomic_path(os.path.join(args.out, 'results.md')) as path:

@@ -58,13 +58,18 @@ def upstream_checkpoint(args, out: str) -> str:
   params = task_file.load_task_params(results['task_file'], base_params={})
   path = os.path.join(out, UPSTREAM_FILE)
   checkpoint.save(path, params)
-  logging.info('Upstream: %.4f test accuracy on %s, exported to %s',
-               results['test_accuracy'], args.upstream_dataset, path)
+  logging.info(
+    'Upstream: %.4f test accuracy on %s, exported to %s',
+    results['test_accuracy'],
+    args.upstream_dataset,
+    path,
+  )
   return path
 
 
-def downstream_config(args, upstream: str, row: str
-                      ) -> ml_collections.ConfigDict:
+def downstream_config(
+  args, upstream: str, row: str
+) -> ml_collections.ConfigDict:
   """The downstream run of `row`, starting from `upstream`."""
   if args.config:
     config = vit_configs.get_config(args.config)
@@ -82,93 +87,142 @@ def downstream_config(args, upstream: str, row: str
 
 def serve_accuracy(upstream: str, runs: Dict[str, Any]) -> Dict[str, float]:
   """Test accuracy of each task file applied to one shared upstream read."""
-  tasks = serving.load_tasks(upstream, [
+  tasks = serving.load_tasks(
+    upstream,
+    [
       os.path.join(run['workdir'], run['results']['task_file'])
-      for run in runs.values()])
+      for run in runs.values()
+    ],
+  )
   accuracy = {}
   for (row, run), task in zip(runs.items(), tasks.values()):
     config = run['config']
     source = input_pipeline.get_source(
-        config.dataset, tfds_data_dir=config.tfds_data_dir,
-        tfds_manual_dir=config.tfds_manual_dir)
-    data = input_pipeline.eval_dataset(source, config.pp,
-                                       batch_size=config.batch_eval,
-                                       hosts=input_pipeline.Hosts(0, 1, 1))
+      config.dataset,
+      tfds_data_dir=config.tfds_data_dir,
+      tfds_manual_dir=config.tfds_manual_dir,
+    )
+    data = input_pipeline.eval_dataset(
+      source,
+      config.pp,
+      batch_size=config.batch_eval,
+      hosts=input_pipeline.Hosts(0, 1, 1),
+    )
     correct = 0
     for batch in data.dataset.as_numpy_iterator():
       logits = np.asarray(task.logits(batch['image'][0]))
-      correct += int(((logits.argmax(-1) == batch['label'][0])
-                      & batch['mask'][0]).sum())
+      correct += int(
+        ((logits.argmax(-1) == batch['label'][0]) & batch['mask'][0]).sum()
+      )
     accuracy[row] = correct / data.num_examples
   return accuracy
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
   """The markdown results table."""
-  lines = ['| mode | method | trainable params | % of total | test accuracy '
-           '| from task file | train time | step time | saved file |',
-           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    '| mode | method | trainable params | % of total | test accuracy '
+    '| from task file | train time | step time | saved file |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for r in rows:
     lines.append(
-        f'| {r["mode"]} | {r["method"]} | {r["trainable_params"]:,} | '
-        f'{100 * r["trainable_params"] / r["total_params"]:.2f}% | '
-        f'{100 * r["test_accuracy"]:.1f}% | {100 * r["served_accuracy"]:.1f}% '
-        f'| {r["wall_time_s"]:.0f} s | {1000 * r["step_time_s"]:.0f} ms | '
-        f'{r["task_file_bytes"] / 1024:,.0f} KiB |')
+      f'| {r["mode"]} | {r["method"]} | {r["trainable_params"]:,} | '
+      f'{100 * r["trainable_params"] / r["total_params"]:.2f}% | '
+      f'{100 * r["test_accuracy"]:.1f}% | {100 * r["served_accuracy"]:.1f}% '
+      f'| {r["wall_time_s"]:.0f} s | {1000 * r["step_time_s"]:.0f} ms | '
+      f'{r["task_file_bytes"] / 1024:,.0f} KiB |'
+    )
   return '\n'.join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True)
-  parser.add_argument('--upstream', help='a checkpoint file; default: train '
-                      'configs/scratch.py:UPSTREAM_DATASET')
+  parser.add_argument(
+    '--upstream',
+    help='a checkpoint file; default: train '
+    'configs/scratch.py:UPSTREAM_DATASET',
+  )
   parser.add_argument('--upstream_dataset', default='mnist5k')
   parser.add_argument('--downstream', default='digits')
-  parser.add_argument('--crop', type=int, default=21,
-                      help='downstream resolution (upstream mnist5k: 28)')
+  parser.add_argument(
+    '--crop',
+    type=int,
+    default=21,
+    help='downstream resolution (upstream mnist5k: 28)',
+  )
   parser.add_argument('--steps', type=int, default=300)
-  parser.add_argument('--config', help='a configs/vit.py argument (e.g. '
-                      'b16,cifar10) for the real case instead of the small '
-                      'downstream setup')
+  parser.add_argument(
+    '--config',
+    help='a configs/vit.py argument (e.g. '
+    'b16,cifar10) for the real case instead of the small '
+    'downstream setup',
+  )
   parser.add_argument('--rows', default=','.join(ROWS))
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   exported = os.path.join(args.out, UPSTREAM_FILE)
-  upstream = args.upstream or (exported if os.path.exists(exported) else
-                               upstream_checkpoint(args, args.out))
+  upstream = args.upstream or (
+    exported
+    if os.path.exists(exported)
+    else upstream_checkpoint(args, args.out)
+  )
   runs = {}
   for row in args.rows.split(','):
     config = downstream_config(args, upstream, row)
     workdir = os.path.join(args.out, row)
-    runs[row] = {'config': config, 'workdir': workdir,
-                 'results': results_lib.finished_results(workdir) or
-                            train.train_and_evaluate(config, workdir)}
+    runs[row] = {
+      'config': config,
+      'workdir': workdir,
+      'results': results_lib.finished_results(workdir)
+      or train.train_and_evaluate(config, workdir),
+    }
   served = serve_accuracy(upstream, runs)
   rows = []
   for row, run in runs.items():
     fine = run['config'].finetune
     r = run['results']
-    rows.append({
-        'row': row, 'mode': (fine.mode if fine.head.type == 'linear' else
-                             f'{fine.mode} ({fine.head.type})'),
-        'method': (fine.injection.method if fine.mode == 'injection' else
-                   '-'), 'served_accuracy': served[row],
+    rows.append(
+      {
+        'row': row,
+        'mode': (
+          fine.mode
+          if fine.head.type == 'linear'
+          else f'{fine.mode} ({fine.head.type})'
+        ),
+        'method': (fine.injection.method if fine.mode == 'injection' else '-'),
+        'served_accuracy': served[row],
         'base_lr': run['config'].base_lr,
-        **{k: r[k] for k in ('trainable_params', 'total_params',
-                             'test_accuracy', 'wall_time_s', 'step_time_s',
-                             'task_file_bytes')}})
+        **{
+          k: r[k]
+          for k in (
+            'trainable_params',
+            'total_params',
+            'test_accuracy',
+            'wall_time_s',
+            'step_time_s',
+            'task_file_bytes',
+          )
+        },
+      }
+    )
   text = table(rows)
   print(text)
   with files.atomic_path(os.path.join(args.out, 'results.md')) as path:
     with open(path, 'w') as f:
       f.write(text + '\n')
-  files.write_json(os.path.join(args.out, 'results.json'), {
-      'rows': rows, 'upstream': upstream,
+  files.write_json(
+    os.path.join(args.out, 'results.json'),
+    {
+      'rows': rows,
+      'upstream': upstream,
       'device': jax.devices()[0].device_kind,
-      'total_time_s': time.perf_counter() - start})
+      'total_time_s': time.perf_counter() - start,
+    },
+  )
 
 
 if __name__ == '__main__':

@@ -33,8 +33,9 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 RUNTIME_EVENTS = ('ThunkExecutor', 'SlinkyThreadPool', 'end: ')
 
 
-def op_seconds(trace_dir: str, calls: int) -> Tuple[Dict[str, float],
-                                                    Dict[str, int]]:
+def op_seconds(
+  trace_dir: str, calls: int
+) -> Tuple[Dict[str, float], Dict[str, int]]:
   """Seconds per call and count per call of each kind of XLA operation."""
   paths = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
   if not paths:
@@ -65,12 +66,17 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--work', default='train', choices=benchmark.WORK)
-  parser.add_argument('--calls', type=int, default=2,
-                      help='traced calls (after two untraced ones)')
+  parser.add_argument(
+    '--calls',
+    type=int,
+    default=2,
+    help='traced calls (after two untraced ones)',
+  )
   parser.add_argument('--top', type=int, default=15)
   args = parser.parse_args()
-  config = benchmark.experiment_config(args.model, args.crop, args.batch,
-                                       args.dtype, 'full')
+  config = benchmark.experiment_config(
+    args.model, args.crop, args.batch, args.dtype, 'full'
+  )
   workload = benchmark.make_workload(args.work, config)
   for _ in range(2):
     workload.run()
@@ -84,14 +90,17 @@ def main() -> None:
     seconds, counts = op_seconds(trace_dir, args.calls)
   total = sum(seconds.values())
   print(benchmark.machine())
-  print(f'{args.work} step of {args.model} at {args.crop}, batch '
-        f'{args.batch}, {args.dtype}: {statistics.median(wall):.3f} s wall '
-        f'per call (traced), {total:.3f} s of XLA operations summed over '
-        'threads')
+  print(
+    f'{args.work} step of {args.model} at {args.crop}, batch '
+    f'{args.batch}, {args.dtype}: {statistics.median(wall):.3f} s wall '
+    f'per call (traced), {total:.3f} s of XLA operations summed over '
+    'threads'
+  )
   print(f'{"operation kind":<28} {"s/call":>8} {"share":>6} {"ops/call":>8}')
-  for kind, value in sorted(seconds.items(), key=lambda kv: -kv[1])[:args.top]:
-    print(f'{kind:<28} {value:8.3f} {100 * value / total:5.1f}% '
-          f'{counts[kind]:8d}')
+  for kind, value in sorted(seconds.items(), key=lambda kv: -kv[1])[: args.top]:
+    print(
+      f'{kind:<28} {value:8.3f} {100 * value / total:5.1f}% {counts[kind]:8d}'
+    )
 
 
 if __name__ == '__main__':

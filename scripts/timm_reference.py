@@ -26,28 +26,33 @@ from vit_jax import checkpoint
 
 # Our registered name → timm's architecture.
 ARCHITECTURES = {
-    'ViT-Ti_16': 'vit_tiny_patch16_224',
-    'ViT-S_16': 'vit_small_patch16_224',
-    'ViT-B_16': 'vit_base_patch16_224',
-    'ViT-L_16': 'vit_large_patch16_224',
+  'ViT-Ti_16': 'vit_tiny_patch16_224',
+  'ViT-S_16': 'vit_small_patch16_224',
+  'ViT-B_16': 'vit_base_patch16_224',
+  'ViT-L_16': 'vit_large_patch16_224',
 }
 
 
 def architecture(model: str) -> str:
   """timm's name of our `model`; a clear error for the others."""
   if model not in ARCHITECTURES:
-    raise ValueError(f'--compare timm knows {sorted(ARCHITECTURES)}, not '
-                     f'{model!r}.')
+    raise ValueError(
+      f'--compare timm knows {sorted(ARCHITECTURES)}, not {model!r}.'
+    )
   return ARCHITECTURES[model]
 
 
-def build(model: str, params: Any, crop: int, num_classes: int,
-          approximate_gelu: bool) -> torch.nn.Module:
+def build(
+  model: str, params: Any, crop: int, num_classes: int, approximate_gelu: bool
+) -> torch.nn.Module:
   """timm's `model` at `crop` holding our `params`."""
   net = timm.create_model(
-      architecture(model), pretrained=False, img_size=crop,
-      num_classes=num_classes,
-      act_layer='gelu_tanh' if approximate_gelu else 'gelu')
+    architecture(model),
+    pretrained=False,
+    img_size=crop,
+    num_classes=num_classes,
+    act_layer='gelu_tanh' if approximate_gelu else 'gelu',
+  )
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'weights.npz')
     checkpoint.save(path, params)
@@ -79,14 +84,17 @@ def forward_run(net: torch.nn.Module, images: np.ndarray) -> Callable[[], None]:
   return run
 
 
-def train_run(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-              learning_rate: float, grad_norm_clip: float
-              ) -> Callable[[], None]:
+def train_run(
+  net: torch.nn.Module,
+  images: np.ndarray,
+  labels: np.ndarray,
+  learning_rate: float,
+  grad_norm_clip: float,
+) -> Callable[[], None]:
   """One full fine-tuning step per call (SGD momentum 0.9, clipping)."""
   net.train()
   x, y = to_torch(images), torch.from_numpy(labels.astype(np.int64))
-  optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate,
-                              momentum=0.9)
+  optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=0.9)
 
   def run() -> None:
     optimizer.zero_grad(set_to_none=True)
@@ -118,5 +126,8 @@ def matmul_peak(sizes: Sequence[int], rounds: int = 5) -> Dict[str, float]:
 
 def describe() -> Dict[str, str]:
   """Versions and threads of the reference, for the printed header."""
-  return {'torch': torch.__version__, 'timm': timm.__version__,
-          'threads': str(torch.get_num_threads())}
+  return {
+    'torch': torch.__version__,
+    'timm': timm.__version__,
+    'threads': str(torch.get_num_threads()),
+  }

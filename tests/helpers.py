@@ -38,7 +38,8 @@ def random_variables(model, images, seed: int = 0):
   logits are informative.
   """
   shapes = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), images)
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
   pool = _normal_pool(seed)
   leaves = []
 
@@ -58,9 +59,18 @@ def random_variables(model, images, seed: int = 0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def vit_tree_shapes(*, hidden: int, mlp: int, heads: int, layers: int,
-                    patch: int, tokens: int, num_classes: int,
-                    representation: int = 0, in_channels: int = 3) -> dict:
+def vit_tree_shapes(
+  *,
+  hidden: int,
+  mlp: int,
+  heads: int,
+  layers: int,
+  patch: int,
+  tokens: int,
+  num_classes: int,
+  representation: int = 0,
+  in_channels: int = 3,
+) -> dict:
   """A ViT's {path: shape} written from its dimensions and vit_jax's names.
 
   `tokens` counts the class token. Written independently of the model code,
@@ -68,14 +78,14 @@ def vit_tree_shapes(*, hidden: int, mlp: int, heads: int, layers: int,
   """
   d, head_dim = hidden, hidden // heads
   tree = {
-      'embedding/kernel': (patch, patch, in_channels, d),
-      'embedding/bias': (d,),
-      'cls': (1, 1, d),
-      'Transformer/posembed_input/pos_embedding': (1, tokens, d),
-      'Transformer/encoder_norm/scale': (d,),
-      'Transformer/encoder_norm/bias': (d,),
-      'head/kernel': (representation or d, num_classes),
-      'head/bias': (num_classes,),
+    'embedding/kernel': (patch, patch, in_channels, d),
+    'embedding/bias': (d,),
+    'cls': (1, 1, d),
+    'Transformer/posembed_input/pos_embedding': (1, tokens, d),
+    'Transformer/encoder_norm/scale': (d,),
+    'Transformer/encoder_norm/bias': (d,),
+    'head/kernel': (representation or d, num_classes),
+    'head/bias': (num_classes,),
   }
   if representation:
     tree['pre_logits/kernel'] = (d, representation)
@@ -100,8 +110,11 @@ def vit_tree_shapes(*, hidden: int, mlp: int, heads: int, layers: int,
 
 def bit_root_shapes(stages, width: int = 64) -> dict:
   """{path: shape} of vit_jax's hybrid ResNet root (BiT, bottleneck x4)."""
-  tree = {'conv_root/kernel': (7, 7, 3, width),
-          'gn_root/scale': (width,), 'gn_root/bias': (width,)}
+  tree = {
+    'conv_root/kernel': (7, 7, 3, width),
+    'gn_root/scale': (width,),
+    'gn_root/bias': (width,),
+  }
   channels = width
   for s, units in enumerate(stages):
     features = width * 2**s
@@ -111,12 +124,19 @@ def bit_root_shapes(stages, width: int = 64) -> dict:
         tree[f'{unit}/conv_proj/kernel'] = (1, 1, channels, 4 * features)
         tree[f'{unit}/gn_proj/scale'] = (4 * features,)
         tree[f'{unit}/gn_proj/bias'] = (4 * features,)
-      tree[f'{unit}/conv1/kernel'] = (1, 1, channels if u == 0 else
-                                      4 * features, features)
+      tree[f'{unit}/conv1/kernel'] = (
+        1,
+        1,
+        channels if u == 0 else 4 * features,
+        features,
+      )
       tree[f'{unit}/conv2/kernel'] = (3, 3, features, features)
       tree[f'{unit}/conv3/kernel'] = (1, 1, features, 4 * features)
-      for norm, size in (('gn1', features), ('gn2', features),
-                         ('gn3', 4 * features)):
+      for norm, size in (
+        ('gn1', features),
+        ('gn2', features),
+        ('gn3', 4 * features),
+      ):
         tree[f'{unit}/{norm}/scale'] = (size,)
         tree[f'{unit}/{norm}/bias'] = (size,)
     channels = 4 * features
@@ -125,9 +145,11 @@ def bit_root_shapes(stages, width: int = 64) -> dict:
 
 def pre_linen(path: str) -> str:
   """Our encoder-block path → the name in Google's first published files."""
-  for new, old in (('MultiHeadDotProductAttention_0',
-                    'MultiHeadDotProductAttention_1'),
-                   ('LayerNorm_1', 'LayerNorm_2'), ('MlpBlock_0', 'MlpBlock_3')):
+  for new, old in (
+    ('MultiHeadDotProductAttention_0', 'MultiHeadDotProductAttention_1'),
+    ('LayerNorm_1', 'LayerNorm_2'),
+    ('MlpBlock_0', 'MlpBlock_3'),
+  ):
     if 'encoderblock_' in path:
       path = path.replace(f'/{new}/', f'/{old}/')
   return path
@@ -150,11 +172,22 @@ def job_config(**overrides):
   config = common.with_dataset(common.get_config(), 'mnist5k')
   config.model = micro_model_config()
   config.pp.update({'crop': CROP, 'pad': 1})
-  config.update({'total_steps': 6, 'warmup_steps': 1, 'batch': 32,
-                 'batch_eval': 256, 'accum_steps': 1, 'eval_every': 3,
-                 'progress_every': 1, 'checkpoint_every': 3,
-                 'shuffle_buffer': 500, 'optimizer': 'adamw',
-                 'base_lr': 1e-3, 'optim_dtype': 'float32'})
+  config.update(
+    {
+      'total_steps': 6,
+      'warmup_steps': 1,
+      'batch': 32,
+      'batch_eval': 256,
+      'accum_steps': 1,
+      'eval_every': 3,
+      'progress_every': 1,
+      'checkpoint_every': 3,
+      'shuffle_buffer': 500,
+      'optimizer': 'adamw',
+      'base_lr': 1e-3,
+      'optim_dtype': 'float32',
+    }
+  )
   config.update(overrides)
   return config
 
@@ -162,6 +195,7 @@ def job_config(**overrides):
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What `train.train_and_evaluate` builds before its first step."""
+
   model: Any
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
@@ -176,9 +210,13 @@ def create_setup(config, num_classes: int) -> Setup:
   fine = finetune.from_config(config.finetune)
   model = finetune.build_model(config, num_classes, fine)
   params = pretrained.init_params(
-      model, config.pp.crop, seed=config.seed,
-      pretrained_path=results.pretrained_path(config),
-      model_config=config.model, is_added=fine.is_added)
+    model,
+    config.pp.crop,
+    seed=config.seed,
+    pretrained_path=results.pretrained_path(config),
+    model_config=config.model,
+    is_added=fine.is_added,
+  )
   schedule, optimizer = optim.from_config(config)
   state = steps.initial_state(params, optimizer, fine.is_trainable)
   return Setup(model, schedule, optimizer, state, fine, fine.is_trainable)

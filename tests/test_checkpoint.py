@@ -23,8 +23,9 @@ def write_published_npz(path, shapes, seed=0, group_norm_units=False):
   for key, shape in shapes.items():
     if group_norm_units and '/gn' in key:
       shape = (1, 1, 1) + shape  # As the hybrid files store them.
-    arrays[helpers.pre_linen(key)] = (
-        0.02 * rng.standard_normal(shape, np.float32))
+    arrays[helpers.pre_linen(key)] = 0.02 * rng.standard_normal(
+      shape, np.float32
+    )
   np.savez(path, **arrays)
   return arrays
 
@@ -33,7 +34,8 @@ def zeros_like_init(model, resolution):
   """The model's param tree as zeros (cheap stand-in for `init` values)."""
   images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
   abstract = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), images)
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract['params'])
 
 
@@ -42,8 +44,15 @@ def b16_i21k_npz(tmp_path_factory):
   """ViT-B/16 as published for ImageNet-21k: pre_logits, 21,843 classes."""
   path = tmp_path_factory.mktemp('ckpt') / 'ViT-B_16.npz'
   shapes = helpers.vit_tree_shapes(
-      hidden=768, mlp=3072, heads=12, layers=12, patch=16, tokens=197,
-      num_classes=21_843, representation=768)
+    hidden=768,
+    mlp=3072,
+    heads=12,
+    layers=12,
+    patch=16,
+    tokens=197,
+    num_classes=21_843,
+    representation=768,
+  )
   arrays = write_published_npz(path, shapes)
   assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in arrays
   return str(path), shapes
@@ -62,22 +71,29 @@ def test_published_b16_adapts_to_10_classes_at_384_and_runs(b16_i21k_npz):
   init_params = zeros_like_init(model, 384)
   messages = []
   params = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init_params,
-      model_config=models.MODEL_CONFIGS['ViT-B_16'], log=messages.append)
+    pretrained_path=path,
+    init_params=init_params,
+    model_config=models.MODEL_CONFIGS['ViT-B_16'],
+    log=messages.append,
+  )
 
   assert inspect.shapes(params) == inspect.shapes(init_params)
-  chex.assert_shape(params['Transformer']['posembed_input']['pos_embedding'],
-                    (1, 577, 768))
+  chex.assert_shape(
+    params['Transformer']['posembed_input']['pos_embedding'], (1, 577, 768)
+  )
   assert 'pre_logits' not in params
   np.testing.assert_array_equal(params['head']['kernel'], 0.0)
   loaded = checkpoint.load(path)
-  chex.assert_trees_all_equal(params['Transformer']['encoderblock_5'],
-                              loaded['Transformer']['encoderblock_5'])
+  chex.assert_trees_all_equal(
+    params['Transformer']['encoderblock_5'],
+    loaded['Transformer']['encoderblock_5'],
+  )
   assert any('pre_logits' in m for m in messages)
   assert any('(1, 197, 768)' in m and '(1, 577, 768)' in m for m in messages)
 
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
-      params, jnp.ones((1, 384, 384, 3)))
+    params, jnp.ones((1, 384, 384, 3))
+  )
   chex.assert_shape(logits, (1, 10))
   chex.assert_tree_all_finite(logits)
 
@@ -85,9 +101,19 @@ def test_published_b16_adapts_to_10_classes_at_384_and_runs(b16_i21k_npz):
 def test_hybrid_group_norm_units_are_squeezed(tmp_path):
   """R50+ViT-B/16: GroupNorm parameters stored as (1, 1, 1, C)."""
   shapes = helpers.bit_root_shapes((3, 4, 9))
-  shapes.update(helpers.vit_tree_shapes(
-      hidden=768, mlp=3072, heads=12, layers=12, patch=1, tokens=197,
-      num_classes=21_843, representation=768, in_channels=1024))
+  shapes.update(
+    helpers.vit_tree_shapes(
+      hidden=768,
+      mlp=3072,
+      heads=12,
+      layers=12,
+      patch=1,
+      tokens=197,
+      num_classes=21_843,
+      representation=768,
+      in_channels=1024,
+    )
+  )
   path = tmp_path / 'R50+ViT-B_16.npz'
   arrays = write_published_npz(path, shapes, group_norm_units=True)
   assert arrays['block3/unit9/gn3/scale'].shape == (1, 1, 1, 1024)
@@ -96,18 +122,24 @@ def test_hybrid_group_norm_units_are_squeezed(tmp_path):
   assert inspect.shapes(loaded) == shapes
   model = models.get_model('R50+ViT-B_16', num_classes=10)
   params = checkpoint.load_pretrained(
-      pretrained_path=str(path), init_params=zeros_like_init(model, 224),
-      model_config=models.MODEL_CONFIGS['R50+ViT-B_16'], log=lambda m: None)
-  np.testing.assert_array_equal(params['block2']['unit3']['gn2']['bias'],
-                                arrays['block2/unit3/gn2/bias'].reshape(-1))
+    pretrained_path=str(path),
+    init_params=zeros_like_init(model, 224),
+    model_config=models.MODEL_CONFIGS['R50+ViT-B_16'],
+    log=lambda m: None,
+  )
+  np.testing.assert_array_equal(
+    params['block2']['unit3']['gn2']['bias'],
+    arrays['block2/unit3/gn2/bias'].reshape(-1),
+  )
 
 
 @pytest.fixture
 def small_params():
   model = models.get_model('testing', num_classes=5)
   images = jnp.ones((1, 32, 32, 3))
-  return model, jax.tree.map(np.asarray,
-                             helpers.random_variables(model, images)['params'])
+  return model, jax.tree.map(
+    np.asarray, helpers.random_variables(model, images)['params']
+  )
 
 
 def test_npz_round_trip_writes_published_names(tmp_path, small_params):
@@ -115,7 +147,10 @@ def test_npz_round_trip_writes_published_names(tmp_path, small_params):
   path = str(tmp_path / 'testing.npz')
   checkpoint.save(path, params)
   keys = set(np.load(path).files)
-  assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in keys
+  assert (
+    'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel'
+    in keys
+  )
   assert 'Transformer/encoderblock_0/LayerNorm_2/scale' in keys
   chex.assert_trees_all_equal(checkpoint.load(path), params)
   assert [p.name for p in tmp_path.iterdir()] == ['testing.npz']  # No temp.
@@ -150,15 +185,15 @@ def test_bilinear_resize_of_a_linear_ramp_is_exact():
   # corresponding source coordinates r = r' (n-1)/(n'-1).
   rows, cols = np.mgrid[:4, :6]
   ramp = (2.0 * rows + 0.5 * cols)[..., None] * np.ones(3)
-  posemb = np.concatenate([np.full((1, 1, 3), 9.0),
-                           ramp.reshape(1, 24, 3)], axis=1)
+  posemb = np.concatenate(
+    [np.full((1, 1, 3), 9.0), ramp.reshape(1, 24, 3)], axis=1
+  )
   out = adapt.resize_posemb(posemb, (7, 11), num_prefix=1, old_grid=(4, 6))
   chex.assert_shape(out, (1, 1 + 77, 3))
   np.testing.assert_array_equal(out[0, 0], 9.0)  # Class token kept apart.
   new_rows, new_cols = np.mgrid[:7, :11]
   expected = 2.0 * new_rows * 3 / 6 + 0.5 * new_cols * 5 / 10
-  np.testing.assert_allclose(out[0, 1:, 0].reshape(7, 11), expected,
-                             atol=1e-5)
+  np.testing.assert_allclose(out[0, 1:, 0].reshape(7, 11), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('method', adapt.RESIZE_METHODS)
@@ -204,16 +239,20 @@ def test_not_a_checkpoint(tmp_path):
     checkpoint.load(str(garbage))
   other = tmp_path / 'other.npz'
   np.savez(other, weights=np.zeros(3))
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='other.npz: not a ViT/Mixer/Swin/ResNet checkpoint'):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match='other.npz: not a ViT/Mixer/Swin/ResNet checkpoint',
+  ):
     checkpoint.load(str(other))
 
 
 def test_pickled_objects_are_refused(tmp_path):
   path = tmp_path / 'pickled.npz'
   np.savez(path, embedding=np.array([{'kernel': 1}], dtype=object))
-  with pytest.raises(checkpoint.CheckpointError,
-                     match="pickled.npz: 'embedding' holds pickled Python"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match="pickled.npz: 'embedding' holds pickled Python",
+  ):
     checkpoint.load(str(path))
 
 
@@ -231,31 +270,51 @@ def test_random_bytes_are_named_without_numpys_pickle_text(tmp_path, seed):
 
 
 def test_another_models_checkpoint_names_the_differences(tmp_path):
-  shapes = helpers.vit_tree_shapes(hidden=384, mlp=1536, heads=6, layers=12,
-                                   patch=16, tokens=197, num_classes=1000)
+  shapes = helpers.vit_tree_shapes(
+    hidden=384,
+    mlp=1536,
+    heads=6,
+    layers=12,
+    patch=16,
+    tokens=197,
+    num_classes=1000,
+  )
   path = tmp_path / 'ViT-S_16.npz'
   write_published_npz(path, shapes)
   model = models.get_model('ViT-B_16', num_classes=10)
   with pytest.raises(checkpoint.CheckpointError) as error:
     checkpoint.load_pretrained(
-        pretrained_path=str(path), init_params=zeros_like_init(model, 224),
-        model_config=models.MODEL_CONFIGS['ViT-B_16'], log=lambda m: None)
+      pretrained_path=str(path),
+      init_params=zeros_like_init(model, 224),
+      model_config=models.MODEL_CONFIGS['ViT-B_16'],
+      log=lambda m: None,
+    )
   message = str(error.value)
   assert 'ViT-S_16.npz does not fit the model' in message
   assert 'embedding/kernel: (16, 16, 3, 384) vs (16, 16, 3, 768)' in message
 
 
 def test_missing_layers_are_reported(tmp_path):
-  shapes = helpers.vit_tree_shapes(hidden=768, mlp=3072, heads=12, layers=10,
-                                   patch=16, tokens=197, num_classes=1000)
+  shapes = helpers.vit_tree_shapes(
+    hidden=768,
+    mlp=3072,
+    heads=12,
+    layers=10,
+    patch=16,
+    tokens=197,
+    num_classes=1000,
+  )
   path = tmp_path / 'short.npz'
   write_published_npz(path, shapes)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='missing from the checkpoint'):
+  with pytest.raises(
+    checkpoint.CheckpointError, match='missing from the checkpoint'
+  ):
     checkpoint.inspect_params(
-        params=checkpoint.load(str(path)),
-        expected=zeros_like_init(
-            models.get_model('ViT-B_16', num_classes=1000), 224))
+      params=checkpoint.load(str(path)),
+      expected=zeros_like_init(
+        models.get_model('ViT-B_16', num_classes=1000), 224
+      ),
+    )
 
 
 # Command line.
@@ -263,8 +322,11 @@ def test_missing_layers_are_reported(tmp_path):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, '-m', 'vit_jax.checkpoint', *args],
-                        capture_output=True, text=True)
+  return subprocess.run(
+    [sys.executable, '-m', 'vit_jax.checkpoint', *args],
+    capture_output=True,
+    text=True,
+  )
 
 
 def test_cli_inspect(tmp_path, small_params):
@@ -288,17 +350,21 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 def test_cli_converts_to_timm_safetensors_and_back(tmp_path, small_params):
   _, params = small_params
-  npz, st, back = (str(tmp_path / n) for n in
-                   ('t.npz', 't.safetensors', 'back.npz'))
+  npz, st, back = (
+    str(tmp_path / n) for n in ('t.npz', 't.safetensors', 'back.npz')
+  )
   checkpoint.save(npz, params)
-  result = run_cli('convert', npz, st, '--to', 'safetensors', '--num_heads',
-                   '2')
+  result = run_cli(
+    'convert', npz, st, '--to', 'safetensors', '--num_heads', '2'
+  )
   assert result.returncode == 0, result.stderr
   inspected = run_cli('inspect', st, '--num_heads', '2')
   assert 'format: timm' in inspected.stdout
   assert "'approximate_gelu': False" in inspected.stdout
-  assert run_cli('convert', st, back, '--to', 'npz', '--num_heads',
-                 '2').returncode == 0
+  assert (
+    run_cli('convert', st, back, '--to', 'npz', '--num_heads', '2').returncode
+    == 0
+  )
   chex.assert_trees_all_equal(checkpoint.load(back), params)
 
 
@@ -306,8 +372,10 @@ def test_timm_file_needs_num_heads(tmp_path, small_params):
   _, params = small_params
   path = str(tmp_path / 'timm.safetensors')
   checkpoint.save(path, params, num_heads=2)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='timm.safetensors: a timm checkpoint.*num_heads'):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match='timm.safetensors: a timm checkpoint.*num_heads',
+  ):
     checkpoint.load(path)
 
 
@@ -317,15 +385,24 @@ def test_load_pretrained_requires_the_sources_gelu(tmp_path, small_params):
   checkpoint.save(path, params, num_heads=2)
   init_params = zeros_like_init(model, 32)
   config = models.MODEL_CONFIGS['testing']
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='approximate_gelu=False'):
-    checkpoint.load_pretrained(pretrained_path=path, init_params=init_params,
-                               model_config=config, log=lambda m: None)
+  with pytest.raises(
+    checkpoint.CheckpointError, match='approximate_gelu=False'
+  ):
+    checkpoint.load_pretrained(
+      pretrained_path=path,
+      init_params=init_params,
+      model_config=config,
+      log=lambda m: None,
+    )
   options = checkpoint.read(path, num_heads=2).model_options
   assert options == {'approximate_gelu': False, 'layernorm_epsilon': 1e-6}
   loaded = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init_params, reset_head=False,
-      model_config={**config, **options}, log=lambda m: None)
+    pretrained_path=path,
+    init_params=init_params,
+    reset_head=False,
+    model_config={**config, **options},
+    log=lambda m: None,
+  )
   chex.assert_trees_all_equal(loaded, params)
 
 
@@ -338,14 +415,18 @@ def test_timm_architecture_builds_the_source_model(tmp_path, small_params):
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   exact = models.get_model('testing', num_classes=5, approximate_gelu=False)
   chex.assert_trees_all_close(
-      rebuilt.apply({'params': ckpt.params}, images, train=False),
-      exact.apply({'params': params}, images, train=False), atol=1e-6)
+    rebuilt.apply({'params': ckpt.params}, images, train=False),
+    exact.apply({'params': params}, images, train=False),
+    atol=1e-6,
+  )
 
 
 def test_mixer_npz_round_trip(tmp_path):
   model = models.get_model('Mixer-Mini_4', num_classes=5)
-  params = jax.tree.map(np.asarray, helpers.random_variables(
-      model, jnp.ones((1, 32, 32, 3)))['params'])
+  params = jax.tree.map(
+    np.asarray,
+    helpers.random_variables(model, jnp.ones((1, 32, 32, 3)))['params'],
+  )
   path = str(tmp_path / 'mixer.npz')
   checkpoint.save(path, params)
   assert 'MixerBlock_0/token_mixing/Dense_0/kernel' in np.load(path).files

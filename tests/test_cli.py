@@ -25,9 +25,15 @@ def run_module(module, *args, xla_flags=None):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   if xla_flags is not None:
     env['XLA_FLAGS'] = xla_flags
-  process = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO,
-                           env=env, capture_output=True, text=True,
-                           timeout=300, check=False)
+  process = subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   return process.returncode, process.stderr
 
 
@@ -40,41 +46,66 @@ def error_line(returncode, stderr):
   return lines[0]
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.totl_steps=5',
-     "error: Unknown config key 'totl_steps'; did you mean 'total_steps'?"),
-    ('--config.finetune.mdoe=head', "error: Unknown config key "
-     "'finetune.mdoe'; did you mean 'finetune.mode'?"),
-])
-def test_a_misspelt_config_key_names_the_close_one(tmp_path, override,
-                                                   message):
-  assert error_line(*run_module('vit_jax.main', SCRATCH, override,
-                                f'--workdir={tmp_path}')) == message
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    (
+      '--config.totl_steps=5',
+      "error: Unknown config key 'totl_steps'; did you mean 'total_steps'?",
+    ),
+    (
+      '--config.finetune.mdoe=head',
+      'error: Unknown config key '
+      "'finetune.mdoe'; did you mean 'finetune.mode'?",
+    ),
+  ],
+)
+def test_a_misspelt_config_key_names_the_close_one(tmp_path, override, message):
+  assert (
+    error_line(
+      *run_module('vit_jax.main', SCRATCH, override, f'--workdir={tmp_path}')
+    )
+    == message
+  )
 
 
-@pytest.mark.parametrize('flag, expected', [
+@pytest.mark.parametrize(
+  'flag, expected',
+  [
     ('--config.pretrained_path={npz}', '{npz}: '),
     ('--workdir={npz}', '--workdir={npz} is a file'),
-    ('--config.batch=3', 'config.batch=3 must be a positive multiple of the '
-     '2 devices'),
-])
-def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag,
-                                                     expected):
+    (
+      '--config.batch=3',
+      'config.batch=3 must be a positive multiple of the 2 devices',
+    ),
+  ],
+)
+def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag, expected):
   npz = tmp_path / 'random.npz'
   npz.write_bytes(os.urandom(4096))
-  line = error_line(*run_module(
-      'vit_jax.main', SCRATCH, '--config.total_steps=5',
-      '--config.warmup_steps=1', f'--workdir={tmp_path / "run"}',
+  line = error_line(
+    *run_module(
+      'vit_jax.main',
+      SCRATCH,
+      '--config.total_steps=5',
+      '--config.warmup_steps=1',
+      f'--workdir={tmp_path / "run"}',
       flag.format(npz=npz),
-      xla_flags='--xla_force_host_platform_device_count=2'))
+      xla_flags='--xla_force_host_platform_device_count=2',
+    )
+  )
   assert expected.format(npz=npz) in line
   assert 'allow_pickle' not in line and 'pickled data' not in line
 
 
 def test_verbose_shows_the_traceback(tmp_path):
-  returncode, stderr = run_module('vit_jax.main', SCRATCH, '--verbose',
-                                  f'--workdir={tmp_path}',
-                                  '--config.trainer=typo')
+  returncode, stderr = run_module(
+    'vit_jax.main',
+    SCRATCH,
+    '--verbose',
+    f'--workdir={tmp_path}',
+    '--config.trainer=typo',
+  )
   assert returncode == 1 and 'Traceback' in stderr
   assert "ConfigError: config.trainer='typo'; choose one of" in stderr
 
@@ -82,17 +113,20 @@ def test_verbose_shows_the_traceback(tmp_path):
 def test_tools_report_a_bad_checkpoint_in_one_line(tmp_path):
   path = tmp_path / 'random.npz'
   path.write_bytes(os.urandom(4096))
-  assert str(path) in error_line(*run_module('vit_jax.checkpoint', 'inspect',
-                                             str(path)))
-  assert str(path) in error_line(*run_module(
-      'vit_jax.predict', SCRATCH, f'--checkpoint={path}', 'image.png'))
+  assert str(path) in error_line(
+    *run_module('vit_jax.checkpoint', 'inspect', str(path))
+  )
+  assert str(path) in error_line(
+    *run_module('vit_jax.predict', SCRATCH, f'--checkpoint={path}', 'image.png')
+  )
 
 
 def test_unknown_key_without_a_close_match_lists_the_keys():
   config = ml_collections.ConfigDict({'pp': {'crop': 8, 'pad': 2}})
   assert cli.unknown_key(config, 'pp.crop') is None
   assert cli.unknown_key(config, 'pp.zzz') == (
-      "Unknown config key 'pp.zzz'; the keys of pp are crop, pad.")
+    "Unknown config key 'pp.zzz'; the keys of pp are crop, pad."
+  )
 
 
 def test_run_argparse_reports_expected_errors_and_keeps_bugs(capsys):

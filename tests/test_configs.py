@@ -20,8 +20,9 @@ def parse(*args: str) -> ml_collections.ConfigDict:
   """Parses `--config=...` flags as `vit_jax.main` will."""
   argv = ['main', *args]
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=flag_values,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    'config', flag_values=flag_values, sys_argv=argv
+  )
   flag_values(argv)
   return flag_values.config
 
@@ -29,12 +30,16 @@ def parse(*args: str) -> ml_collections.ConfigDict:
 def test_vit_b16_cifar10():
   config = parse(f'--config={REPO}/configs/vit.py:b16,cifar10')
   assert config.model.model_name == 'ViT-B_16'
-  assert (config.model.to_dict() ==
-          models.MODEL_CONFIGS['ViT-B_16'].to_dict())
+  assert config.model.to_dict() == models.MODEL_CONFIGS['ViT-B_16'].to_dict()
   assert config.dataset == 'cifar10'
-  assert config.pp.to_dict() == {'train': 'train[:98%]', 'test': 'test',
-                                 'crop': 384, 'augment': 'inception_crop',
-                                 'pad': 0, 'flip': True}
+  assert config.pp.to_dict() == {
+    'train': 'train[:98%]',
+    'test': 'test',
+    'crop': 384,
+    'augment': 'inception_crop',
+    'pad': 0,
+    'flip': True,
+  }
   assert config.total_steps == 10_000
   assert config.base_lr == 0.01
   assert config.is_locked
@@ -50,10 +55,12 @@ def test_dataset_argument_is_honoured():
 
 
 def test_overrides():
-  config = parse(f'--config={REPO}/configs/vit.py:b16,cifar10',
-                 '--config.total_steps=7',
-                 '--config.model.transformer.num_layers=3',
-                 '--config.pp.crop=224')
+  config = parse(
+    f'--config={REPO}/configs/vit.py:b16,cifar10',
+    '--config.total_steps=7',
+    '--config.model.transformer.num_layers=3',
+    '--config.pp.crop=224',
+  )
   assert config.total_steps == 7
   assert config.model.transformer.num_layers == 3
   assert config.pp.crop == 224
@@ -75,8 +82,9 @@ def test_mixer_config():
   config = parse(f'--config={REPO}/configs/mixer_base16_cifar10.py')
   assert config.model.model_name == 'Mixer-B_16'
   assert config.pp.crop == 224
-  assert isinstance(models.build_model(config.model, num_classes=10),
-                    models.MlpMixer)
+  assert isinstance(
+    models.build_model(config.model, num_classes=10), models.MlpMixer
+  )
 
 
 @pytest.mark.parametrize('dataset', sorted(common.DATASET_PRESETS))
@@ -87,25 +95,34 @@ def test_every_dataset_preset_parses(dataset):
 
 
 def test_every_short_name_is_a_registered_model():
-  short_names = [name[len('get_'):-len('_config')] for name in dir(registry)
-                 if name.startswith('get_') and name.endswith('_config')
-                 and name != 'get_config']
+  short_names = [
+    name[len('get_') : -len('_config')]
+    for name in dir(registry)
+    if name.startswith('get_')
+    and name.endswith('_config')
+    and name != 'get_config'
+  ]
   built = {registry.get_config(short).model_name for short in short_names}
   assert built == set(models.MODEL_CONFIGS)
 
 
 def test_optional_paths_can_be_set_from_the_command_line():
-  config = parse(f'--config={REPO}/configs/vit.py:ti16,digits',
-                 '--config.tfds_data_dir=/data/tfds',
-                 '--config.tfds_manual_dir=/data/manual',
-                 '--config.pretrained_dir=/models',
-                 '--config.pretrained_path=/models/x.safetensors')
-  assert (config.tfds_data_dir, config.tfds_manual_dir) == ('/data/tfds',
-                                                            '/data/manual')
+  config = parse(
+    f'--config={REPO}/configs/vit.py:ti16,digits',
+    '--config.tfds_data_dir=/data/tfds',
+    '--config.tfds_manual_dir=/data/manual',
+    '--config.pretrained_dir=/models',
+    '--config.pretrained_path=/models/x.safetensors',
+  )
+  assert (config.tfds_data_dir, config.tfds_manual_dir) == (
+    '/data/tfds',
+    '/data/manual',
+  )
   assert config.pretrained_dir == '/models'
   assert config.pretrained_path == '/models/x.safetensors'
-  assert parse(f'--config={REPO}/configs/vit.py:ti16,digits'
-               ).pretrained_dir is None
+  assert (
+    parse(f'--config={REPO}/configs/vit.py:ti16,digits').pretrained_dir is None
+  )
 
 
 @pytest.mark.parametrize('dataset', sorted(common.DATASET_PRESETS))
@@ -113,8 +130,11 @@ def test_every_preset_has_a_valid_schedule(dataset):
   config = common.with_dataset(common.get_config(), dataset)
   assert 0 < config.warmup_steps < config.total_steps
   schedule = optim.learning_rate_schedule(
-      base_lr=config.base_lr, total_steps=config.total_steps,
-      warmup_steps=config.warmup_steps, decay_type=config.decay_type)
+    base_lr=config.base_lr,
+    total_steps=config.total_steps,
+    warmup_steps=config.warmup_steps,
+    decay_type=config.decay_type,
+  )
   # Warm-up from 0 to base_lr, then down to 0 by the last step.
   assert float(schedule(0)) == 0
   assert float(schedule(config.warmup_steps)) == pytest.approx(config.base_lr)
@@ -130,16 +150,19 @@ def test_configs_do_not_share_the_preset():
 
 
 def test_fine_tuning_mode_is_switched_from_the_command_line():
-  config = parse(f'--config={REPO}/configs/vit.py:ti16,digits',
-                 '--config.finetune.mode=injection',
-                 '--config.finetune.injection.method=lora',
-                 '--config.finetune.injection.targets=query,out',
-                 '--config.finetune.injection.rank=4',
-                 '--config.finetune.head.type=mlp')
+  config = parse(
+    f'--config={REPO}/configs/vit.py:ti16,digits',
+    '--config.finetune.mode=injection',
+    '--config.finetune.injection.method=lora',
+    '--config.finetune.injection.targets=query,out',
+    '--config.finetune.injection.rank=4',
+    '--config.finetune.head.type=mlp',
+  )
   fine = finetune.from_config(config.finetune)
   assert fine.describe() == 'injection (lora on query,out)'
   assert fine.injection.method.rank == 4
   assert finetune.build_model(config, 10).base.head_mlp_dim == 256
-  default = finetune.from_config(parse(
-      f'--config={REPO}/configs/vit.py:ti16,digits').finetune)
+  default = finetune.from_config(
+    parse(f'--config={REPO}/configs/vit.py:ti16,digits').finetune
+  )
   assert (default.mode, default.injection) == ('full', None)

@@ -27,8 +27,9 @@ from vit_jax.input_pipeline import tfds_source
 Hosts = input_pipeline.Hosts
 
 
-def make_config(dataset: str = 'digits', crop: int = 16, batch: int = 32,
-                **pp) -> ml_collections.ConfigDict:
+def make_config(
+  dataset: str = 'digits', crop: int = 16, batch: int = 32, **pp
+) -> ml_collections.ConfigDict:
   config = common.with_dataset(common.get_config(), dataset)
   config.pp.crop = crop
   config.pp.update(pp)
@@ -41,39 +42,52 @@ def make_config(dataset: str = 'digits', crop: int = 16, batch: int = 32,
 def source_of(config: ml_collections.ConfigDict) -> sources.Source:
   """The source of `config.dataset`, as the training job opens it."""
   return input_pipeline.get_source(
-      config.dataset, tfds_data_dir=config.tfds_data_dir,
-      tfds_manual_dir=config.tfds_manual_dir,
-      tfds_download=config.tfds_download)
+    config.dataset,
+    tfds_data_dir=config.tfds_data_dir,
+    tfds_manual_dir=config.tfds_manual_dir,
+    tfds_download=config.tfds_download,
+  )
 
 
 def train_of(source, config, hosts=None):
   """The training stream of `config`, as the training job builds it."""
   return input_pipeline.train_dataset(
-      source, config.pp, batch_size=config.batch, seed=config.seed,
-      shuffle_buffer=config.shuffle_buffer, hosts=hosts)
+    source,
+    config.pp,
+    batch_size=config.batch,
+    seed=config.seed,
+    shuffle_buffer=config.shuffle_buffer,
+    hosts=hosts,
+  )
 
 
 def eval_of(source, config, hosts=None):
   """The evaluation data of `config`, as the training job builds it."""
-  return input_pipeline.eval_dataset(source, config.pp,
-                                     batch_size=config.batch_eval, hosts=hosts)
+  return input_pipeline.eval_dataset(
+    source, config.pp, batch_size=config.batch_eval, hosts=hosts
+  )
 
 
 def first_batches(dataset, count: int):
   return [batch for _, batch in zip(range(count), dataset.as_numpy_iterator())]
 
 
-def raw_split(source, split: str, process_index: int = 0,
-              process_count: int = 1):
+def raw_split(
+  source, split: str, process_index: int = 0, process_count: int = 1
+):
   """All (image, label) pairs of a split shard, in reading order."""
-  examples = list(source.examples(split, process_index,
-                                  process_count).as_numpy_iterator())
-  return (np.stack([ex['image'] for ex in examples]),
-          np.array([ex['label'] for ex in examples]))
+  examples = list(
+    source.examples(split, process_index, process_count).as_numpy_iterator()
+  )
+  return (
+    np.stack([ex['image'] for ex in examples]),
+    np.array([ex['label'] for ex in examples]),
+  )
 
 
-def assert_train_batch(batch, devices: int, per_device: int, crop: int,
-                       num_classes: int):
+def assert_train_batch(
+  batch, devices: int, per_device: int, crop: int, num_classes: int
+):
   chex.assert_shape(batch['image'], (devices, per_device, crop, crop, 3))
   chex.assert_shape(batch['label'], (devices, per_device))
   chex.assert_type([batch['image'], batch['label']], [np.float32, np.int32])
@@ -114,16 +128,18 @@ def nearest_centroid_accuracy(source) -> float:
   def flat(x):
     return x.reshape(len(x), -1).astype(np.float32)
 
-  centroids = np.stack([flat(train_x[train_y == c]).mean(0)
-                        for c in range(10)])
+  centroids = np.stack([flat(train_x[train_y == c]).mean(0) for c in range(10)])
   distances = ((flat(test_x)[:, None] - centroids[None]) ** 2).sum(-1)
   return float((distances.argmin(1) == test_y).mean())
 
 
-@pytest.mark.parametrize('name,sizes,side,per_class', [
+@pytest.mark.parametrize(
+  'name,sizes,side,per_class',
+  [
     ('digits', {'train': 1437, 'test': 360}, 8, None),
     ('mnist5k', {'train': 4000, 'test': 1000}, 28, (400, 100)),
-])
+  ],
+)
 def test_embedded_splits(name, sizes, side, per_class, request):
   source = request.getfixturevalue(name)
   assert source.info.split_sizes == sizes
@@ -134,16 +150,20 @@ def test_embedded_splits(name, sizes, side, per_class, request):
     assert images.dtype == np.uint8
     if per_class:
       np.testing.assert_array_equal(
-          np.bincount(labels), [per_class[split == 'test']] * 10)
+        np.bincount(labels), [per_class[split == 'test']] * 10
+      )
 
 
 def test_embedded_split_is_a_fixed_rule(digits, mnist5k):
   """Loading again gives the same partition, element for element."""
-  for source, load in [(digits, embedded.load_digits),
-                       (mnist5k, embedded.load_mnist5k)]:
+  for source, load in [
+    (digits, embedded.load_digits),
+    (mnist5k, embedded.load_mnist5k),
+  ]:
     for split in ('train', 'test'):
-      chex.assert_trees_all_equal(raw_split(source, split),
-                                  raw_split(load(), split))
+      chex.assert_trees_all_equal(
+        raw_split(source, split), raw_split(load(), split)
+      )
 
 
 def test_digits_are_real_images(digits):
@@ -165,8 +185,7 @@ def test_mnist5k_are_real_images(mnist5k):
 
 def test_embedded_train_batches(mnist5k):
   config = make_config('mnist5k', crop=28, batch=64, pad=4)
-  batch = first_batches(
-      train_of(mnist5k, config, Hosts(0, 1, 8)), 1)[0]
+  batch = first_batches(train_of(mnist5k, config, Hosts(0, 1, 8)), 1)[0]
   assert_train_batch(batch, 8, 8, 28, 10)
   image = batch['image']
   np.testing.assert_array_equal(image[..., 0], image[..., 2])  # Grey → RGB.
@@ -196,8 +215,9 @@ def test_tfds_dataset(name, raw_channels, mock_tfds, tmp_path):
     for batch in first_batches(train, 3):
       assert_train_batch(batch, 4, 8, 24, 10)
       if raw_channels == 1:
-        np.testing.assert_array_equal(batch['image'][..., 0],
-                                      batch['image'][..., 1])
+        np.testing.assert_array_equal(
+          batch['image'][..., 0], batch['image'][..., 1]
+        )
     labels, padding, data = eval_labels(source, config, Hosts(0, 1, 4))
     assert data.num_batches == 2 and len(labels) == 40
     assert (padding == 0).all() and len(padding) == 24
@@ -212,16 +232,14 @@ def test_tfds_host_shards_cover_split(mock_tfds, tmp_path):
       assert abs(shards[0] - shards[1]) <= 1
 
 
-def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch,
-                                                         tmp_path):
+def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch, tmp_path):
   attempts = []
 
   def offline(self, *args, **kwargs):
     attempts.append(self.name)
     raise OSError('Network is unreachable')
 
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      offline)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
   config = make_config('cifar10')
   config.tfds_data_dir = str(tmp_path)
   with pytest.raises(input_pipeline.DatasetError) as error:
@@ -233,21 +251,25 @@ def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch,
 
   config.dataset = 'imagenet2012'
   config.tfds_manual_dir = str(tmp_path / 'manual')
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r'downloaded by hand.*looked in .*manual'):
+  with pytest.raises(
+    input_pipeline.DatasetError, match=r'downloaded by hand.*looked in .*manual'
+  ):
     source_of(config)
 
   assert attempts == ['cifar10', 'imagenet2012']
   config.tfds_download = False
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r'not prepared .* config.tfds_download is False'):
+  with pytest.raises(
+    input_pipeline.DatasetError,
+    match=r'not prepared .* config.tfds_download is False',
+  ):
     source_of(config)
   assert len(attempts) == 2  # Failed without trying to download.
 
 
 def test_unknown_dataset_name():
-  with pytest.raises(input_pipeline.DatasetError,
-                     match="Unknown dataset 'no_such_set'"):
+  with pytest.raises(
+    input_pipeline.DatasetError, match="Unknown dataset 'no_such_set'"
+  ):
     source_of(make_config('no_such_set'))
 
 
@@ -264,17 +286,24 @@ def write_image(path: str, colour, size, mode: str = 'RGB') -> None:
 def image_folder(tmp_path):
   """train/{cat,dog} and test/{cat,dog}: solid colours, mixed formats/sizes."""
   files = {
-      'train/cat': [('a.png', (40, 30), 'RGB'), ('b.jpg', (17, 50), 'RGB'),
-                    ('c.JPEG', (64, 64), 'RGB')],
-      'train/dog': [('a.png', (20, 20), 'RGBA'), ('b.jpeg', (33, 21), 'RGB')],
-      'test/cat': [('x.png', (31, 31), 'RGB')],
-      'test/dog': [('y.jpg', (45, 60), 'RGB'), ('z.png', (12, 9), 'RGBA')],
+    'train/cat': [
+      ('a.png', (40, 30), 'RGB'),
+      ('b.jpg', (17, 50), 'RGB'),
+      ('c.JPEG', (64, 64), 'RGB'),
+    ],
+    'train/dog': [('a.png', (20, 20), 'RGBA'), ('b.jpeg', (33, 21), 'RGB')],
+    'test/cat': [('x.png', (31, 31), 'RGB')],
+    'test/dog': [('y.jpg', (45, 60), 'RGB'), ('z.png', (12, 9), 'RGBA')],
   }
   for directory, images in files.items():
     os.makedirs(tmp_path / directory)
     for name, size, mode in images:
-      write_image(str(tmp_path / directory / name),
-                  COLOURS[directory.split('/')[1]], size, mode)
+      write_image(
+        str(tmp_path / directory / name),
+        COLOURS[directory.split('/')[1]],
+        size,
+        mode,
+      )
   (tmp_path / 'train/cat/notes.txt').write_text('not an image')
   return tmp_path
 
@@ -288,8 +317,10 @@ def test_image_folder(image_folder):
   assert_train_batch(batch, 2, 4, 16, 2)
   labels, _, _ = eval_labels(source, config, Hosts(0, 1, 2))
   assert sorted(labels) == [0, 1, 1]
-  for split_batch in [batch, next(eval_of(
-      source, config, Hosts(0, 1, 2)).dataset.as_numpy_iterator())]:
+  for split_batch in [
+    batch,
+    next(eval_of(source, config, Hosts(0, 1, 2)).dataset.as_numpy_iterator()),
+  ]:
     images, labels = split_batch['image'], split_batch['label']
     # Solid red cats and blue dogs stay red and blue (JPEG: within 0.1).
     red = (images[..., 0] > 0.8).all((-1, -2))
@@ -305,21 +336,28 @@ def test_image_folder_errors(image_folder):
     return source_of(make_config(str(image_folder)))
 
   (image_folder / 'train/cat/broken.jpg').write_bytes(b'GIF89a....')
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r'train/cat/broken.jpg is not a JPEG or PNG'):
+  with pytest.raises(
+    input_pipeline.DatasetError,
+    match=r'train/cat/broken.jpg is not a JPEG or PNG',
+  ):
     load()
   os.remove(image_folder / 'train/cat/broken.jpg')
   os.makedirs(image_folder / 'test/bird')
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r"Class 'bird' of .*test has no directory"):
+  with pytest.raises(
+    input_pipeline.DatasetError,
+    match=r"Class 'bird' of .*test has no directory",
+  ):
     load()
   os.makedirs(image_folder / 'train/bird')
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r'train/bird holds no .jpg/.jpeg/.png images'):
+  with pytest.raises(
+    input_pipeline.DatasetError,
+    match=r'train/bird holds no .jpg/.jpeg/.png images',
+  ):
     load()
   shutil.rmtree(image_folder / 'test')
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r'lacks test sub-directories'):
+  with pytest.raises(
+    input_pipeline.DatasetError, match=r'lacks test sub-directories'
+  ):
     load()
 
 
@@ -328,7 +366,7 @@ def write_truncated_jpeg(path) -> None:
   pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
   Image.fromarray(pixels).save(path, 'JPEG')
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def test_image_folder_reports_every_problem_at_once(image_folder):
@@ -340,8 +378,9 @@ def test_image_folder_reports_every_problem_at_once(image_folder):
     source_of(make_config(str(image_folder)))
   message = str(error.value)
   assert 'has 3 problem(s)' in message
-  assert re.search(r'Cannot decode image .*train/cat/cut.jpg: .*truncated',
-                   message)
+  assert re.search(
+    r'Cannot decode image .*train/cat/cut.jpg: .*truncated', message
+  )
   assert re.search(r'test/dog/notes.png is not a JPEG or PNG', message)
   assert re.search(r'train/bird holds no .jpg/.jpeg/.png images', message)
   assert 'more' not in message
@@ -392,8 +431,7 @@ def test_host_shards_are_disjoint_and_cover_the_split(split):
   _, whole = raw_split(source, split)
   shards = [raw_split(source, split, i, 2)[1] for i in range(2)]
   assert not set(shards[0]) & set(shards[1])
-  np.testing.assert_array_equal(np.sort(np.concatenate(shards)),
-                                np.sort(whole))
+  np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.sort(whole))
   assert abs(len(shards[0]) - len(shards[1])) <= 1
 
 
@@ -402,8 +440,7 @@ def test_train_stream_pixels_match_labels_and_reshuffle():
   source = data_helpers.id_source(num_train=64, num_test=1)
   config = make_config(batch=64, crop=4, augment='none', flip=False)
   config.shuffle_buffer = 1  # Only the source's exact per-epoch shuffle.
-  batches = first_batches(
-      train_of(source, config, Hosts(0, 1, 4)), 2)
+  batches = first_batches(train_of(source, config, Hosts(0, 1, 4)), 2)
   for batch in batches:
     pixels = np.round((batch['image'][..., 0, 0, 0] + 1) * 127.5)
     np.testing.assert_array_equal(pixels, batch['label'] % 251)
@@ -440,9 +477,11 @@ def test_per_device_batch_is_a_config_error_naming_the_knob():
   hosts = Hosts(0, 2, 4)
   assert hosts.per_device_batch(32) == 4
   for batch in (0, 12):
-    with pytest.raises(ConfigError,
-                       match=rf'config.batch_eval={batch} must be a positive '
-                       r'multiple of the 8 devices \(2 host\(s\) x 4 local'):
+    with pytest.raises(
+      ConfigError,
+      match=rf'config.batch_eval={batch} must be a positive '
+      r'multiple of the 8 devices \(2 host\(s\) x 4 local',
+    ):
       hosts.per_device_batch(batch, 'batch_eval')
   assert issubclass(ConfigError, ValueError)  # Old `except ValueError` holds.
 
@@ -469,10 +508,12 @@ def single_dot_source(side: int = 16):
 
 
 def test_pad_and_crop_shifts_by_at_most_pad():
-  config = make_config(batch=64, crop=16, augment='pad_and_crop', pad=3,
-                       flip=False)
-  batch = first_batches(train_of(
-      single_dot_source(), config, Hosts(0, 1, 1)), 1)[0]
+  config = make_config(
+    batch=64, crop=16, augment='pad_and_crop', pad=3, flip=False
+  )
+  batch = first_batches(
+    train_of(single_dot_source(), config, Hosts(0, 1, 1)), 1
+  )[0]
   images = batch['image'][0, ..., 0]
   rows, cols = np.unravel_index(images.reshape(64, -1).argmax(1), (16, 16))
   assert (np.abs(rows - 8) <= 3).all() and (np.abs(cols - 8) <= 3).all()
@@ -483,11 +524,11 @@ def test_pad_and_crop_shifts_by_at_most_pad():
 def test_eval_preprocessing_maps_pixels_to_minus_one_one():
   source = data_helpers.id_source(num_train=1, num_test=255, side=8)
   config = make_config(batch=8, crop=12)
-  batch = next(eval_of(
-      source, config, Hosts(0, 1, 1)).dataset.as_numpy_iterator())
+  batch = next(
+    eval_of(source, config, Hosts(0, 1, 1)).dataset.as_numpy_iterator()
+  )
   expected = (batch['label'][0] % 251) / 127.5 - 1
-  np.testing.assert_allclose(batch['image'][0, :, 0, 0, 0], expected,
-                             atol=1e-6)
+  np.testing.assert_allclose(batch['image'][0, :, 0, 0, 0], expected, atol=1e-6)
 
 
 def test_unknown_augmentation_is_a_config_error():

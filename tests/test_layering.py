@@ -14,18 +14,25 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'vit_jax'
 
 # Lowest first. A new unit is placed here when it is added.
 LAYERS = (
-    ('errors',),
-    ('cli', 'trainable', 'results', 'metrics', 'losses', 'optim', 'models',
-     'input_pipeline'),
-    ('checkpoint',),
-    ('finetune', 'steps'),
-    ('publish', 'benchmarks'),
-    ('predict', 'attention'),
-    ('train',),
+  ('errors',),
+  (
+    'cli',
+    'trainable',
+    'results',
+    'metrics',
+    'losses',
+    'optim',
+    'models',
+    'input_pipeline',
+  ),
+  ('checkpoint',),
+  ('finetune', 'steps'),
+  ('publish', 'benchmarks'),
+  ('predict', 'attention'),
+  ('train',),
 )
 ENTRY_POINTS = ('main', '__main__')
-LAYER_OF = {unit: index for index, units in enumerate(LAYERS)
-            for unit in units}
+LAYER_OF = {unit: index for index, units in enumerate(LAYERS) for unit in units}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -59,8 +66,9 @@ def test_every_unit_has_a_layer():
   assert units <= set(LAYER_OF), f'add {units - set(LAYER_OF)} to LAYERS'
 
 
-@pytest.mark.parametrize('path', SOURCES,
-                         ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+  'path', SOURCES, ids=lambda p: str(p.relative_to(PACKAGE))
+)
 def test_imports_point_down(path):
   importer = unit(module_name(path))
   upward = []

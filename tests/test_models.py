@@ -12,29 +12,29 @@ from vit_jax.models import table
 
 # Published by vit_jax (models_test.py), 1000 classes at 224x224.
 VIT_JAX_SIZES = {
-    'Mixer-B_16': 59_880_472,
-    'Mixer-B_32': 60_293_428,
-    'Mixer-L_16': 208_196_168,
-    'R+ViT-Ti_16': 6_337_704,
-    'R26+ViT-B_32': 101_383_976,
-    'R26+ViT-S_32': 36_431_912,
-    'R50+ViT-B_16': 98_659_112,
-    'R50+ViT-L_32': 328_994_856,
-    'ViT-B_8': 86_576_872,
-    'ViT-B_16': 86_567_656,
-    'ViT-B_16-gap-norep': 86_566_120,
-    'ViT-B_32': 88_224_232,
-    'ViT-B_32-gap-norep': 88_222_696,
-    'ViT-H_14': 632_045_800,
-    'ViT-L_16': 304_326_632,
-    'ViT-L_32': 306_535_400,
-    'ViT-S_16': 22_050_664,
-    'ViT-S_16-gap-norep': 22_049_896,
-    'ViT-S_32': 22_878_952,
-    'ViT-S_32-gap-norep': 22_878_184,
-    'ViT-Ti_16': 5_717_416,
-    'testing': 21_390,
-    'testing-unpooled': 21_370,
+  'Mixer-B_16': 59_880_472,
+  'Mixer-B_32': 60_293_428,
+  'Mixer-L_16': 208_196_168,
+  'R+ViT-Ti_16': 6_337_704,
+  'R26+ViT-B_32': 101_383_976,
+  'R26+ViT-S_32': 36_431_912,
+  'R50+ViT-B_16': 98_659_112,
+  'R50+ViT-L_32': 328_994_856,
+  'ViT-B_8': 86_576_872,
+  'ViT-B_16': 86_567_656,
+  'ViT-B_16-gap-norep': 86_566_120,
+  'ViT-B_32': 88_224_232,
+  'ViT-B_32-gap-norep': 88_222_696,
+  'ViT-H_14': 632_045_800,
+  'ViT-L_16': 304_326_632,
+  'ViT-L_32': 306_535_400,
+  'ViT-S_16': 22_050_664,
+  'ViT-S_16-gap-norep': 22_049_896,
+  'ViT-S_32': 22_878_952,
+  'ViT-S_32-gap-norep': 22_878_184,
+  'ViT-Ti_16': 5_717_416,
+  'testing': 21_390,
+  'testing-unpooled': 21_370,
 }
 
 
@@ -65,7 +65,7 @@ def swin_size(config, num_classes: int) -> int:
       total += 2 * 4 * c + 4 * c * 2 * c
       c *= 2
     block = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * c
-    block += c * 4 * c + 4 * c + 4 * c * c + c + (2 * w - 1)**2 * heads
+    block += c * 4 * c + 4 * c + 4 * c * c + c + (2 * w - 1) ** 2 * heads
     total += depth * block
   return total + 2 * c + c * num_classes + num_classes
 
@@ -82,20 +82,36 @@ def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
   if name.startswith('Swin-'):
     return swin_size(config, num_classes)
   patch = config.patches.size[0]
-  tokens = (resolution // patch)**2
+  tokens = (resolution // patch) ** 2
   if name.startswith('Mixer-'):
     d, t, c = config.hidden_dim, config.tokens_mlp_dim, config.channels_mlp_dim
-    block = (4 * d + (tokens * t + t + t * tokens + tokens)
-             + (d * c + c + c * d + d))
-    return (patch * patch * 3 * d + d + config.num_blocks * block + 2 * d
-            + d * num_classes + num_classes)
+    block = (
+      4 * d + (tokens * t + t + t * tokens + tokens) + (d * c + c + c * d + d)
+    )
+    return (
+      patch * patch * 3 * d
+      + d
+      + config.num_blocks * block
+      + 2 * d
+      + d * num_classes
+      + num_classes
+    )
   d, m = config.hidden_size, config.transformer.mlp_dim
   cls = config.classifier in ('token', 'token_unpooled')
   layer = 4 * d + 4 * (d * d + d) + (d * m + m + m * d + d)
-  posemb = (tokens + cls) * d if config.get('posemb', 'learned') == 'learned' else 0
-  return (patch * patch * 3 * d + d + cls * d + posemb
-          + config.transformer.num_layers * layer + 2 * d
-          + d * num_classes + num_classes)
+  posemb = (
+    (tokens + cls) * d if config.get('posemb', 'learned') == 'learned' else 0
+  )
+  return (
+    patch * patch * 3 * d
+    + d
+    + cls * d
+    + posemb
+    + config.transformer.num_layers * layer
+    + 2 * d
+    + d * num_classes
+    + num_classes
+  )
 
 
 def test_every_vit_jax_model_is_registered():
@@ -132,12 +148,12 @@ def small_resolution(name: str) -> int:
   config = models.MODEL_CONFIGS[name]
   if name.startswith('ResNet-'):
     root_stride = 4 if config.root == 'imagenet' else 1
-    return 2 * root_stride * 2**(len(config.stages) - 1)
+    return 2 * root_stride * 2 ** (len(config.stages) - 1)
   if name.startswith('Swin-'):  # Every stage's grid splits into windows.
     return models.DEFAULT_RESOLUTIONS[name]
   stride = config.patches.size[0]
   if 'resnet' in config:
-    stride *= 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
+    stride *= 4 * 2 ** max(len(config.resnet.num_layers) - 1, 0)
   return 2 * stride
 
 
@@ -148,7 +164,8 @@ def test_jit_output_equals_eager_output(name):
   resolution = small_resolution(name)
   model = models.get_model(name, num_classes=7)
   images = jax.random.uniform(
-      jax.random.key(1), (2, resolution, resolution, 3), minval=-1, maxval=1)
+    jax.random.key(1), (2, resolution, resolution, 3), minval=-1, maxval=1
+  )
   variables = helpers.random_variables(model, images)
 
   def forward(variables, images):
@@ -160,8 +177,9 @@ def test_jit_output_equals_eager_output(name):
   chex.assert_type(logits, jnp.float32)
   chex.assert_tree_all_finite(logits)
   assert float(jnp.std(logits)) > 0.1
-  chex.assert_trees_all_close(logits, forward(variables, images), rtol=1e-4,
-                              atol=1e-4)
+  chex.assert_trees_all_close(
+    logits, forward(variables, images), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_b16_runs_a_224_batch():
@@ -169,7 +187,8 @@ def test_b16_runs_a_224_batch():
   images = jnp.ones((2, 224, 224, 3))
   variables = model.init(jax.random.key(0), images, train=False)
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, images)
+    variables, images
+  )
   chex.assert_shape(logits, (2, 1000))
   chex.assert_tree_all_finite(logits)
   np.testing.assert_array_equal(logits, 0.0)  # Zero-initialised head.

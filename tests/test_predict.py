@@ -66,14 +66,16 @@ def test_task_file_of_a_full_run_predicts_without_a_base(run, digit_files):
   classifier = predict.from_task(None, task_path(run))
   assert classifier.class_names == tuple(str(d) for d in range(10))
   predictions = list(predict.predict(classifier, paths, top_k=3))
-  expected = reference_probabilities(classifier.model, classifier.params,
-                                     paths, classifier.crop)
+  expected = reference_probabilities(
+    classifier.model, classifier.params, paths, classifier.crop
+  )
   assert [p.path for p in predictions] == paths
   for prediction, row in zip(predictions, expected):
     best = np.argsort(-row)[:3]
     assert [name for name, _ in prediction.top] == [str(i) for i in best]
     chex.assert_trees_all_close(
-        np.array([p for _, p in prediction.top]), row[best], atol=1e-6)
+      np.array([p for _, p in prediction.top]), row[best], atol=1e-6
+    )
   assert labels == [0, 1, 4, 7, 9]
 
 
@@ -84,14 +86,16 @@ def test_batches_padded_to_size_give_the_same_predictions(run, digit_files):
   in_twos = list(predict.predict(classifier, paths, top_k=10, batch=2))
   for a, b in zip(one_batch, in_twos):
     assert [n for n, _ in a.top] == [n for n, _ in b.top]
-    chex.assert_trees_all_close([p for _, p in a.top], [p for _, p in b.top],
-                                atol=1e-6)
+    chex.assert_trees_all_close(
+      [p for _, p in a.top], [p for _, p in b.top], atol=1e-6
+    )
   text = predict.format_prediction(one_batch[0])
   assert text.splitlines()[0] == paths[0] and len(text.splitlines()) == 11
 
 
 def test_a_checkpoint_with_a_config_names_the_dataset_classes(
-    run, digit_files, tmp_path):
+  run, digit_files, tmp_path
+):
   paths, _ = digit_files
   task = predict.from_task(None, task_path(run))
   path = str(tmp_path / 'model.npz')
@@ -100,15 +104,19 @@ def test_a_checkpoint_with_a_config_names_the_dataset_classes(
   classifier = predict.from_checkpoint(config, path)
   assert classifier.class_names == embedded.DIGIT_NAMES
   chex.assert_trees_all_close(
-      reference_probabilities(classifier.model, classifier.params, paths,
-                              classifier.crop),
-      reference_probabilities(task.model, task.params, paths, task.crop),
-      atol=1e-6)
+    reference_probabilities(
+      classifier.model, classifier.params, paths, classifier.crop
+    ),
+    reference_probabilities(task.model, task.params, paths, task.crop),
+    atol=1e-6,
+  )
   names = [f'digit {d}' for d in range(10)]
   assert predict.from_checkpoint(config, path, names).class_names == tuple(
-      names)
-  with pytest.raises(ValueError, match='names 2 classes, but the model has '
-                     '10 outputs'):
+    names
+  )
+  with pytest.raises(
+    ValueError, match='names 2 classes, but the model has 10 outputs'
+  ):
     predict.from_checkpoint(config, path, ['a', 'b'])
 
 
@@ -126,37 +134,56 @@ def test_unreadable_and_corrupt_images_are_named(run, digit_files, tmp_path):
   classifier = predict.from_task(None, task_path(run))
   text = tmp_path / 'notes.png'
   text.write_text('not an image')
-  with pytest.raises(input_pipeline.DatasetError, match='notes.png is not a '
-                     'JPEG or PNG'):
+  with pytest.raises(
+    input_pipeline.DatasetError, match='notes.png is not a JPEG or PNG'
+  ):
     list(predict.predict(classifier, [digit_files[0][0], str(text)]))
   truncated = tmp_path / 'cut.png'
   truncated.write_bytes(open(digit_files[0][0], 'rb').read()[:60])
-  with pytest.raises(input_pipeline.DatasetError, match='Cannot decode image '
-                     '.*cut.png'):
+  with pytest.raises(
+    input_pipeline.DatasetError, match='Cannot decode image .*cut.png'
+  ):
     list(predict.predict(classifier, [str(truncated)]))
   with pytest.raises(input_pipeline.DatasetError, match='Cannot read image'):
     list(predict.predict(classifier, [str(tmp_path / 'missing.png')]))
 
 
 def test_a_task_file_that_needs_its_base_says_so(tmp_path):
-  params = {'head': {'kernel': np.ones((2, 3), np.float32)},
-            'body': {'kernel': np.ones((2, 2), np.float32)}}
+  params = {
+    'head': {'kernel': np.ones((2, 3), np.float32)},
+    'body': {'kernel': np.ones((2, 2), np.float32)},
+  }
   path = str(tmp_path / 'task.npz')
   task_file.save_task_params(
-      path, params, trainable=lambda p: p.startswith('head/'),
-      metadata={'pretrained_path': 'gs://bucket/base.npz'})
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r'only the fine-tuned arrays \(1\); the other 1 come '
-                     'from .*gs://bucket/base.npz'):
+    path,
+    params,
+    trainable=lambda p: p.startswith('head/'),
+    metadata={'pretrained_path': 'gs://bucket/base.npz'},
+  )
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r'only the fine-tuned arrays \(1\); the other 1 come '
+    'from .*gs://bucket/base.npz',
+  ):
     task_file.load_task_params(path, {})
 
 
 def test_predict_command_line(run, digit_files):
   paths, _ = digit_files
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.predict', f'--task={task_path(run)}',
-       '--top_k=2', *paths[:2]], capture_output=True, text=True, check=False,
-      cwd=os.path.dirname(os.path.dirname(__file__)))
+    [
+      sys.executable,
+      '-m',
+      'vit_jax.predict',
+      f'--task={task_path(run)}',
+      '--top_k=2',
+      *paths[:2],
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
   assert lines[0] == paths[0] and lines[3] == paths[1]
@@ -165,20 +192,27 @@ def test_predict_command_line(run, digit_files):
 
 @pytest.mark.parametrize('classifier', ['token', 'gap'])
 def test_a_fixed_position_embedding_as_a_learned_table_is_the_same_model(
-    classifier):
+  classifier,
+):
   config = helpers.micro_model_config()
   config.classifier = classifier
   model = models.build_model(config, num_classes=10)
-  images = np.random.default_rng(0).uniform(
-      -1, 1, (2, helpers.CROP, helpers.CROP, 3)).astype(np.float32)
+  images = (
+    np.random.default_rng(0)
+    .uniform(-1, 1, (2, helpers.CROP, helpers.CROP, 3))
+    .astype(np.float32)
+  )
   params = helpers.random_variables(model, images)['params']
-  learned_config, learned_params = publish.plain_vit(config.to_dict(), params,
-                                                     helpers.CROP)
+  learned_config, learned_params = publish.plain_vit(
+    config.to_dict(), params, helpers.CROP
+  )
   assert learned_config['posemb'] == 'learned' and config.posemb == 'sincos2d'
   learned = models.build_model(learned_config, num_classes=10)
   chex.assert_trees_all_close(
-      learned.apply({'params': learned_params}, images, train=False),
-      model.apply({'params': params}, images, train=False), atol=1e-5)
+    learned.apply({'params': learned_params}, images, train=False),
+    model.apply({'params': params}, images, train=False),
+    atol=1e-5,
+  )
   table = learned_params['Transformer']['posembed_input']['pos_embedding']
   assert table.shape[1] == (helpers.CROP // 4) ** 2 + (classifier == 'token')
 
@@ -188,8 +222,9 @@ def test_fixed_position_table_rows():
   chex.assert_shape(table, (1, 7, 8))
   np.testing.assert_array_equal(table[0, 0], 0)
   np.testing.assert_array_equal(table[0, 1:], vit.sincos2d_embedding(2, 3, 8))
-  np.testing.assert_array_equal(vit.fixed_position_table('none', (2, 2), 0, 8),
-                                np.zeros((1, 4, 8)))
+  np.testing.assert_array_equal(
+    vit.fixed_position_table('none', (2, 2), 0, 8), np.zeros((1, 4, 8))
+  )
   with pytest.raises(ValueError, match='learned'):
     vit.fixed_position_table('learned', (2, 2), 0, 8)
 
@@ -199,65 +234,96 @@ def test_published_folder_holds_the_same_model(run, digit_files, tmp_path):
   paths, _ = digit_files
   out = publish.publish(workdir, str(tmp_path / 'vit_micro_mnist5k'))
   assert sorted(os.listdir(out)) == [
-      'README.md', 'class_names.txt', 'config.json', 'model.npz',
-      'model.safetensors', 'results.json']
+    'README.md',
+    'class_names.txt',
+    'config.json',
+    'model.npz',
+    'model.safetensors',
+    'results.json',
+  ]
   task = predict.from_task(None, task_path(run))
   expected = reference_probabilities(task.model, task.params, paths, task.crop)
   published = predict.from_published(out)
   assert published.class_names == embedded.DIGIT_NAMES
   chex.assert_trees_all_close(
-      reference_probabilities(published.model, published.params, paths,
-                              published.crop), expected, atol=1e-5)
+    reference_probabilities(
+      published.model, published.params, paths, published.crop
+    ),
+    expected,
+    atol=1e-5,
+  )
   # The timm-named file holds the same weights as the Google-named one.
   npz = checkpoint.read(os.path.join(out, 'model.npz'))
-  timm = checkpoint.read(os.path.join(out, 'model.safetensors'),
-                         num_heads=config.model.transformer.num_heads)
-  chex.assert_trees_all_close(inspect.flatten(timm.params),
-                              inspect.flatten(npz.params))
+  timm = checkpoint.read(
+    os.path.join(out, 'model.safetensors'),
+    num_heads=config.model.transformer.num_heads,
+  )
+  chex.assert_trees_all_close(
+    inspect.flatten(timm.params), inspect.flatten(npz.params)
+  )
   hub = json.loads(open(os.path.join(out, 'config.json')).read())
   model = config.model
   assert hub['model_args'] == {
-      'img_size': helpers.CROP, 'patch_size': 4,
-      'embed_dim': model.hidden_size,
-      'depth': model.transformer.num_layers,
-      'num_heads': model.transformer.num_heads,
-      'mlp_ratio': model.transformer.mlp_dim / model.hidden_size,
-      'class_token': False, 'global_pool': 'avg', 'fc_norm': False,
-      'num_classes': 10, 'act_layer': 'gelu_tanh'}
+    'img_size': helpers.CROP,
+    'patch_size': 4,
+    'embed_dim': model.hidden_size,
+    'depth': model.transformer.num_layers,
+    'num_heads': model.transformer.num_heads,
+    'mlp_ratio': model.transformer.mlp_dim / model.hidden_size,
+    'class_token': False,
+    'global_pool': 'avg',
+    'fc_norm': False,
+    'num_classes': 10,
+    'act_layer': 'gelu_tanh',
+  }
   assert hub['label_names'] == list(embedded.DIGIT_NAMES)
   assert hub['vit_jax']['model']['posemb'] == 'learned'
   card = open(os.path.join(out, 'README.md')).read()
   assert f'**{100 * results["test_accuracy"]:.1f}% test accuracy**' in card
   assert COMMAND in card and 'library_name: timm' in card
   assert open(os.path.join(out, 'class_names.txt')).read().split() == list(
-      embedded.DIGIT_NAMES)
+    embedded.DIGIT_NAMES
+  )
   with pytest.raises(ConfigError, match='vit_micro_mnist5k exists'):
     publish.publish(workdir, out)
 
 
 def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
-    run, tmp_path, monkeypatch):
+  run, tmp_path, monkeypatch
+):
   with pytest.raises(ConfigError, match='not the workdir of a finished'):
     publish.publish(str(tmp_path), str(tmp_path / 'out'))
   params = {'head': {'hidden': {}}}
   config = helpers.micro_model_config().to_dict()
   assert publish.timm_config(config, params, 8, ())[1].startswith('an MLP head')
   linear = {'head': {'kernel': np.zeros((2, 10))}}
-  for change, reason in [({'representation_size': 16}, 'a pre_logits layer'),
-                         ({'classifier': 'unpooled'}, "classifier='unpooled'"),
-                         ({'layernorm_epsilon': 1e-12}, 'LayerNorm epsilon')]:
-    assert publish.timm_config({**config, **change}, linear, 8,
-                               ())[1].startswith(reason)
+  for change, reason in [
+    ({'representation_size': 16}, 'a pre_logits layer'),
+    ({'classifier': 'unpooled'}, "classifier='unpooled'"),
+    ({'layernorm_epsilon': 1e-12}, 'LayerNorm epsilon'),
+  ]:
+    assert publish.timm_config({**config, **change}, linear, 8, ())[
+      1
+    ].startswith(reason)
   mixer = models.MODEL_CONFIGS['Mixer-Mini_4'].to_dict()
   reason = publish.timm_config(mixer, linear, 8, ())[1]
   assert reason.startswith('the MlpMixer architecture')
-  assert publish.timm_config(models.MODEL_CONFIGS['Swin-T'].to_dict(), linear,
-                             224, ())[1].startswith('the SwinTransformer')
+  assert publish.timm_config(
+    models.MODEL_CONFIGS['Swin-T'].to_dict(), linear, 224, ()
+  )[1].startswith('the SwinTransformer')
   workdir, _, results = run
-  summary = {'model': mixer, 'crop': 32, 'num_classes': 10, 'params': 1,
-             'gflops': 0.1, 'class_names': [], 'dataset': 'cifar10',
-             'finetune': 'full', 'pretrained_path': None,
-             'trained_posemb': 'learned'}
+  summary = {
+    'model': mixer,
+    'crop': 32,
+    'num_classes': 10,
+    'params': 1,
+    'gflops': 0.1,
+    'class_names': [],
+    'dataset': 'cifar10',
+    'finetune': 'full',
+    'pretrained_path': None,
+    'trained_posemb': 'learned',
+  }
   card = publish.model_card('mixer', summary, results, reason)
   assert 'Mixer-Mini_4: channels_mlp_dim 512' in card
   assert 'library_name' not in card

@@ -27,25 +27,30 @@ TRAINABLE = matching('head/.*,.*/adapter/.*')
 def base_params(seed: int = 0) -> dict:
   """A tiny ViT-like tree: embedding, one MLP, a 10-class head."""
   rng = np.random.default_rng(seed)
-  return inspect.unflatten({
+  return inspect.unflatten(
+    {
       'embedding/kernel': rng.normal(size=(2, 2, 3, 4)).astype(np.float32),
       'embedding/bias': rng.normal(size=(4,)).astype(np.float32),
-      'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel':
-          rng.normal(size=(4, 8)).astype(np.float32),
+      'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel': rng.normal(
+        size=(4, 8)
+      ).astype(np.float32),
       'head/kernel': rng.normal(size=(4, 10)).astype(np.float32),
       'head/bias': np.zeros(10, np.float32),
-  })
+    }
+  )
 
 
 def fine_tuned(base: dict) -> dict:
   """`base` with a new 5-class head and injected adapter leaves."""
   flat = inspect.flatten(base)
-  flat.update({
+  flat.update(
+    {
       'head/kernel': np.full((4, 5), 0.5, np.float32),
       'head/bias': np.arange(5, dtype=np.float32),
       f'{ADAPTER}/down/kernel': np.ones((4, 2), np.float32),
       f'{ADAPTER}/scale': jnp.full((2,), 0.25, jnp.bfloat16),
-  })
+    }
+  )
   return inspect.unflatten(flat)
 
 
@@ -60,13 +65,19 @@ def fixture_saved(tmp_path):
 def test_round_trip_gives_the_fine_tuned_tree(saved):
   with np.load(saved, allow_pickle=False) as data:
     keys = set(data.files)
-  assert keys == {'head/kernel', 'head/bias', f'{ADAPTER}/down/kernel',
-                  f'{ADAPTER}/scale', task_file.META_KEY}
+  assert keys == {
+    'head/kernel',
+    'head/bias',
+    f'{ADAPTER}/down/kernel',
+    f'{ADAPTER}/scale',
+    task_file.META_KEY,
+  }
 
   merged = task_file.load_task_params(saved, base_params())
   chex.assert_trees_all_equal(merged, fine_tuned(base_params()))
   assert merged['Transformer']['encoderblock_0']['adapter']['scale'].dtype == (
-      jnp.bfloat16)
+    jnp.bfloat16
+  )
 
 
 def test_patterns_match_whole_paths_and_explicit_base(tmp_path):
@@ -77,8 +88,9 @@ def test_patterns_match_whole_paths_and_explicit_base(tmp_path):
   path = str(tmp_path / 'task.npz')
 
   # 'head/.*' selects 'head/...' but not 'header/...'.
-  task_file.save_task_params(path, params, matching(f'head/.*,{ADAPTER}/.*'),
-                             base_params=base)
+  task_file.save_task_params(
+    path, params, matching(f'head/.*,{ADAPTER}/.*'), base_params=base
+  )
   with np.load(path, allow_pickle=False) as data:
     assert not any(key.startswith('header') for key in data.files)
     assert 'head/kernel' in data.files
@@ -92,16 +104,21 @@ def test_trained_frozen_leaf_is_refused(tmp_path):
   base = base_params()
   params = fine_tuned(base)
   params['embedding']['bias'] = params['embedding']['bias'] + 1
-  with pytest.raises(CheckpointError, match=r"differ from base_params.*"
-                     r"\['embedding/bias'\]"):
-    task_file.save_task_params(str(tmp_path / 'task.npz'), params, TRAINABLE,
-                               base_params=base)
+  with pytest.raises(
+    CheckpointError,
+    match=r'differ from base_params.*'
+    r"\['embedding/bias'\]",
+  ):
+    task_file.save_task_params(
+      str(tmp_path / 'task.npz'), params, TRAINABLE, base_params=base
+    )
 
 
 def test_selecting_nothing_is_refused(tmp_path):
   with pytest.raises(CheckpointError, match='selects none'):
-    task_file.save_task_params(str(tmp_path / 'task.npz'), base_params(),
-                               matching('decoder/.*'))
+    task_file.save_task_params(
+      str(tmp_path / 'task.npz'), base_params(), matching('decoder/.*')
+    )
 
 
 def test_base_with_other_values_fails_the_fingerprint_unless_not_strict(saved):
@@ -128,8 +145,10 @@ def test_base_with_other_shapes_lists_paths(saved):
   assert saved in message
   assert 'missing from the base_params:\n  embedding/bias' in message
   assert 'not in the recorded base:\n  cls' in message
-  assert ('(base_params vs recorded base):\n'
-          '  embedding/kernel: (4, 4, 3, 4) vs (2, 2, 3, 4)') in message
+  assert (
+    '(base_params vs recorded base):\n'
+    '  embedding/kernel: (4, 4, 3, 4) vs (2, 2, 3, 4)'
+  ) in message
 
 
 def test_missing_file(tmp_path):
@@ -143,7 +162,7 @@ def test_corrupt_file(saved, damage):
   with open(saved, 'rb') as f:
     data = f.read()
   with open(saved, 'wb') as f:
-    f.write(data[:len(data) // 2] if damage == 'truncate' else b'\x93NUMPY!!')
+    f.write(data[: len(data) // 2] if damage == 'truncate' else b'\x93NUMPY!!')
   with pytest.raises(CheckpointError, match=re.escape(saved)):
     task_file.load_task_params(saved, base_params())
 
@@ -151,8 +170,10 @@ def test_corrupt_file(saved, damage):
 def test_not_a_task_file(tmp_path):
   full = str(tmp_path / 'full.npz')
   np.savez(full, **inspect.flatten(base_params()))
-  with pytest.raises(CheckpointError, match=f'{re.escape(full)}: not a task '
-                     'file.*vit_jax.checkpoint.load'):
+  with pytest.raises(
+    CheckpointError,
+    match=f'{re.escape(full)}: not a task file.*vit_jax.checkpoint.load',
+  ):
     task_file.load_task_params(full, base_params())
   single = str(tmp_path / 'single.npy')
   np.save(single, np.zeros(3))

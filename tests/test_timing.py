@@ -16,9 +16,12 @@ def micro_forward(batch: int, devices=None):
   model = models.build_model(config.model, num_classes=10)
   variables = table.abstract_variables(model, helpers.CROP)
   params = helpers.random_variables(
-      model, np.zeros([1, helpers.CROP, helpers.CROP, 3], np.float32))['params']
-  return (timing.forward_workload(model, params, batch, helpers.CROP, devices),
-          table.forward_flops(model, variables, helpers.CROP))
+    model, np.zeros([1, helpers.CROP, helpers.CROP, 3], np.float32)
+  )['params']
+  return (
+    timing.forward_workload(model, params, batch, helpers.CROP, devices),
+    table.forward_flops(model, variables, helpers.CROP),
+  )
 
 
 def test_time_rounds_warms_up_then_alternates():
@@ -27,7 +30,10 @@ def test_time_rounds_warms_up_then_alternates():
   seconds = timing.time_rounds(runs, rounds=3, warmup=2)
   assert calls == ['a', 'a', 'b', 'b', 'c', 'c'] + ['a', 'b', 'c'] * 3
   assert {name: len(s) for name, s in seconds.items()} == {
-      'a': 3, 'b': 3, 'c': 3}
+    'a': 3,
+    'b': 3,
+    'c': 3,
+  }
   assert all(t >= 0 for s in seconds.values() for t in s)
   calls.clear()
   timing.time_rounds(runs, rounds=2, warmup=0, settle=1)
@@ -52,7 +58,8 @@ def test_train_step_flops_full_vs_head_only():
   _, forward = micro_forward(batch=8)
   full = timing.train_workload(helpers.job_config(batch=64), num_classes=10)
   head = timing.train_workload(
-      helpers.job_config(batch=64, finetune={'mode': 'head'}), num_classes=10)
+    helpers.job_config(batch=64, finetune={'mode': 'head'}), num_classes=10
+  )
   assert 2.5 < full.flops / full.images / forward < 4.0
   assert 0.95 < head.flops / head.images / forward < 1.3
   assert full.trainable_params == full.params
@@ -64,10 +71,10 @@ def test_train_step_flops_full_vs_head_only():
 def test_synthetic_batch_is_split_over_devices():
   devices = jax.local_devices()
   batch = timing.synthetic_batch(16, 4, 10, devices)
-  chex.assert_shape(batch['image'], (len(devices), 16 // len(devices), 4, 4,
-                                     3))
+  chex.assert_shape(batch['image'], (len(devices), 16 // len(devices), 4, 4, 3))
   assert {shard.device for shard in batch['image'].addressable_shards} == set(
-      devices)
+    devices
+  )
   assert int(batch['label'].max()) < 10
   with pytest.raises(ValueError, match='Batch 12 does not split over 8'):
     timing.synthetic_batch(12, 4, 10, devices)

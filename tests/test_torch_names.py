@@ -25,27 +25,39 @@ from vit_jax.models import vit
 # A tiny ViT: hidden 32, 4 heads of 8, MLP 64, 2 layers, 4x4 patches of 32x32
 # images (an 8x8 grid of 64 patch tokens), 5 classes.
 D, HEADS, MLP, LAYERS, PATCH, RESOLUTION, CLASSES = 32, 4, 64, 2, 4, 32, 5
-PATCH_TOKENS = (RESOLUTION // PATCH)**2
+PATCH_TOKENS = (RESOLUTION // PATCH) ** 2
 
 
-def timm_shapes(d=D, mlp=MLP, layers=LAYERS, patch=PATCH, tokens=PATCH_TOKENS,
-                classes=CLASSES, cls_token=True):
+def timm_shapes(
+  d=D,
+  mlp=MLP,
+  layers=LAYERS,
+  patch=PATCH,
+  tokens=PATCH_TOKENS,
+  classes=CLASSES,
+  cls_token=True,
+):
   """Tensor shapes of a timm `VisionTransformer` state dict (no head: 0)."""
   shapes = {
-      'patch_embed.proj.weight': (d, 3, patch, patch),
-      'patch_embed.proj.bias': (d,),
-      'pos_embed': (1, tokens + cls_token, d),
-      'norm.weight': (d,),
-      'norm.bias': (d,),
+    'patch_embed.proj.weight': (d, 3, patch, patch),
+    'patch_embed.proj.bias': (d,),
+    'pos_embed': (1, tokens + cls_token, d),
+    'norm.weight': (d,),
+    'norm.bias': (d,),
   }
   if cls_token:
     shapes['cls_token'] = (1, 1, d)
   if classes:
     shapes.update({'head.weight': (classes, d), 'head.bias': (classes,)})
   for i in range(layers):
-    for name, weight in (('norm1', (d,)), ('attn.qkv', (3 * d, d)),
-                         ('attn.proj', (d, d)), ('norm2', (d,)),
-                         ('mlp.fc1', (mlp, d)), ('mlp.fc2', (d, mlp))):
+    for name, weight in (
+      ('norm1', (d,)),
+      ('attn.qkv', (3 * d, d)),
+      ('attn.proj', (d, d)),
+      ('norm2', (d,)),
+      ('mlp.fc1', (mlp, d)),
+      ('mlp.fc2', (d, mlp)),
+    ):
       shapes[f'blocks.{i}.{name}.weight'] = weight
       shapes[f'blocks.{i}.{name}.bias'] = weight[:1]
   return shapes
@@ -54,29 +66,34 @@ def timm_shapes(d=D, mlp=MLP, layers=LAYERS, patch=PATCH, tokens=PATCH_TOKENS,
 def hf_shapes(prefix='vit.', classifier=True, pooler=False):
   """Tensor shapes of an HF `ViTForImageClassification` / `ViTModel`."""
   shapes = {
-      'embeddings.patch_embeddings.projection.weight': (D, 3, PATCH, PATCH),
-      'embeddings.patch_embeddings.projection.bias': (D,),
-      'embeddings.cls_token': (1, 1, D),
-      'embeddings.position_embeddings': (1, PATCH_TOKENS + 1, D),
-      'layernorm.weight': (D,),
-      'layernorm.bias': (D,),
+    'embeddings.patch_embeddings.projection.weight': (D, 3, PATCH, PATCH),
+    'embeddings.patch_embeddings.projection.bias': (D,),
+    'embeddings.cls_token': (1, 1, D),
+    'embeddings.position_embeddings': (1, PATCH_TOKENS + 1, D),
+    'layernorm.weight': (D,),
+    'layernorm.bias': (D,),
   }
   if pooler:
     shapes.update({'pooler.dense.weight': (D, D), 'pooler.dense.bias': (D,)})
   for i in range(LAYERS):
     layer = f'encoder.layer.{i}.'
     for name, weight in (
-        ('layernorm_before', (D,)), ('attention.attention.query', (D, D)),
-        ('attention.attention.key', (D, D)),
-        ('attention.attention.value', (D, D)),
-        ('attention.output.dense', (D, D)), ('layernorm_after', (D,)),
-        ('intermediate.dense', (MLP, D)), ('output.dense', (D, MLP))):
+      ('layernorm_before', (D,)),
+      ('attention.attention.query', (D, D)),
+      ('attention.attention.key', (D, D)),
+      ('attention.attention.value', (D, D)),
+      ('attention.output.dense', (D, D)),
+      ('layernorm_after', (D,)),
+      ('intermediate.dense', (MLP, D)),
+      ('output.dense', (D, MLP)),
+    ):
       shapes[f'{layer}{name}.weight'] = weight
       shapes[f'{layer}{name}.bias'] = weight[:1]
   shapes = {prefix + key: shape for key, shape in shapes.items()}
   if classifier:
-    shapes.update({'classifier.weight': (CLASSES, D),
-                   'classifier.bias': (CLASSES,)})
+    shapes.update(
+      {'classifier.weight': (CLASSES, D), 'classifier.bias': (CLASSES,)}
+    )
   return shapes
 
 
@@ -141,8 +158,9 @@ def _attention(q, k, v):
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   n, heads, tokens, head_dim = q.shape
-  return (weights @ v).transpose(0, 2, 1, 3).reshape(n, tokens,
-                                                     heads * head_dim)
+  return (
+    (weights @ v).transpose(0, 2, 1, 3).reshape(n, tokens, heads * head_dim)
+  )
 
 
 def _prepend(x, token):
@@ -158,14 +176,16 @@ def timm_forward(state, images):
   x = x + s['pos_embed']
   for i in range(LAYERS):
     block = f'blocks.{i}.'
-    qkv = _linear(_layer_norm(x, s, block + 'norm1', 1e-6), s,
-                  block + 'attn.qkv')
+    qkv = _linear(
+      _layer_norm(x, s, block + 'norm1', 1e-6), s, block + 'attn.qkv'
+    )
     n, tokens, _ = qkv.shape
     q, k, v = qkv.reshape(n, tokens, 3, HEADS, -1).transpose(2, 0, 3, 1, 4)
     x = x + _linear(_attention(q, k, v), s, block + 'attn.proj')
     y = _layer_norm(x, s, block + 'norm2', 1e-6)
-    x = x + _linear(_gelu(_linear(y, s, block + 'mlp.fc1')), s,
-                    block + 'mlp.fc2')
+    x = x + _linear(
+      _gelu(_linear(y, s, block + 'mlp.fc1')), s, block + 'mlp.fc2'
+    )
   x = _layer_norm(x, s, 'norm', 1e-6)
   x = x[:, 0] if 'cls_token' in s else x.mean(axis=1)
   return _linear(x, s, 'head') if 'head.weight' in s else x
@@ -173,24 +193,33 @@ def timm_forward(state, images):
 
 def hf_forward(state, images, epsilon=1e-12):
   """HF ViTForImageClassification's logits, else ViTModel's pooler_output."""
-  s = {key.removeprefix('vit.'): value.astype(np.float64)
-       for key, value in state.items()}
-  x = _patch_embed(images.astype(np.float64), s,
-                   'embeddings.patch_embeddings.projection')
-  x = _prepend(x, s['embeddings.cls_token']) + s[
-      'embeddings.position_embeddings']
+  s = {
+    key.removeprefix('vit.'): value.astype(np.float64)
+    for key, value in state.items()
+  }
+  x = _patch_embed(
+    images.astype(np.float64), s, 'embeddings.patch_embeddings.projection'
+  )
+  x = (
+    _prepend(x, s['embeddings.cls_token']) + s['embeddings.position_embeddings']
+  )
   for i in range(LAYERS):
     layer = f'encoder.layer.{i}.'
     y = _layer_norm(x, s, layer + 'layernorm_before', epsilon)
     n, tokens, _ = y.shape
     q, k, v = (
-        _linear(y, s, f'{layer}attention.attention.{name}').reshape(
-            n, tokens, HEADS, -1).transpose(0, 2, 1, 3)
-        for name in ('query', 'key', 'value'))
+      _linear(y, s, f'{layer}attention.attention.{name}')
+      .reshape(n, tokens, HEADS, -1)
+      .transpose(0, 2, 1, 3)
+      for name in ('query', 'key', 'value')
+    )
     x = x + _linear(_attention(q, k, v), s, layer + 'attention.output.dense')
     y = _layer_norm(x, s, layer + 'layernorm_after', epsilon)
-    x = x + _linear(_gelu(_linear(y, s, layer + 'intermediate.dense')), s,
-                    layer + 'output.dense')
+    x = x + _linear(
+      _gelu(_linear(y, s, layer + 'intermediate.dense')),
+      s,
+      layer + 'output.dense',
+    )
   x = _layer_norm(x, s, 'layernorm', epsilon)[:, 0]
   if 'classifier.weight' in s:
     return _linear(x, s, 'classifier')
@@ -206,14 +235,17 @@ def apply_imported(params, info, images, **overrides):
 ###################
 
 
-@pytest.mark.parametrize('shapes, expected', [
+@pytest.mark.parametrize(
+  'shapes, expected',
+  [
     (timm_shapes(), 'timm'),
     (timm_shapes(cls_token=False, classes=0), 'timm'),
     (hf_shapes(), 'hf'),
     (hf_shapes(prefix='', classifier=False, pooler=True), 'hf'),
     ({'conv1.weight': (8, 3, 3, 3), 'fc.weight': (10, 8)}, None),
     ({}, None),
-])
+  ],
+)
 def test_detect(shapes, expected):
   state = {key: np.zeros(shape, np.float32) for key, shape in shapes.items()}
   assert torch_names.detect(state) == expected
@@ -223,11 +255,14 @@ def test_detect(shapes, expected):
 ##########################################
 
 
-@pytest.mark.parametrize('cls_token, classes, classifier', [
-    (True, CLASSES, 'token'),   # timm's default global_pool='token'.
-    (False, CLASSES, 'gap'),    # class_token=False, 'avg', fc_norm=False.
-    (True, 0, 'token'),         # num_classes=0: features, no head.
-])
+@pytest.mark.parametrize(
+  'cls_token, classes, classifier',
+  [
+    (True, CLASSES, 'token'),  # timm's default global_pool='token'.
+    (False, CLASSES, 'gap'),  # class_token=False, 'avg', fc_norm=False.
+    (True, 0, 'token'),  # num_classes=0: features, no head.
+  ],
+)
 def test_timm_import_computes_timm_forward(cls_token, classes, classifier):
   state = random_state(timm_shapes(cls_token=cls_token, classes=classes))
   images = random_images()
@@ -239,19 +274,23 @@ def test_timm_import_computes_timm_forward(cls_token, classes, classifier):
   assert info['layernorm_epsilon'] == 1e-6
   assert ('cls' in params) == cls_token
   expected = timm_forward(state, images)
-  chex.assert_trees_all_close(apply_imported(params, info, images), expected,
-                              atol=1e-4)
+  chex.assert_trees_all_close(
+    apply_imported(params, info, images), expected, atol=1e-4
+  )
   if classes and cls_token:
     # The tolerance is fine enough to tell the GELU flavours apart.
     tanh_gelu = apply_imported(params, info, images, approximate_gelu=True)
     assert np.abs(tanh_gelu - expected).max() > 1e-4
 
 
-@pytest.mark.parametrize('prefix, classifier, pooler', [
+@pytest.mark.parametrize(
+  'prefix, classifier, pooler',
+  [
     ('vit.', True, False),  # ViTForImageClassification.
-    ('', False, True),      # ViTModel: pooler_output becomes our output.
-    ('vit.', True, True),   # The classifier does not read the pooler.
-])
+    ('', False, True),  # ViTModel: pooler_output becomes our output.
+    ('vit.', True, True),  # The classifier does not read the pooler.
+  ],
+)
 def test_hf_import_computes_hf_forward(prefix, classifier, pooler):
   state = random_state(hf_shapes(prefix, classifier, pooler))
   images = random_images()
@@ -262,8 +301,9 @@ def test_hf_import_computes_hf_forward(prefix, classifier, pooler):
   assert info['num_classes'] == (CLASSES if classifier else 0)
   assert info['representation_size'] == (None if classifier else D)
   assert ('pre_logits' in params) == (not classifier)
-  chex.assert_trees_all_close(apply_imported(params, info, images),
-                              hf_forward(state, images), atol=1e-4)
+  chex.assert_trees_all_close(
+    apply_imported(params, info, images), hf_forward(state, images), atol=1e-4
+  )
 
 
 def test_hf_mask_token_is_dropped():
@@ -274,19 +314,26 @@ def test_hf_mask_token_is_dropped():
 
 def test_vit_b16_timm_state_maps_to_the_models_shapes():
   # Zero-stride inputs cost no memory; only the transposed outputs are copied.
-  shapes = timm_shapes(d=768, mlp=3072, layers=12, patch=16, tokens=196,
-                       classes=1000)
-  state = {key: np.broadcast_to(np.float32(0), shape)
-           for key, shape in shapes.items()}
+  shapes = timm_shapes(
+    d=768, mlp=3072, layers=12, patch=16, tokens=196, classes=1000
+  )
+  state = {
+    key: np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()
+  }
   params, info = torch_names.from_timm(state, num_heads=12)
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   model = models.get_model('ViT-B_16', num_classes=1000)
   expected = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), images)
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
   chex.assert_trees_all_equal_shapes_and_dtypes(params, expected['params'])
   assert info['transformer'] == {
-      'num_layers': 12, 'mlp_dim': 3072, 'num_heads': 12,
-      'dropout_rate': 0.0, 'attention_dropout_rate': 0.0}
+    'num_layers': 12,
+    'mlp_dim': 3072,
+    'num_heads': 12,
+    'dropout_rate': 0.0,
+    'attention_dropout_rate': 0.0,
+  }
   assert (info['hidden_size'], info['patches']) == (768, {'size': (16, 16)})
 
 
@@ -306,10 +353,10 @@ def test_timm_round_trip_is_exact(cls_token):
 
 def test_our_params_round_trip_through_timm():
   # A 'gap' model: no class token, timm's class_token=False.
-  model = models.get_model('ViT-Micro_4', num_classes=CLASSES,
-                           posemb='learned')
+  model = models.get_model('ViT-Micro_4', num_classes=CLASSES, posemb='learned')
   params = helpers.random_variables(
-      model, jnp.zeros((1, RESOLUTION, RESOLUTION, 3)))['params']
+    model, jnp.zeros((1, RESOLUTION, RESOLUTION, 3))
+  )['params']
   state = torch_names.to_timm(params)
   assert 'cls_token' not in state
   chex.assert_shape(state['blocks.3.attn.qkv.weight'], (3 * 64, 64))
@@ -328,8 +375,10 @@ def test_safetensors_round_trip(tmp_path):
 
 def test_read_safetensors_widens_half_precision(tmp_path):
   values = np.array([[1.5, -2.25], [3.0, 0.125]], np.float32)
-  flat = {'half': values.astype(np.float16),
-          'bf16': values.astype(jnp.bfloat16)}
+  flat = {
+    'half': values.astype(np.float16),
+    'bf16': values.astype(jnp.bfloat16),
+  }
   files.write_safetensors(tmp_path / 'half.safetensors', flat)
   read = files.read_safetensors(tmp_path / 'half.safetensors')
   chex.assert_trees_all_equal(read, {'half': values, 'bf16': values})
@@ -340,8 +389,9 @@ def test_failed_write_keeps_the_old_file(tmp_path):
   files.write_safetensors(path, {'a': np.ones(3, np.float32)})
   with pytest.raises(CheckpointError, match='model.safetensors'):
     files.write_safetensors(path, {'a': np.array(['not a number'])})
-  chex.assert_trees_all_equal(files.read_safetensors(path),
-                              {'a': np.ones(3, np.float32)})
+  chex.assert_trees_all_equal(
+    files.read_safetensors(path), {'a': np.ones(3, np.float32)}
+  )
   assert os.listdir(tmp_path) == ['model.safetensors']
 
 
@@ -362,10 +412,12 @@ def test_unreadable_safetensors_file_is_named(tmp_path, damage):
 
 
 def test_unknown_keys_are_listed_not_dropped():
-  state = random_state({**timm_shapes(), 'blocks.0.ls1.gamma': (D,),
-                        'blocks.1.ls1.gamma': (D,)})
-  with pytest.raises(CheckpointError,
-                     match=r"2 tensor.*'blocks.0.ls1.gamma', 'blocks.1"):
+  state = random_state(
+    {**timm_shapes(), 'blocks.0.ls1.gamma': (D,), 'blocks.1.ls1.gamma': (D,)}
+  )
+  with pytest.raises(
+    CheckpointError, match=r"2 tensor.*'blocks.0.ls1.gamma', 'blocks.1"
+  ):
     torch_names.from_timm(state, num_heads=HEADS)
   state = random_state({**hf_shapes(), 'decoder.0.weight': (48, D)})
   with pytest.raises(CheckpointError, match="'decoder.0.weight'"):
@@ -388,21 +440,26 @@ def test_fc_norm_is_rejected_with_the_reason():
 def test_misshapen_and_missing_tensors_are_named():
   state = random_state(timm_shapes())
   state['blocks.1.mlp.fc2.weight'] = state['blocks.1.mlp.fc2.weight'][:, :8]
-  with pytest.raises(CheckpointError,
-                     match=r"'blocks.1.mlp.fc2.weight' has shape \(32, 8\), "
-                     r'but \(32, 64\)'):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'blocks.1.mlp.fc2.weight' has shape \(32, 8\), "
+    r'but \(32, 64\)',
+  ):
     torch_names.from_timm(state, num_heads=HEADS)
   state = random_state(hf_shapes())
   del state['vit.encoder.layer.1.layernorm_after.bias']
-  with pytest.raises(CheckpointError,
-                     match="no 'encoder.layer.1.layernorm_after.bias' "
-                     r"\(nor 'vit.encoder"):
+  with pytest.raises(
+    CheckpointError,
+    match="no 'encoder.layer.1.layernorm_after.bias' "
+    r"\(nor 'vit.encoder",
+  ):
     torch_names.from_hf(state, num_heads=HEADS)
 
 
 def test_to_timm_rejects_what_timm_cannot_hold():
   params, _ = torch_names.from_hf(
-      random_state(hf_shapes(classifier=False, pooler=True)), num_heads=HEADS)
+    random_state(hf_shapes(classifier=False, pooler=True)), num_heads=HEADS
+  )
   with pytest.raises(CheckpointError, match='pre_logits'):
     torch_names.to_timm(params)
   del params['pre_logits']
@@ -419,12 +476,15 @@ def test_to_timm_rejects_what_timm_cannot_hold():
 def test_transformers_5_names_import_identically():
   """transformers 5 renames layers in memory; its state dicts must load."""
   v4 = random_state(hf_shapes())
-  renames = {'encoder.layer.': 'layers.',
-             'attention.attention.query.': 'attention.q_proj.',
-             'attention.attention.key.': 'attention.k_proj.',
-             'attention.attention.value.': 'attention.v_proj.',
-             'attention.output.dense.': 'attention.o_proj.',
-             'intermediate.dense.': 'mlp.fc1.', 'output.dense.': 'mlp.fc2.'}
+  renames = {
+    'encoder.layer.': 'layers.',
+    'attention.attention.query.': 'attention.q_proj.',
+    'attention.attention.key.': 'attention.k_proj.',
+    'attention.attention.value.': 'attention.v_proj.',
+    'attention.output.dense.': 'attention.o_proj.',
+    'intermediate.dense.': 'mlp.fc1.',
+    'output.dense.': 'mlp.fc2.',
+  }
   v5 = {}
   for key, value in v4.items():
     for old, new in renames.items():
@@ -432,5 +492,7 @@ def test_transformers_5_names_import_identically():
     v5[key] = value
   assert 'vit.layers.0.attention.q_proj.weight' in v5
   assert torch_names.detect(v5) == 'hf'
-  chex.assert_trees_all_equal(torch_names.from_hf(v5, num_heads=HEADS),
-                              torch_names.from_hf(v4, num_heads=HEADS))
+  chex.assert_trees_all_equal(
+    torch_names.from_hf(v5, num_heads=HEADS),
+    torch_names.from_hf(v4, num_heads=HEADS),
+  )

@@ -30,19 +30,26 @@ CROP = helpers.CROP
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def schedule(decay_type: str, warmup: int = 10, total: int = 110,
-             base_lr: float = 0.5):
-  return optim.learning_rate_schedule(base_lr=base_lr, total_steps=total,
-                                      warmup_steps=warmup,
-                                      decay_type=decay_type)
+def schedule(
+  decay_type: str, warmup: int = 10, total: int = 110, base_lr: float = 0.5
+):
+  return optim.learning_rate_schedule(
+    base_lr=base_lr,
+    total_steps=total,
+    warmup_steps=warmup,
+    decay_type=decay_type,
+  )
 
 
-@pytest.mark.parametrize('decay_type,expected', [
+@pytest.mark.parametrize(
+  'decay_type,expected',
+  [
     # step: 0, 5 (mid warm-up), 10 (peak), 60 (half-way), 110 (end)
     ('cosine', [0.0, 0.25, 0.5, 0.25, 0.0]),
     ('linear', [0.0, 0.25, 0.5, 0.25, 0.0]),
     ('constant', [0.0, 0.25, 0.5, 0.5, 0.5]),
-])
+  ],
+)
 def test_schedule_values(decay_type, expected):
   values = [float(schedule(decay_type)(step)) for step in (0, 5, 10, 60, 110)]
   np.testing.assert_allclose(values, expected, atol=1e-7)
@@ -62,8 +69,13 @@ def test_schedule_rejects_bad_settings():
   with pytest.raises(ConfigError, match='warmup_steps=200'):
     schedule('cosine', warmup=200)
   with pytest.raises(ConfigError, match="optimizer='lamb'"):
-    optim.make_optimizer('lamb', schedule('cosine'), weight_decay=0.0,
-                         grad_norm_clip=None, moment_dtype='float32')
+    optim.make_optimizer(
+      'lamb',
+      schedule('cosine'),
+      weight_decay=0.0,
+      grad_norm_clip=None,
+      moment_dtype='float32',
+    )
 
 
 # ------------------------------------------------------- one update step
@@ -77,27 +89,41 @@ def everything(path: str) -> bool:
 def tiny_setup(optimizer_name: str = 'sgd', accum_steps: int = 1):
   """Two-layer ViT-Micro_4 at 8x8 (4 tokens), its params and a train step."""
   lr = schedule('cosine', warmup=2, total=10, base_lr=0.1)
-  model = models.build_model(helpers.micro_model_config(),
-                             num_classes=10)
-  params = model.init(jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]),
-                      train=False)['params']
+  model = models.build_model(helpers.micro_model_config(), num_classes=10)
+  params = model.init(
+    jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]), train=False
+  )['params']
   # A non-zero head, so that every parameter gets a gradient.
   params['head']['kernel'] = 0.1 * jax.random.normal(
-      jax.random.key(1), params['head']['kernel'].shape)
-  optimizer = optim.make_optimizer(optimizer_name, lr, weight_decay=0.01,
-                                   grad_norm_clip=1.0, moment_dtype='float32')
+    jax.random.key(1), params['head']['kernel'].shape
+  )
+  optimizer = optim.make_optimizer(
+    optimizer_name,
+    lr,
+    weight_decay=0.01,
+    grad_norm_clip=1.0,
+    moment_dtype='float32',
+  )
   state = step_lib.initial_state(params, optimizer, everything)
   train_step = step_lib.make_train_step(
-      losses.classifier_loss(model), optimizer, lr, everything,
-      accum_steps=accum_steps)
+    losses.classifier_loss(model),
+    optimizer,
+    lr,
+    everything,
+    accum_steps=accum_steps,
+  )
   return state, train_step
 
 
 def random_batches(count: int, batch: int, seed: int = 0):
   rng = np.random.default_rng(seed)
-  return [{'image': rng.uniform(-1, 1, [batch, CROP, CROP, 3]).astype(
-      np.float32), 'label': rng.integers(0, 10, [batch]).astype(np.int32)}
-          for _ in range(count)]
+  return [
+    {
+      'image': rng.uniform(-1, 1, [batch, CROP, CROP, 3]).astype(np.float32),
+      'label': rng.integers(0, 10, [batch]).astype(np.int32),
+    }
+    for _ in range(count)
+  ]
 
 
 def run_steps(state, train_step, batches, devices):
@@ -106,7 +132,8 @@ def run_steps(state, train_step, batches, devices):
   replicated = step_lib.replicate(state, devices)
   for batch in batches:
     split = jax.tree.map(
-        lambda x: x.reshape(len(devices), -1, *x.shape[1:]), batch)
+      lambda x: x.reshape(len(devices), -1, *x.shape[1:]), batch
+    )
     replicated, metrics = mapped(replicated, split)
     assert np.isfinite(metrics['loss']).all()
   return step_lib.unreplicate(replicated)
@@ -125,13 +152,14 @@ def test_eight_devices_equal_one():
   batches = random_batches(3, 16)
   one = run_steps(state, train_step, batches, jax.local_devices()[:1])
   eight = run_steps(state, train_step, batches, jax.local_devices())
-  chex.assert_trees_all_close(one.params, eight.params, rtol=1e-5,
-                              atol=1e-6)
-  chex.assert_trees_all_close(one.opt_state, eight.opt_state, rtol=1e-5,
-                              atol=1e-6)
+  chex.assert_trees_all_close(one.params, eight.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+    one.opt_state, eight.opt_state, rtol=1e-5, atol=1e-6
+  )
   assert int(one.step) == int(eight.step) == 3
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                       state.params, one.params)
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.abs(a - b).max()), state.params, one.params
+  )
   assert all(m > 0 for m in jax.tree.leaves(moved))  # Every param updated.
 
 
@@ -142,12 +170,17 @@ def test_replicated_state_has_the_step_outputs_sharding():
   devices = jax.local_devices()
   mapped = step_lib.data_parallel(train_step, devices=devices)
   replicated = step_lib.replicate(state, devices)
-  batch = step_lib.shard(jax.tree.map(
+  batch = step_lib.shard(
+    jax.tree.map(
       lambda x: x.reshape(len(devices), -1, *x.shape[1:]),
-      random_batches(1, 16)[0]), devices)
+      random_batches(1, 16)[0],
+    ),
+    devices,
+  )
   returned, _ = mapped(replicated, batch)
-  for before, after in zip(jax.tree.leaves(replicated),
-                           jax.tree.leaves(returned)):
+  for before, after in zip(
+    jax.tree.leaves(replicated), jax.tree.leaves(returned)
+  ):
     assert before.sharding == after.sharding
   chex.assert_trees_all_equal(step_lib.unreplicate(replicated), state)
 
@@ -159,26 +192,32 @@ def test_accumulated_gradients_equal_one_big_batch():
   device = jax.local_devices()[:1]
   plain = run_steps(state, plain_step, batches, device)
   accumulated = run_steps(state, accum_step, batches, device)
-  chex.assert_trees_all_close(plain.params, accumulated.params, rtol=1e-5,
-                              atol=1e-6)
+  chex.assert_trees_all_close(
+    plain.params, accumulated.params, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_bf16_momentum_state():
   params = {'w': jnp.ones([3, 3])}
   defaults = common.get_config()  # vit_jax's SGD with momentum.
   optimizer = optim.make_optimizer(
-      defaults.optimizer, lambda step: 0.1, weight_decay=0.0,
-      grad_norm_clip=None, moment_dtype=defaults.optim_dtype)
-  dtypes = {leaf.dtype for leaf in jax.tree.leaves(optimizer.init(params))
-            if leaf.ndim}
+    defaults.optimizer,
+    lambda step: 0.1,
+    weight_decay=0.0,
+    grad_norm_clip=None,
+    moment_dtype=defaults.optim_dtype,
+  )
+  dtypes = {
+    leaf.dtype for leaf in jax.tree.leaves(optimizer.init(params)) if leaf.ndim
+  }
   assert dtypes == {jnp.dtype(jnp.bfloat16)}  # optim_dtype's default.
 
 
 def test_eval_step_counts_only_masked_in_examples():
-  model = models.build_model(helpers.micro_model_config(),
-                             num_classes=10)
-  params = model.init(jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]),
-                      train=False)['params']
+  model = models.build_model(helpers.micro_model_config(), num_classes=10)
+  params = model.init(
+    jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]), train=False
+  )['params']
   batch = random_batches(1, 16)[0]
   batch['mask'] = np.arange(16) < 11
   eval_step = step_lib.data_parallel(step_lib.make_eval_step(model))
@@ -213,8 +252,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
       raise KeyboardInterrupt('simulated crash at step 4')
     original_write(self, step, scalars)
 
-  monkeypatch.setattr(train_lib.metrics_lib.MetricWriter, 'write',
-                      crash_at_step_4)
+  monkeypatch.setattr(
+    train_lib.metrics_lib.MetricWriter, 'write', crash_at_step_4
+  )
   with pytest.raises(KeyboardInterrupt):
     train_lib.train_and_evaluate(config, crash_dir)
   monkeypatch.undo()
@@ -224,8 +264,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert results['resumed_from_step'] == 3
 
   (step_a, straight), (step_b, resumed) = (
-      final_state(config, str(tmp_path / 'straight')),
-      final_state(config, crash_dir))
+    final_state(config, str(tmp_path / 'straight')),
+    final_state(config, crash_dir),
+  )
   assert step_a == step_b == 6
   chex.assert_trees_all_equal(straight, resumed)
 
@@ -234,17 +275,25 @@ def test_batch_that_does_not_divide_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match=r'config.batch=30 .* 8 devices'):
     train_lib.train_and_evaluate(helpers.job_config(batch=30), str(tmp_path))
   with pytest.raises(ConfigError, match=r'accum_steps=3 does not divide'):
-    train_lib.train_and_evaluate(helpers.job_config(batch=32, accum_steps=3),
-                                 str(tmp_path))
+    train_lib.train_and_evaluate(
+      helpers.job_config(batch=32, accum_steps=3), str(tmp_path)
+    )
   assert not os.path.exists(tmp_path / 'checkpoints')  # Nothing started.
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-  config = helpers.job_config(base_lr=1e30, warmup_steps=0, grad_norm_clip=None,
-                      optimizer='sgd', checkpoint_every=1, total_steps=20)
-  with pytest.raises(FloatingPointError,
-                     match=r'loss is .* at step \d+ .*stopped') as error:
+  config = helpers.job_config(
+    base_lr=1e30,
+    warmup_steps=0,
+    grad_norm_clip=None,
+    optimizer='sgd',
+    checkpoint_every=1,
+    total_steps=20,
+  )
+  with pytest.raises(
+    FloatingPointError, match=r'loss is .* at step \d+ .*stopped'
+  ) as error:
     train_lib.train_and_evaluate(config, str(tmp_path))
   bad_step = int(error.value.args[0].split('at step ')[1].split(' ')[0])
   step, state = final_state(config, str(tmp_path))
@@ -252,14 +301,21 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize('last_checkpoint,dtype', [(None, 'float32'),
-                                                   (4, 'bfloat16')])
+@pytest.mark.parametrize(
+  'last_checkpoint,dtype', [(None, 'float32'), (4, 'bfloat16')]
+)
 def test_divergence_message(last_checkpoint, dtype):
   """Says whether a finite checkpoint exists; suggests float32 only when
   the run computes in another dtype."""
-  message = str(train_lib.divergence_error(
-      7, {'loss': float('nan'), 'params_finite': 0.0}, last_checkpoint,
-      'RUN/checkpoints', dtype))
+  message = str(
+    train_lib.divergence_error(
+      7,
+      {'loss': float('nan'), 'params_finite': 0.0},
+      last_checkpoint,
+      'RUN/checkpoints',
+      dtype,
+    )
+  )
   assert 'at step 7' in message and 'None' not in message
   if last_checkpoint is None:
     assert 'No checkpoint was saved yet' in message
@@ -273,21 +329,31 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   """`python -m vit_jax.main` trains, evaluates and writes its files."""
   workdir = tmp_path / 'run'
   command = [
-      sys.executable, '-m', 'vit_jax.main',
-      f'--config={REPO}/configs/scratch.py:mnist5k,micro4',
-      '--config.model.transformer.num_layers=2',
-      f'--workdir={workdir}', '--config.total_steps=30',
-      '--config.pp.crop=16', '--config.batch=64', '--config.eval_every=15',
-      '--config.progress_every=5', '--config.checkpoint_every=15',
-      '--config.warmup_steps=3', '--config.base_lr=0.003']
-  process = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                           timeout=600, check=False)
+    sys.executable,
+    '-m',
+    'vit_jax.main',
+    f'--config={REPO}/configs/scratch.py:mnist5k,micro4',
+    '--config.model.transformer.num_layers=2',
+    f'--workdir={workdir}',
+    '--config.total_steps=30',
+    '--config.pp.crop=16',
+    '--config.batch=64',
+    '--config.eval_every=15',
+    '--config.progress_every=5',
+    '--config.checkpoint_every=15',
+    '--config.warmup_steps=3',
+    '--config.base_lr=0.003',
+  ]
+  process = subprocess.run(
+    command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+  )
   assert process.returncode == 0, process.stderr[-3000:]
   assert 'step 30/30 (100.0%)' in process.stderr and 'ETA' in process.stderr
   assert 'Compiling the train step' in process.stderr
   assert process.stdout.startswith('test accuracy 0.') and (
-      'on 1,000 images' in process.stdout and
-      f'results in {workdir}/results.json' in process.stdout)
+    'on 1,000 images' in process.stdout
+    and f'results in {workdir}/results.json' in process.stdout
+  )
 
   results = json.loads((workdir / 'results.json').read_text())
   assert results['test_examples'] == 1000  # Every test image, once.
@@ -296,19 +362,24 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   assert results['config']['dataset'] == 'mnist5k'
   assert 0.0 <= results['test_accuracy'] <= 1.0
   assert results['command'] == shlex.join(
-      ['python', '-m', 'vit_jax.main'] + command[3:])  # For model cards.
+    ['python', '-m', 'vit_jax.main'] + command[3:]
+  )  # For model cards.
 
-  lines = [json.loads(line) for line in
-           (workdir / 'metrics.jsonl').read_text().splitlines()]
+  lines = [
+    json.loads(line)
+    for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
   losses = [line['train/loss'] for line in lines if 'train/loss' in line]
   assert len(losses) == 6 and losses[-1] < losses[0] - 0.1  # Loss falls.
-  assert [line['step'] for line in lines if 'test/accuracy' in line] == [
-      15, 30]
-  assert all(line['img_per_sec_per_core'] > 0 for line in lines
-             if 'train/loss' in line)
+  assert [line['step'] for line in lines if 'test/accuracy' in line] == [15, 30]
+  assert all(
+    line['img_per_sec_per_core'] > 0 for line in lines if 'train/loss' in line
+  )
   assert list(workdir.glob('events.out.tfevents.*'))
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == [
-      '15', '30']
+    '15',
+    '30',
+  ]
 
 
 def test_inference_time_job(tmp_path):
@@ -321,9 +392,12 @@ def test_inference_time_job(tmp_path):
   # The model of config.model at config.pp.crop, with 1,000 classes.
   model = models.build_model(config.model, num_classes=1000)
   np.testing.assert_allclose(
-      results['gflops_per_image'] * 1e9,
-      table.forward_flops(model, table.abstract_variables(model, helpers.CROP),
-                          helpers.CROP), rtol=1e-2)
+    results['gflops_per_image'] * 1e9,
+    table.forward_flops(
+      model, table.abstract_variables(model, helpers.CROP), helpers.CROP
+    ),
+    rtol=1e-2,
+  )
 
 
 def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
@@ -333,10 +407,13 @@ def test_pretrained_checkpoint_initialises_all_but_the_head(tmp_path):
   path = str(tmp_path / 'ViT-Micro_4.npz')
   checkpoint.save(path, pretrained.state.params)
 
-  for overrides in [{'pretrained_path': path},
-                    {'pretrained_dir': str(tmp_path)}]:
-    setup = helpers.create_setup(helpers.job_config(seed=7, **overrides),
-                                 num_classes=10)
+  for overrides in [
+    {'pretrained_path': path},
+    {'pretrained_dir': str(tmp_path)},
+  ]:
+    setup = helpers.create_setup(
+      helpers.job_config(seed=7, **overrides), num_classes=10
+    )
     params = dict(setup.state.params)
     head = params.pop('head')
     expected = dict(pretrained.state.params)
@@ -350,13 +427,17 @@ def test_bfloat16_compute_keeps_float32_params():
   config = helpers.job_config(dtype='bfloat16')
   setup = helpers.create_setup(config, num_classes=10)
   train_step = step_lib.make_train_step(
-      losses.classifier_loss(setup.model), setup.optimizer, setup.schedule,
-      setup.trainable)
+    losses.classifier_loss(setup.model),
+    setup.optimizer,
+    setup.schedule,
+    setup.trainable,
+  )
   batch = random_batches(1, 4)[0]
-  state = run_steps(setup.state, train_step, [batch],
-                    jax.local_devices()[:1])
+  state = run_steps(setup.state, train_step, [batch], jax.local_devices()[:1])
   assert {p.dtype for p in jax.tree.leaves(state.params)} == {
-      jnp.dtype(jnp.float32)}
-  logits = setup.model.apply({'params': state.params}, batch['image'],
-                             train=False)
+    jnp.dtype(jnp.float32)
+  }
+  logits = setup.model.apply(
+    {'params': state.params}, batch['image'], train=False
+  )
   assert logits.dtype == jnp.float32

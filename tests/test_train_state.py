@@ -22,17 +22,16 @@ def init_state(seed: int = 0) -> dict:
   """A 2-layer MLP's training state, with its RNG key as uint32 data."""
   kernel0_rng, kernel1_rng, rng = jax.random.split(jax.random.PRNGKey(seed), 3)
   params = {
-      'Dense_0': {
-          'kernel': jax.random.normal(kernel0_rng, (INPUTS, HIDDEN)) / 2,
-          'bias': jnp.zeros(HIDDEN),
-      },
-      'Dense_1': {
-          'kernel': jax.random.normal(kernel1_rng, (HIDDEN, 1)) / 3,
-          'bias': jnp.zeros(1),
-      },
+    'Dense_0': {
+      'kernel': jax.random.normal(kernel0_rng, (INPUTS, HIDDEN)) / 2,
+      'bias': jnp.zeros(HIDDEN),
+    },
+    'Dense_1': {
+      'kernel': jax.random.normal(kernel1_rng, (HIDDEN, 1)) / 3,
+      'bias': jnp.zeros(1),
+    },
   }
-  return {'params': params, 'opt_state': TX.init(params), 'step': 0,
-          'rng': rng}
+  return {'params': params, 'opt_state': TX.init(params), 'step': 0, 'rng': rng}
 
 
 @jax.jit
@@ -46,7 +45,7 @@ def update(params, opt_state, rng):
     h = jax.nn.relu(x @ p['Dense_0']['kernel'] + p['Dense_0']['bias'])
     h = h * jax.random.bernoulli(dropout_rng, 0.8, h.shape) / 0.8
     prediction = h @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
-    return jnp.mean((prediction - y)**2)
+    return jnp.mean((prediction - y) ** 2)
 
   updates, opt_state = TX.update(jax.grad(loss)(params), opt_state, params)
   return optax.apply_updates(params, updates), opt_state, rng
@@ -55,10 +54,15 @@ def update(params, opt_state, rng):
 def train(state: dict, until: int, checkpointer=None, every: int = 2) -> dict:
   """Trains up to step `until`, saving every `every` steps if asked to."""
   while state['step'] < until:
-    params, opt_state, rng = update(state['params'], state['opt_state'],
-                                    state['rng'])
-    state = {'params': params, 'opt_state': opt_state,
-             'step': state['step'] + 1, 'rng': rng}
+    params, opt_state, rng = update(
+      state['params'], state['opt_state'], state['rng']
+    )
+    state = {
+      'params': params,
+      'opt_state': opt_state,
+      'step': state['step'] + 1,
+      'rng': rng,
+    }
     if checkpointer is not None and state['step'] % every == 0:
       checkpointer.save(state['step'], state)
   return state
@@ -80,8 +84,9 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     resumed = train(resumed, until=10, checkpointer=checkpointer)
 
   chex.assert_trees_all_equal(resumed, straight)
-  chex.assert_trees_all_equal_structs(resumed['opt_state'],
-                                      straight['opt_state'])
+  chex.assert_trees_all_equal_structs(
+    resumed['opt_state'], straight['opt_state']
+  )
 
 
 def test_fresh_workdir_restores_none(tmp_path):
@@ -106,8 +111,9 @@ def test_unfinished_step_directory_is_ignored_and_removed(tmp_path):
   with train_state.TrainCheckpointer(tmp_path) as checkpointer:
     checkpointer.save(2, {**init_state(), 'step': 2})
   # What a crash while writing step 4 leaves behind: Orbax's temporary name.
-  unfinished = tmp_path / 'checkpoints' / (
-      '4' + ocp.path.atomicity.TMP_DIR_SUFFIX)
+  unfinished = (
+    tmp_path / 'checkpoints' / ('4' + ocp.path.atomicity.TMP_DIR_SUFFIX)
+  )
   (unfinished / 'default').mkdir(parents=True)
   (unfinished / 'default' / 'half_written').write_bytes(b'\0' * 10)
 

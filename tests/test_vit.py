@@ -20,7 +20,8 @@ from vit_jax.models import vit
 def param_shapes(model, resolution: int) -> dict:
   images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
   variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), images)
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
   flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
@@ -29,14 +30,20 @@ def test_vit_b16_tree_matches_vit_jax_names_and_shapes():
   model = models.get_model('ViT-B_16', num_classes=1000)
   # Hidden 768, MLP 3072, 12 heads of 64, 12 layers, 16x16 patches, so
   # (224/16)^2 + 1 = 197 tokens (the paper's Table 1).
-  expected = helpers.vit_tree_shapes(hidden=768, mlp=3072, heads=12, layers=12,
-                                     patch=16, tokens=197, num_classes=1000)
+  expected = helpers.vit_tree_shapes(
+    hidden=768,
+    mlp=3072,
+    heads=12,
+    layers=12,
+    patch=16,
+    tokens=197,
+    num_classes=1000,
+  )
   assert param_shapes(model, 224) == expected
 
 
 def test_representation_size_adds_pre_logits():
-  model = models.get_model('ViT-B_16', num_classes=10,
-                           representation_size=768)
+  model = models.get_model('ViT-B_16', num_classes=10, representation_size=768)
   shapes = param_shapes(model, 224)
   assert shapes['pre_logits/kernel'] == (768, 768)
   assert shapes['head/kernel'] == (768, 10)
@@ -72,20 +79,24 @@ def test_mixer_names_match_vit_jax():
 @pytest.mark.parametrize('name', ['ViT-Mini_4', 'R+ViT-Ti_16', 'Mixer-Mini_4'])
 def test_bfloat16_is_close_to_float32_and_params_stay_float32(name):
   resolution = 64 if name.startswith('R+') else 32
-  images = jax.random.uniform(jax.random.key(0), (4, resolution, resolution, 3),
-                              minval=-1, maxval=1)
+  images = jax.random.uniform(
+    jax.random.key(0), (4, resolution, resolution, 3), minval=-1, maxval=1
+  )
   model32 = models.get_model(name, num_classes=10)
   model16 = models.get_model(name, num_classes=10, dtype=jnp.bfloat16)
   variables = helpers.random_variables(model32, images)
 
   init16 = jax.eval_shape(
-      lambda x: model16.init(jax.random.key(0), x, train=False), images)
+    lambda x: model16.init(jax.random.key(0), x, train=False), images
+  )
   assert {leaf.dtype for leaf in jax.tree.leaves(init16)} == {
-      jnp.dtype(jnp.float32)}
+    jnp.dtype(jnp.float32)
+  }
 
   logits32 = model32.apply(variables, images, train=False)
-  logits16, state = model16.apply(variables, images, train=False,
-                                  capture_intermediates=True)
+  logits16, state = model16.apply(
+    variables, images, train=False, capture_intermediates=True
+  )
   chex.assert_type(logits16, jnp.float32)
   # bf16 keeps 8 significant bits (relative error 2^-8 ≈ 0.4% per rounding);
   # after a whole network the logits agree to a few percent of their scale.
@@ -96,8 +107,9 @@ def test_bfloat16_is_close_to_float32_and_params_stay_float32(name):
   # Every layer computes in bf16 (vit_jax's encoder blocks ignore `dtype`).
   outputs = flax.traverse_util.flatten_dict(state['intermediates'], sep='/')
   # The model's own output is float32.
-  inner = {path: out[0].dtype for path, out in outputs.items()
-           if path != '__call__'}
+  inner = {
+    path: out[0].dtype for path, out in outputs.items() if path != '__call__'
+  }
   assert inner and set(inner.values()) == {jnp.dtype(jnp.bfloat16)}, inner
 
 
@@ -112,12 +124,23 @@ def test_sincos2d_matches_hand_computed_values():
   # [sin(c w), cos(c w), sin(r w), cos(r w)].
   np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
   row, col = 1, 2  # token 1 * 4 + 2 = 6
-  np.testing.assert_allclose(table[row * 4 + col], [
-      np.sin(col), np.sin(col * 1e-4), np.cos(col), np.cos(col * 1e-4),
-      np.sin(row), np.sin(row * 1e-4), np.cos(row), np.cos(row * 1e-4)],
-                             rtol=1e-6)
-  np.testing.assert_allclose(table[11][:2], [np.sin(3), np.sin(3e-4)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    table[row * 4 + col],
+    [
+      np.sin(col),
+      np.sin(col * 1e-4),
+      np.cos(col),
+      np.cos(col * 1e-4),
+      np.sin(row),
+      np.sin(row * 1e-4),
+      np.cos(row),
+      np.cos(row * 1e-4),
+    ],
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    table[11][:2], [np.sin(3), np.sin(3e-4)], rtol=1e-6
+  )
 
 
 def test_sincos2d_rejects_width_not_multiple_of_4():
@@ -126,8 +149,9 @@ def test_sincos2d_rejects_width_not_multiple_of_4():
 
 
 def test_sincos2d_is_added_and_not_trainable():
-  encoder = vit.Encoder(num_layers=0, mlp_dim=8, num_heads=2,
-                        posemb='sincos2d', posemb_grid=(2, 3))
+  encoder = vit.Encoder(
+    num_layers=0, mlp_dim=8, num_heads=2, posemb='sincos2d', posemb_grid=(2, 3)
+  )
   tokens = jnp.zeros((1, 7, 8))  # A class token + a 2x3 grid.
   variables = encoder.init(jax.random.key(0), tokens, train=False)
   assert set(variables['params']) == {'encoder_norm'}
@@ -168,10 +192,12 @@ def test_classifiers_pool_the_same_tokens():
   chex.assert_shape([logits['token'], logits['gap']], (2, 5))
   chex.assert_shape(logits['token_unpooled'], (2, 5, 5))
   chex.assert_shape(logits['unpooled'], (2, 4, 5))
-  chex.assert_trees_all_close(logits['token_unpooled'][:, 0], logits['token'],
-                              atol=1e-5)
-  chex.assert_trees_all_close(logits['unpooled'].mean(1), logits['gap'],
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    logits['token_unpooled'][:, 0], logits['token'], atol=1e-5
+  )
+  chex.assert_trees_all_close(
+    logits['unpooled'].mean(1), logits['gap'], atol=1e-5
+  )
 
 
 def test_invalid_classifier_is_rejected():
@@ -185,7 +211,8 @@ def test_dropout_only_in_training():
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = helpers.random_variables(model, images)
   apply = lambda train, seed: model.apply(
-      variables, images, train=train, rngs={'dropout': jax.random.key(seed)})
+    variables, images, train=train, rngs={'dropout': jax.random.key(seed)}
+  )
   chex.assert_trees_all_equal(apply(False, 0), apply(False, 1))
   assert not np.allclose(apply(True, 0), apply(True, 1))
 
@@ -193,25 +220,31 @@ def test_dropout_only_in_training():
 def test_sown_attention_weights_leave_output_unchanged():
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   plain = models.get_model('ViT-Micro_4', num_classes=5)
-  sowing = models.get_model('ViT-Micro_4', num_classes=5,
-                            sow_attention_weights=True)
+  sowing = models.get_model(
+    'ViT-Micro_4', num_classes=5, sow_attention_weights=True
+  )
   variables = helpers.random_variables(plain, images)
 
-  logits, state = sowing.apply(variables, images, train=False,
-                               mutable=['intermediates'])
+  logits, state = sowing.apply(
+    variables, images, train=False, mutable=['intermediates']
+  )
   chex.assert_trees_all_close(
-      logits, plain.apply(variables, images, train=False), atol=1e-6)
-  _, plain_state = plain.apply(variables, images, train=False,
-                               mutable=['intermediates'])
+    logits, plain.apply(variables, images, train=False), atol=1e-6
+  )
+  _, plain_state = plain.apply(
+    variables, images, train=False, mutable=['intermediates']
+  )
   assert not plain_state
 
   weights = state['intermediates']['Transformer']
   assert len(weights) == 4  # One per layer.
   attention = weights['encoderblock_0']['MultiHeadDotProductAttention_0'][
-      'attention_weights'][0]
+    'attention_weights'
+  ][0]
   chex.assert_shape(attention, (2, 2, 64, 64))  # batch, heads, query, key
-  chex.assert_trees_all_close(attention.sum(-1), jnp.ones((2, 2, 64)),
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    attention.sum(-1), jnp.ones((2, 2, 64)), atol=1e-5
+  )
 
 
 # Attention.
@@ -230,27 +263,32 @@ def test_attention_equals_flax_multi_head_attention():
   x, cotangent = _attention_inputs()
   ours = vit.MultiHeadSelfAttention(num_heads=4)
   flax_mha = nn.MultiHeadDotProductAttention(
-      num_heads=4, kernel_init=nn.initializers.xavier_uniform())
+    num_heads=4, kernel_init=nn.initializers.xavier_uniform()
+  )
   params = ours.init(jax.random.key(2), x, deterministic=True)
   chex.assert_trees_all_equal(params, flax_mha.init(jax.random.key(2), x, x))
   params = jax.tree.map(  # Non-zero biases.
-      lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape),
-      params)
+    lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), params
+  )
 
   want = flax_mha.apply(params, x, x)
   for deterministic in (True, False):
     chex.assert_trees_all_close(
-        ours.apply(params, x, deterministic=deterministic), want, atol=1e-5)
+      ours.apply(params, x, deterministic=deterministic), want, atol=1e-5
+    )
   grad = lambda f: jax.grad(lambda p: (f(p) * cotangent).sum())(params)
   chex.assert_trees_all_close(
-      grad(lambda p: ours.apply(p, x, deterministic=False)),
-      grad(lambda p: flax_mha.apply(p, x, x)), atol=1e-5)
+    grad(lambda p: ours.apply(p, x, deterministic=False)),
+    grad(lambda p: flax_mha.apply(p, x, x)),
+    atol=1e-5,
+  )
 
 
 def test_attention_width_not_divisible_by_heads_is_an_error():
   with pytest.raises(ValueError, match='Width 16 .* 5 attention heads'):
     vit.MultiHeadSelfAttention(num_heads=5).init(
-        jax.random.key(0), jnp.ones((1, 3, 16)), deterministic=True)
+      jax.random.key(0), jnp.ones((1, 3, 16)), deterministic=True
+    )
 
 
 # Hybrid root.
@@ -266,8 +304,12 @@ def test_std_conv_standardises_its_kernel():
   k = np.asarray(kernel, np.float64)
   k = (k - k.mean((0, 1, 2))) / (k.std((0, 1, 2)) + 1e-5)
   expected = jax.lax.conv_general_dilated(
-      x, jnp.asarray(k, jnp.float32), (1, 1), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x,
+    jnp.asarray(k, jnp.float32),
+    (1, 1),
+    'SAME',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
   chex.assert_trees_all_close(out, expected, atol=1e-4)
 
 
@@ -280,34 +322,39 @@ def test_std_conv_1x1_matmul_equals_the_convolution(strides):
 
   standardised = resnet.weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)
   expected = jax.lax.conv_general_dilated(
-      x, standardised, strides, 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, standardised, strides, 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   chex.assert_shape(out, expected.shape)
   chex.assert_trees_all_close(out, expected, atol=1e-5)
 
 
 def test_group_norm_equals_flax_values_and_gradients():
   x = 2.0 + 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 6, 16))
-  params = {'scale': jax.random.normal(jax.random.key(1), (16,)),
-            'bias': jax.random.normal(jax.random.key(2), (16,))}
+  params = {
+    'scale': jax.random.normal(jax.random.key(1), (16,)),
+    'bias': jax.random.normal(jax.random.key(2), (16,)),
+  }
   ours = lambda p, x: resnet.GroupNorm(num_groups=4).apply({'params': p}, x)
   flax_gn = lambda p, x: nn.GroupNorm(num_groups=4).apply({'params': p}, x)
 
   chex.assert_trees_all_close(ours(params, x), flax_gn(params, x), atol=1e-5)
   weights = jax.random.normal(jax.random.key(3), x.shape)
-  grad = lambda f: jax.grad(lambda p, x: (f(p, x) * weights).sum(),
-                            argnums=(0, 1))(params, x)
+  grad = lambda f: jax.grad(
+    lambda p, x: (f(p, x) * weights).sum(), argnums=(0, 1)
+  )(params, x)
   chex.assert_trees_all_close(grad(ours), grad(flax_gn), atol=1e-4)
 
 
 def test_group_norm_that_does_not_divide_the_channels_is_an_error():
   with pytest.raises(ValueError, match=r"'gn1'.*num_groups=3.*16 channels"):
     resnet.GroupNorm(num_groups=3, name='gn1').init(
-        jax.random.key(0), jnp.ones((1, 2, 2, 16)))
+      jax.random.key(0), jnp.ones((1, 2, 2, 16))
+    )
 
 
-@pytest.mark.parametrize('padding,size', [('VALID', 16), ('VALID', 18),
-                                          ('SAME', 16), ('SAME', 19)])
+@pytest.mark.parametrize(
+  'padding,size', [('VALID', 16), ('VALID', 18), ('SAME', 16), ('SAME', 19)]
+)
 def test_patch_embedding_equals_the_strided_conv(padding, size):
   """Same parameters, initial values, outputs and gradients as nn.Conv."""
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
@@ -316,10 +363,12 @@ def test_patch_embedding_equals_the_strided_conv(padding, size):
   params = ours.init(jax.random.key(1), x)
   chex.assert_trees_all_equal(params, conv.init(jax.random.key(1), x))
   params = jax.tree.map(
-      lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+    lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params
+  )
 
-  chex.assert_trees_all_close(ours.apply(params, x), conv.apply(params, x),
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    ours.apply(params, x), conv.apply(params, x), atol=1e-5
+  )
   grad = lambda m: jax.grad(lambda p: (m.apply(p, x) ** 2).sum())(params)
   chex.assert_trees_all_close(grad(ours), grad(conv), rtol=1e-5, atol=1e-4)
 
@@ -336,9 +385,19 @@ def test_wrong_input_rank_is_a_clear_error():
 
 def test_model_table_cli():
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.models', '--table', '--models',
-       'ViT-B_16', 'testing'],
-      capture_output=True, text=True, check=True)
+    [
+      sys.executable,
+      '-m',
+      'vit_jax.models',
+      '--table',
+      '--models',
+      'ViT-B_16',
+      'testing',
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   lines = result.stdout.strip().splitlines()
   assert lines[0].startswith('| model | resolution | parameters')
   assert '| ViT-B_16 | 224 | 86,567,656 |' in result.stdout
@@ -360,8 +419,12 @@ def test_gelu_and_layernorm_options_change_the_function():
 def test_mlp_block_exact_gelu_matches_erf_formula():
   x = jnp.linspace(-3, 3, 16).reshape(1, 16)
   block = vit.MlpBlock(mlp_dim=16, approximate_gelu=False, dropout_rate=0.0)
-  eye = {'params': {'Dense_0': {'kernel': jnp.eye(16), 'bias': jnp.zeros(16)},
-                    'Dense_1': {'kernel': jnp.eye(16), 'bias': jnp.zeros(16)}}}
+  eye = {
+    'params': {
+      'Dense_0': {'kernel': jnp.eye(16), 'bias': jnp.zeros(16)},
+      'Dense_1': {'kernel': jnp.eye(16), 'bias': jnp.zeros(16)},
+    }
+  }
   out = block.apply(eye, x, deterministic=True)
   expected = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
   chex.assert_trees_all_close(out, expected, atol=1e-6)

@@ -32,8 +32,9 @@ from ml_collections.config_flags import config_flags as config_flags_lib
 from vit_jax import errors
 
 EXPECTED_ERRORS = (errors.Error, FloatingPointError, app.UsageError)
-VERBOSE_HELP = ('Show the Python traceback of expected errors, and the INFO '
-                'logs of Orbax.')
+VERBOSE_HELP = (
+  'Show the Python traceback of expected errors, and the INFO logs of Orbax.'
+)
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, VERBOSE_HELP)
 _ORBAX_DIR = f'{os.sep}orbax{os.sep}'
@@ -65,8 +66,7 @@ def _call(main: Callable[[], Any], verbose: bool) -> Any:
     _fail(str(e))
 
 
-def unknown_key(config: Any, path: str, name: str = 'config'
-                ) -> Optional[str]:
+def unknown_key(config: Any, path: str, name: str = 'config') -> Optional[str]:
   """What is wrong with the dotted override `path` of `config`, if a key is
   missing: "Unknown config key 'finetune.mdoe'; did you mean ...?"."""
   node, parts = config, path.split('.')
@@ -78,9 +78,12 @@ def unknown_key(config: Any, path: str, name: str = 'config'
       continue
     prefix = ''.join(f'{p}.' for p in parts[:depth])
     close = difflib.get_close_matches(part, list(node.keys()), n=1)
-    hint = (f"did you mean '{prefix}{close[0]}'?" if close else
-            f'the keys{" of " + prefix[:-1] if prefix else ""} are '
-            f'{", ".join(sorted(node.keys()))}.')
+    hint = (
+      f"did you mean '{prefix}{close[0]}'?"
+      if close
+      else f'the keys{" of " + prefix[:-1] if prefix else ""} are '
+      f'{", ".join(sorted(node.keys()))}.'
+    )
     return f"Unknown {name} key '{prefix}{part}'; {hint}"
   return None
 
@@ -90,8 +93,11 @@ def _flag_argument(argv: Sequence[str], name: str) -> Optional[str]:
   for i, arg in enumerate(argv):
     match = re.fullmatch(rf'--?{re.escape(name)}(=(.*))?', arg)
     if match:
-      return match.group(2) if match.group(1) else (
-          argv[i + 1] if i + 1 < len(argv) else None)
+      return (
+        match.group(2)
+        if match.group(1)
+        else (argv[i + 1] if i + 1 < len(argv) else None)
+      )
   return None
 
 
@@ -101,8 +107,11 @@ def _unknown_override(argv: Sequence[str]) -> Optional[str]:
   for name in list(flags.FLAGS):
     flag = flags.FLAGS[name]
     # `is_config_flag` is public, though the package does not export it.
-    argument = (_flag_argument(argv, name)
-                if config_flags_lib.is_config_flag(flag) else None)
+    argument = (
+      _flag_argument(argv, name)
+      if config_flags_lib.is_config_flag(flag)
+      else None
+    )
     if argument is None:
       continue
     config = flag.parser.parse(argument)  # The config without overrides.
@@ -149,24 +158,33 @@ def _parse_flags(argv: List[str]) -> List[str]:
     _fail(message)
   for name in list(flags.FLAGS):
     flag = flags.FLAGS[name]
-    if (config_flags_lib.is_config_flag(flag) and flag.value is not None and
-        not isinstance(flag.value, ml_collections.ConfigDict)):
+    if (
+      config_flags_lib.is_config_flag(flag)
+      and flag.value is not None
+      and not isinstance(flag.value, ml_collections.ConfigDict)
+    ):
       # ml_collections defers a missing file's error to the first access.
-      _fail(f'--{name}={config_flags.get_config_filename(flag)}: cannot load '
-            f'this config file; give FILE.py or FILE.py:ARGS (relative to '
-            f'{os.getcwd()}).')
+      _fail(
+        f'--{name}={config_flags.get_config_filename(flag)}: cannot load '
+        f'this config file; give FILE.py or FILE.py:ARGS (relative to '
+        f'{os.getcwd()}).'
+      )
   return argv
 
 
 def run(main: Callable[[List[str]], Any]) -> NoReturn:
   """`absl.app.run(main)`, with expected errors in one line (module doc)."""
-  app.run(lambda argv: _call(lambda: main(argv), _VERBOSE.value),
-          flags_parser=_parse_flags)
+  app.run(
+    lambda argv: _call(lambda: main(argv), _VERBOSE.value),
+    flags_parser=_parse_flags,
+  )
 
 
-def run_argparse(main: Callable[[argparse.Namespace], Optional[int]],
-                 parser: argparse.ArgumentParser,
-                 argv: Optional[Sequence[str]] = None) -> NoReturn:
+def run_argparse(
+  main: Callable[[argparse.Namespace], Optional[int]],
+  parser: argparse.ArgumentParser,
+  argv: Optional[Sequence[str]] = None,
+) -> NoReturn:
   """Parses `argv` (default: the command line) with `parser`, plus
   `--verbose` anywhere in it, calls `main(args)` with expected errors in one
   line (module doc), and exits with its return value (None: 0)."""

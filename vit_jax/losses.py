@@ -7,25 +7,30 @@ import jax.numpy as jnp
 import optax
 
 
-def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
-                  label_smoothing: float = 0.0) -> jnp.ndarray:
+def cross_entropy(
+  logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
+) -> jnp.ndarray:
   """Mean softmax cross-entropy against (optionally smoothed) one-hot labels."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
-                                label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32),
-                                     targets).mean()
+  targets = optax.smooth_labels(
+    jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
+  )
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
 
 
-def eval_sums(logits: jnp.ndarray, labels: jnp.ndarray,
-              mask: jnp.ndarray) -> Dict[str, jnp.ndarray]:
+def eval_sums(
+  logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray
+) -> Dict[str, jnp.ndarray]:
   """Sums over the real (mask=True) examples: correct, loss, count."""
   weights = mask.astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+    logits.astype(jnp.float32), labels
+  )
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return {'correct': (correct * weights).sum(),
-          'loss': (losses * weights).sum(),
-          'count': weights.sum()}
+  return {
+    'correct': (correct * weights).sum(),
+    'loss': (losses * weights).sum(),
+    'count': weights.sum(),
+  }
 
 
 LossFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarray]
@@ -36,8 +41,9 @@ def classifier_loss(model: Any, label_smoothing: float = 0.0) -> LossFn:
   the mean cross-entropy of its logits (see `cross_entropy`)."""
 
   def loss(params, images, labels, dropout_key):
-    logits = model.apply({'params': params}, images, train=True,
-                         rngs={'dropout': dropout_key})
+    logits = model.apply(
+      {'params': params}, images, train=True, rngs={'dropout': dropout_key}
+    )
     return cross_entropy(logits, labels, label_smoothing)
 
   return loss

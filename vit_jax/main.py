@@ -26,11 +26,17 @@ from vit_jax.benchmarks import inference_time
 from vit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config: FILE.py or FILE.py:ARGS.',
-    lock_config=True)
+  'config',
+  None,
+  'Experiment config: FILE.py or FILE.py:ARGS.',
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, metrics and results; a run '
-    'restarted with the same workdir resumes.')
+  'workdir',
+  None,
+  'Directory for checkpoints, metrics and results; a run '
+  'restarted with the same workdir resumes.',
+)
 
 TRAINERS = ('train', 'inference_time')
 
@@ -39,16 +45,20 @@ def check_workdir(workdir: str) -> None:
   """Creates `workdir` if needed; a ConfigError naming it if it cannot hold
   the run's files (a file, or not writable)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f'--workdir={workdir} is a file; give a directory (it '
-                      'is created if missing).')
+    raise ConfigError(
+      f'--workdir={workdir} is a file; give a directory (it '
+      'is created if missing).'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise ConfigError(f'--workdir={workdir}: cannot create it '
-                      f'({e.strerror}).') from e
+    raise ConfigError(
+      f'--workdir={workdir}: cannot create it ({e.strerror}).'
+    ) from e
   if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ConfigError(f'--workdir={workdir} is not writable; give a '
-                      'directory you can write to.')
+    raise ConfigError(
+      f'--workdir={workdir} is not writable; give a directory you can write to.'
+    )
 
 
 def main(argv) -> None:
@@ -57,14 +67,19 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config.trainer not in TRAINERS:
     raise ConfigError(
-        f'config.trainer={config.trainer!r}; choose one of {TRAINERS}.')
+      f'config.trainer={config.trainer!r}; choose one of {TRAINERS}.'
+    )
   check_workdir(_WORKDIR.value)
   if config.distributed:
     jax.distributed.initialize()
-  logging.info('JAX process %d of %d, %d local / %d total devices (%s)',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].device_kind)
+  logging.info(
+    'JAX process %d of %d, %d local / %d total devices (%s)',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
   if config.trainer == 'train':
     command = shlex.join(['python', '-m', 'vit_jax.main'] + sys.argv[1:])
     train.train_and_evaluate(config, _WORKDIR.value, command)

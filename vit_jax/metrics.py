@@ -61,15 +61,21 @@ def format_duration(seconds: float) -> str:
 class Progress:
   """Throughput and ETA between calls of `report`, for the console."""
 
-  def __init__(self, total_steps: int, start_step: int,
-               images_per_step: int, num_cores: int):
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int,
+    images_per_step: int,
+    num_cores: int,
+  ):
     self._total = total_steps
     self._images_per_step = images_per_step
     self._cores = num_cores
     self._last_step, self._last_time = start_step, time.perf_counter()
 
-  def report(self, step: int, extra: Optional[Mapping[str, float]] = None
-             ) -> Mapping[str, float]:
+  def report(
+    self, step: int, extra: Optional[Mapping[str, float]] = None
+  ) -> Mapping[str, float]:
     """Logs a progress line; returns img/s/core and seconds per step since
     the previous call."""
     now = time.perf_counter()
@@ -77,9 +83,15 @@ class Progress:
     rate = self._images_per_step / seconds_per_step / self._cores
     self._last_step, self._last_time = step, now
     details = ' '.join(f'{k} {v:.4g}' for k, v in (extra or {}).items())
-    logging.info('step %d/%d (%.1f%%) %s | %.1f img/s/core | ETA %s', step,
-                 self._total, 100 * step / self._total, details, rate,
-                 format_duration(seconds_per_step * (self._total - step)))
+    logging.info(
+      'step %d/%d (%.1f%%) %s | %.1f img/s/core | ETA %s',
+      step,
+      self._total,
+      100 * step / self._total,
+      details,
+      rate,
+      format_duration(seconds_per_step * (self._total - step)),
+    )
     return {'img_per_sec_per_core': rate, 'seconds_per_step': seconds_per_step}
 
   def restart_clock(self) -> None:

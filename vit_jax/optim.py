@@ -24,27 +24,34 @@ DECAY_TYPES = ('cosine', 'linear', 'constant')
 OPTIMIZERS = ('sgd', 'adamw')
 
 
-def learning_rate_schedule(*, base_lr: float, total_steps: int,
-                           warmup_steps: int,
-                           decay_type: str = 'cosine') -> optax.Schedule:
+def learning_rate_schedule(
+  *,
+  base_lr: float,
+  total_steps: int,
+  warmup_steps: int,
+  decay_type: str = 'cosine',
+) -> optax.Schedule:
   """0 at step 0, `base_lr` after `warmup_steps`, decayed to 0 at the end."""
   if decay_type not in DECAY_TYPES:
-    raise ConfigError(f'config.decay_type={decay_type!r}; choose one of '
-                      f'{DECAY_TYPES}.')
+    raise ConfigError(
+      f'config.decay_type={decay_type!r}; choose one of {DECAY_TYPES}.'
+    )
   if not 0 <= warmup_steps < total_steps:
-    raise ConfigError(f'config.warmup_steps={warmup_steps} must be in [0, '
-                      f'config.total_steps={total_steps}).')
+    raise ConfigError(
+      f'config.warmup_steps={warmup_steps} must be in [0, '
+      f'config.total_steps={total_steps}).'
+    )
   decay_steps = total_steps - warmup_steps
   decay = {
-      'cosine': optax.cosine_decay_schedule(base_lr, decay_steps),
-      'linear': optax.linear_schedule(base_lr, 0.0, decay_steps),
-      'constant': optax.constant_schedule(base_lr),
+    'cosine': optax.cosine_decay_schedule(base_lr, decay_steps),
+    'linear': optax.linear_schedule(base_lr, 0.0, decay_steps),
+    'constant': optax.constant_schedule(base_lr),
   }[decay_type]
   if not warmup_steps:
     return decay
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, base_lr, warmup_steps), decay],
-      [warmup_steps])
+    [optax.linear_schedule(0.0, base_lr, warmup_steps), decay], [warmup_steps]
+  )
 
 
 def _decayed(params):
@@ -52,11 +59,14 @@ def _decayed(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(name: str, schedule: optax.Schedule, *,
-                   weight_decay: float = 0.0,
-                   grad_norm_clip: float | None = None,
-                   moment_dtype: str = 'float32'
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  name: str,
+  schedule: optax.Schedule,
+  *,
+  weight_decay: float = 0.0,
+  grad_norm_clip: float | None = None,
+  moment_dtype: str = 'float32',
+) -> optax.GradientTransformation:
   """SGD with momentum 0.9 or AdamW following `schedule`, after clipping.
 
   Args:
@@ -71,27 +81,34 @@ def make_optimizer(name: str, schedule: optax.Schedule, *,
   if name == 'sgd':
     optimizer = optax.sgd(schedule, momentum=0.9, accumulator_dtype=dtype)
   elif name == 'adamw':
-    optimizer = optax.adamw(schedule, weight_decay=weight_decay,
-                            mu_dtype=dtype, mask=_decayed)
+    optimizer = optax.adamw(
+      schedule, weight_decay=weight_decay, mu_dtype=dtype, mask=_decayed
+    )
   else:
-    raise ConfigError(f'config.optimizer={name!r}; choose one of '
-                      f'{OPTIMIZERS}.')
+    raise ConfigError(f'config.optimizer={name!r}; choose one of {OPTIMIZERS}.')
   if grad_norm_clip is None:
     return optimizer
   return optax.chain(optax.clip_by_global_norm(grad_norm_clip), optimizer)
 
 
-def from_config(config: Mapping[str, Any]
-                ) -> Tuple[optax.Schedule, optax.GradientTransformation]:
+def from_config(
+  config: Mapping[str, Any],
+) -> Tuple[optax.Schedule, optax.GradientTransformation]:
   """The schedule and optimizer of an experiment config's optimizer keys
   (`base_lr`, `total_steps`, `warmup_steps`, `decay_type`, `optimizer`,
   `weight_decay`, `grad_norm_clip`, `optim_dtype`), so the training job and
   the benchmarks build the same ones."""
   schedule = learning_rate_schedule(
-      base_lr=config['base_lr'], total_steps=config['total_steps'],
-      warmup_steps=config['warmup_steps'], decay_type=config['decay_type'])
+    base_lr=config['base_lr'],
+    total_steps=config['total_steps'],
+    warmup_steps=config['warmup_steps'],
+    decay_type=config['decay_type'],
+  )
   optimizer = make_optimizer(
-      config['optimizer'], schedule, weight_decay=config['weight_decay'],
-      grad_norm_clip=config['grad_norm_clip'],
-      moment_dtype=config['optim_dtype'])
+    config['optimizer'],
+    schedule,
+    weight_decay=config['weight_decay'],
+    grad_norm_clip=config['grad_norm_clip'],
+    moment_dtype=config['optim_dtype'],
+  )
   return schedule, optimizer

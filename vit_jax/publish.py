@@ -62,9 +62,10 @@ def _read_results(workdir: str) -> Dict[str, Any]:
   results = results_lib.finished_results(workdir)
   if results is None:
     raise ConfigError(
-        f'{os.path.join(workdir, results_lib.RESULTS_FILE)}: no such file; '
-        f'{workdir} is not the workdir of a finished run of python -m '
-        'vit_jax.main.')
+      f'{os.path.join(workdir, results_lib.RESULTS_FILE)}: no such file; '
+      f'{workdir} is not the workdir of a finished run of python -m '
+      'vit_jax.main.'
+    )
   return results
 
 
@@ -72,16 +73,18 @@ def _task_path(workdir: str, results: Mapping[str, Any]) -> str:
   path = results.get('task_file')
   if not path:
     raise ConfigError(
-        f'The run in {workdir} wrote no task file '
-        "(config.finetune.task_file=''); train with the default "
-        "'task_params.npz' to publish it.")
+      f'The run in {workdir} wrote no task file '
+      "(config.finetune.task_file=''); train with the default "
+      "'task_params.npz' to publish it."
+    )
   if not os.path.exists(path):  # The workdir was moved since.
     path = os.path.join(workdir, os.path.basename(path))
   return path
 
 
-def plain_vit(model_config: Mapping[str, Any], params: Any,
-              crop: int) -> Tuple[Dict[str, Any], Any]:
+def plain_vit(
+  model_config: Mapping[str, Any], params: Any, crop: int
+) -> Tuple[Dict[str, Any], Any]:
   """The model config and params with a fixed position embedding written
   as the equivalent learned table (timm's and Google's files need one)."""
   model_config = json.loads(json.dumps(model_config))
@@ -90,36 +93,46 @@ def plain_vit(model_config: Mapping[str, Any], params: Any,
     return model_config, params
   patch = model_config['patches']['size']
   table_values = vit.fixed_position_table(
-      posemb, (crop // patch[0], crop // patch[1]), int('cls' in params),
-      model_config['hidden_size'])
+    posemb,
+    (crop // patch[0], crop // patch[1]),
+    int('cls' in params),
+    model_config['hidden_size'],
+  )
   params = dict(params)
-  params['Transformer'] = {**params['Transformer'], 'posembed_input': {
-      'pos_embedding': table_values}}
+  params['Transformer'] = {
+    **params['Transformer'],
+    'posembed_input': {'pos_embedding': table_values},
+  }
   model_config['posemb'] = 'learned'
   return model_config, params
 
 
-def timm_config(model_config: Mapping[str, Any], params: Mapping[str, Any],
-                crop: int, class_names: Tuple[str, ...]
-                ) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+def timm_config(
+  model_config: Mapping[str, Any],
+  params: Mapping[str, Any],
+  crop: int,
+  class_names: Tuple[str, ...],
+) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
   """timm's Hub `config.json` for the model, or (None, why not)."""
   cls = models.model_class(model_config.get('model_name') or '')
   if cls is not models.VisionTransformer:
-    return None, (f'the {cls.__name__} architecture: only ViTs are '
-                  'published with timm\'s config here')
+    return None, (
+      f'the {cls.__name__} architecture: only ViTs are '
+      "published with timm's config here"
+    )
   if model_config.get('resnet'):
-    return None, 'a hybrid (ResNet root): timm\'s ViT has no slot for it'
+    return None, "a hybrid (ResNet root): timm's ViT has no slot for it"
   if model_config.get('representation_size'):
-    return None, 'a pre_logits layer: timm\'s ViT has no slot for it'
+    return None, "a pre_logits layer: timm's ViT has no slot for it"
   if 'kernel' not in params['head']:
-    return None, 'an MLP head: timm\'s ViT has a linear head'
+    return None, "an MLP head: timm's ViT has a linear head"
   num_classes = int(params['head']['kernel'].shape[-1])
   classifier = model_config.get('classifier', 'token')
   if classifier not in ('token', 'gap'):
-    return None, f"classifier={classifier!r}: timm pools to one vector"
+    return None, f'classifier={classifier!r}: timm pools to one vector'
   epsilon = model_config.get('layernorm_epsilon', TIMM_EPSILON)
   if epsilon != TIMM_EPSILON:
-    return None, f'LayerNorm epsilon {epsilon}: timm\'s ViT uses 1e-6'
+    return None, f"LayerNorm epsilon {epsilon}: timm's ViT uses 1e-6"
   patch = model_config['patches']['size']
   if patch[0] != patch[1]:
     return None, f'non-square patches {patch}'
@@ -127,24 +140,38 @@ def timm_config(model_config: Mapping[str, Any], params: Mapping[str, Any],
   transformer = model_config['transformer']
   pool = 'token' if classifier == 'token' else 'avg'
   model_args = {
-      'img_size': crop, 'patch_size': patch[0], 'embed_dim': hidden,
-      'depth': transformer['num_layers'],
-      'num_heads': transformer['num_heads'],
-      'mlp_ratio': transformer['mlp_dim'] / hidden,
-      'class_token': classifier == 'token', 'global_pool': pool,
-      'fc_norm': False, 'num_classes': num_classes,
-      'act_layer': ('gelu_tanh' if model_config.get('approximate_gelu', True)
-                    else 'gelu'),
+    'img_size': crop,
+    'patch_size': patch[0],
+    'embed_dim': hidden,
+    'depth': transformer['num_layers'],
+    'num_heads': transformer['num_heads'],
+    'mlp_ratio': transformer['mlp_dim'] / hidden,
+    'class_token': classifier == 'token',
+    'global_pool': pool,
+    'fc_norm': False,
+    'num_classes': num_classes,
+    'act_layer': (
+      'gelu_tanh' if model_config.get('approximate_gelu', True) else 'gelu'
+    ),
   }
   pretrained_cfg = {
-      'input_size': [3, crop, crop], 'interpolation': 'bilinear',
-      'crop_pct': 1.0, 'crop_mode': 'center', 'mean': list(MEAN),
-      'std': list(STD), 'num_classes': num_classes,
-      'fixed_input_size': True,
+    'input_size': [3, crop, crop],
+    'interpolation': 'bilinear',
+    'crop_pct': 1.0,
+    'crop_mode': 'center',
+    'mean': list(MEAN),
+    'std': list(STD),
+    'num_classes': num_classes,
+    'fixed_input_size': True,
   }
-  config = {'architecture': TIMM_ARCHITECTURE, 'num_classes': num_classes,
-            'num_features': hidden, 'global_pool': pool,
-            'model_args': model_args, 'pretrained_cfg': pretrained_cfg}
+  config = {
+    'architecture': TIMM_ARCHITECTURE,
+    'num_classes': num_classes,
+    'num_features': hidden,
+    'global_pool': pool,
+    'model_args': model_args,
+    'pretrained_cfg': pretrained_cfg,
+  }
   if class_names:
     config['label_names'] = list(class_names)
   return config, None
@@ -156,19 +183,23 @@ def read_summary(folder: str) -> Dict[str, Any]:
   path = os.path.join(folder, CONFIG_FILE)
   if not os.path.exists(path):
     raise CheckpointError(
-        f'{path}: no such file; {folder} is not a folder written by '
-        '`python -m vit_jax.publish`.')
+      f'{path}: no such file; {folder} is not a folder written by '
+      '`python -m vit_jax.publish`.'
+    )
   with open(path) as f:
     return json.load(f)['vit_jax']
 
 
-def _describe_model(model_config: Mapping[str, Any], crop: int,
-                    num_classes: int) -> Dict[str, Any]:
+def _describe_model(
+  model_config: Mapping[str, Any], crop: int, num_classes: int
+) -> Dict[str, Any]:
   """Parameters and forward GFLOPs per image, from shapes alone."""
   model = models.build_model(model_config, num_classes=num_classes)
   variables = table.abstract_variables(model, crop)
-  return {'params': table.count_params(variables['params']),
-          'gflops': table.forward_flops(model, variables, crop) / 1e9}
+  return {
+    'params': table.count_params(variables['params']),
+    'gflops': table.forward_flops(model, variables, crop) / 1e9,
+  }
 
 
 def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
@@ -193,22 +224,26 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
   results = _read_results(workdir)
   task_path = _task_path(workdir, results)
   base = base or results_lib.pretrained_path(
-      ml_collections.ConfigDict(results['config']))
-  task, = serving.load_tasks(base, [task_path]).values()
+    ml_collections.ConfigDict(results['config'])
+  )
+  (task,) = serving.load_tasks(base, [task_path]).values()
   params = jax.tree.map(np.asarray, task.plain_params())
   model_config, params = plain_vit(task.metadata['model'], params, task.crop)
   num_classes = int(task.metadata['num_classes'])
   heads = (model_config.get('transformer') or {}).get('num_heads')
-  hub_config, no_timm = timm_config(model_config, params, task.crop,
-                                    task.class_names)
+  hub_config, no_timm = timm_config(
+    model_config, params, task.crop, task.class_names
+  )
   summary = {
-      'model': model_config, 'crop': task.crop, 'num_classes': num_classes,
-      'class_names': list(task.class_names),
-      'dataset': task.metadata.get('dataset'),
-      'finetune': results.get('finetune'),
-      'pretrained_path': task.metadata.get('pretrained_path'),
-      'trained_posemb': task.metadata['model'].get('posemb', 'learned'),
-      **_describe_model(model_config, task.crop, num_classes),
+    'model': model_config,
+    'crop': task.crop,
+    'num_classes': num_classes,
+    'class_names': list(task.class_names),
+    'dataset': task.metadata.get('dataset'),
+    'finetune': results.get('finetune'),
+    'pretrained_path': task.metadata.get('pretrained_path'),
+    'trained_posemb': task.metadata['model'].get('posemb', 'learned'),
+    **_describe_model(model_config, task.crop, num_classes),
   }
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
@@ -216,16 +251,22 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
   try:
     checkpoint.save(os.path.join(staging, NPZ_FILE), params)
     if hub_config is not None:
-      checkpoint.save(os.path.join(staging, SAFETENSORS_FILE), params,
-                      num_heads=heads)
-    files.write_json(os.path.join(staging, CONFIG_FILE),
-                     {**(hub_config or {}), 'vit_jax': summary})
+      checkpoint.save(
+        os.path.join(staging, SAFETENSORS_FILE), params, num_heads=heads
+      )
+    files.write_json(
+      os.path.join(staging, CONFIG_FILE),
+      {**(hub_config or {}), 'vit_jax': summary},
+    )
     with open(os.path.join(staging, CLASS_NAMES_FILE), 'w') as f:
       f.writelines(f'{name}\n' for name in task.class_names)
     files.write_json(os.path.join(staging, results_lib.RESULTS_FILE), results)
     with open(os.path.join(staging, CARD_FILE), 'w') as f:
-      f.write(model_card(os.path.basename(os.path.normpath(out)), summary,
-                         results, no_timm))
+      f.write(
+        model_card(
+          os.path.basename(os.path.normpath(out)), summary, results, no_timm
+        )
+      )
     os.rename(staging, out)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -235,36 +276,56 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
 
 def _architecture(model_config: Mapping[str, Any]) -> str:
   if models.model_class(model_config.get('model_name') or '') is not (
-      models.VisionTransformer):
-    options = ', '.join(f'{key} {value}' for key, value in
-                        sorted(model_config.items()) if key != 'model_name')
+    models.VisionTransformer
+  ):
+    options = ', '.join(
+      f'{key} {value}'
+      for key, value in sorted(model_config.items())
+      if key != 'model_name'
+    )
     return f'{model_config["model_name"]}: {options}'
   patch = model_config['patches']['size']
   transformer = model_config['transformer']
-  return (f'{model_config.get("model_name", "ViT")}: {patch[0]}x{patch[1]} '
-          f'patches, width {model_config["hidden_size"]}, '
-          f'{transformer["num_layers"]} layers, {transformer["num_heads"]} '
-          f'heads, MLP {transformer["mlp_dim"]}, classifier '
-          f'`{model_config.get("classifier", "token")}`')
+  return (
+    f'{model_config.get("model_name", "ViT")}: {patch[0]}x{patch[1]} '
+    f'patches, width {model_config["hidden_size"]}, '
+    f'{transformer["num_layers"]} layers, {transformer["num_heads"]} '
+    f'heads, MLP {transformer["mlp_dim"]}, classifier '
+    f'`{model_config.get("classifier", "token")}`'
+  )
 
 
 def _position_note(summary: Mapping[str, Any]) -> str:
   trained = summary['trained_posemb']
   if trained == 'learned':
     return 'learned'
-  return (f'fixed `{trained}` in training, written here as the equal learned '
-          'table (counted in the parameters)')
+  return (
+    f'fixed `{trained}` in training, written here as the equal learned '
+    'table (counted in the parameters)'
+  )
 
 
-def model_card(name: str, summary: Mapping[str, Any],
-               results: Mapping[str, Any], no_timm: Optional[str]) -> str:
+def model_card(
+  name: str,
+  summary: Mapping[str, Any],
+  results: Mapping[str, Any],
+  no_timm: Optional[str],
+) -> str:
   """A Hugging Face model card (YAML front matter + Markdown) for the run."""
   config = results.get('config', {})
   accuracy = 100 * results['test_accuracy']
-  gelu = ('tanh approximation' if summary['model'].get('approximate_gelu',
-                                                       True) else 'exact')
-  tags = ['image-classification', 'vision-transformer', 'jax', 'flax',
-          'vit_jax'] + ([] if no_timm else ['timm'])
+  gelu = (
+    'tanh approximation'
+    if summary['model'].get('approximate_gelu', True)
+    else 'exact'
+  )
+  tags = [
+    'image-classification',
+    'vision-transformer',
+    'jax',
+    'flax',
+    'vit_jax',
+  ] + ([] if no_timm else ['timm'])
   front = ['---', 'pipeline_tag: image-classification']
   if not no_timm:
     front.append('library_name: timm')
@@ -275,80 +336,88 @@ def model_card(name: str, summary: Mapping[str, Any],
   minutes = results.get('wall_time_s', 0) / 60
   command = results.get('command')
   lines = front + [
-      f'# {name}',
-      '',
-      'A Vision Transformer trained with vit_jax (JAX/Flax, checkpoints '
-      'compatible with [google-research/vision_transformer]'
-      '(https://github.com/google-research/vision_transformer)) on '
-      f'`{summary["dataset"]}` ({summary["num_classes"]} classes): '
-      f'**{accuracy:.1f}% test accuracy** on {results["test_examples"]:,} '
-      'test images.',
-      '',
-      '## Model',
-      '',
-      '| | |',
-      '|---|---|',
-      f'| architecture | {_architecture(summary["model"])} |',
-      f'| parameters | {summary["params"]:,} |',
-      f'| compute | {summary["gflops"]:.3f} GFLOPs per image (XLA count) |',
-      f'| input | {summary["crop"]}x{summary["crop"]} RGB, resized '
-      'bilinearly, scaled to [-1, 1] (mean 0.5, std 0.5) |',
-      f'| position embedding | {_position_note(summary)} |',
-      f'| GELU | {gelu} |',
-      f'| classes | {", ".join(summary["class_names"]) or "unnamed"} |',
-      '',
-      '## Training',
-      '',
-      '| | |',
-      '|---|---|',
-      f'| data | `{summary["dataset"]}` |',
-      f'| started from | {start} |',
-      f'| fine-tuning | {summary["finetune"]}'
-      + (f' ({trainable:,} of {total:,} parameters trained)'
-         if trainable is not None else '') + ' |',
-      f'| steps | {results.get("steps")} of batch {config.get("batch")}, '
-      f'{config.get("optimizer")} at base lr {config.get("base_lr")} '
-      f'({config.get("decay_type")} decay, {config.get("warmup_steps")} '
-      'warm-up steps) |',
-      f'| run time | {minutes:.1f} min on {results.get("devices")} x '
-      f'{results.get("device_kind", "device")} |',
-      '',
-      'Command:',
-      '',
-      '```bash',
-      command or '# not recorded: the run was started from Python, with '
-      'the config in results.json',
-      '```',
-      '',
-      '## Results',
-      '',
-      f'Test accuracy {accuracy:.2f}%, test loss {results["test_loss"]:.4f} '
-      f'over {results["test_examples"]:,} images (from `results.json`).',
-      '',
-      '## Files',
-      '',
-      f'- `{NPZ_FILE}`: weights with Google\'s vit_jax names.',
-      (f'- `{SAFETENSORS_FILE}`: weights with timm\'s names.' if not no_timm
-       else f'- no timm weights: the model has {no_timm}.'),
-      f'- `{CONFIG_FILE}`: timm\'s configuration and, under `vit_jax`, the '
-      'model config, crop and class names.',
-      f'- `{CLASS_NAMES_FILE}`, `{results_lib.RESULTS_FILE}`: class names; the '
-      'run\'s results and full config.',
-      '',
-      '## Use',
-      '',
-      '```bash',
-      f'python -m vit_jax.predict --checkpoint={name} image.png',
-      '```',
+    f'# {name}',
+    '',
+    'A Vision Transformer trained with vit_jax (JAX/Flax, checkpoints '
+    'compatible with [google-research/vision_transformer]'
+    '(https://github.com/google-research/vision_transformer)) on '
+    f'`{summary["dataset"]}` ({summary["num_classes"]} classes): '
+    f'**{accuracy:.1f}% test accuracy** on {results["test_examples"]:,} '
+    'test images.',
+    '',
+    '## Model',
+    '',
+    '| | |',
+    '|---|---|',
+    f'| architecture | {_architecture(summary["model"])} |',
+    f'| parameters | {summary["params"]:,} |',
+    f'| compute | {summary["gflops"]:.3f} GFLOPs per image (XLA count) |',
+    f'| input | {summary["crop"]}x{summary["crop"]} RGB, resized '
+    'bilinearly, scaled to [-1, 1] (mean 0.5, std 0.5) |',
+    f'| position embedding | {_position_note(summary)} |',
+    f'| GELU | {gelu} |',
+    f'| classes | {", ".join(summary["class_names"]) or "unnamed"} |',
+    '',
+    '## Training',
+    '',
+    '| | |',
+    '|---|---|',
+    f'| data | `{summary["dataset"]}` |',
+    f'| started from | {start} |',
+    f'| fine-tuning | {summary["finetune"]}'
+    + (
+      f' ({trainable:,} of {total:,} parameters trained)'
+      if trainable is not None
+      else ''
+    )
+    + ' |',
+    f'| steps | {results.get("steps")} of batch {config.get("batch")}, '
+    f'{config.get("optimizer")} at base lr {config.get("base_lr")} '
+    f'({config.get("decay_type")} decay, {config.get("warmup_steps")} '
+    'warm-up steps) |',
+    f'| run time | {minutes:.1f} min on {results.get("devices")} x '
+    f'{results.get("device_kind", "device")} |',
+    '',
+    'Command:',
+    '',
+    '```bash',
+    command
+    or '# not recorded: the run was started from Python, with '
+    'the config in results.json',
+    '```',
+    '',
+    '## Results',
+    '',
+    f'Test accuracy {accuracy:.2f}%, test loss {results["test_loss"]:.4f} '
+    f'over {results["test_examples"]:,} images (from `results.json`).',
+    '',
+    '## Files',
+    '',
+    f"- `{NPZ_FILE}`: weights with Google's vit_jax names.",
+    (
+      f"- `{SAFETENSORS_FILE}`: weights with timm's names."
+      if not no_timm
+      else f'- no timm weights: the model has {no_timm}.'
+    ),
+    f"- `{CONFIG_FILE}`: timm's configuration and, under `vit_jax`, the "
+    'model config, crop and class names.',
+    f'- `{CLASS_NAMES_FILE}`, `{results_lib.RESULTS_FILE}`: class names; the '
+    "run's results and full config.",
+    '',
+    '## Use',
+    '',
+    '```bash',
+    f'python -m vit_jax.predict --checkpoint={name} image.png',
+    '```',
   ]
   if not no_timm:
     lines += [
-        '',
-        '```python',
-        'import timm',
-        f"model = timm.create_model('local-dir:{name}', pretrained=True)"
-        "  # or 'hf-hub:USER/REPO'",
-        '```',
+      '',
+      '```python',
+      'import timm',
+      f"model = timm.create_model('local-dir:{name}', pretrained=True)"
+      "  # or 'hf-hub:USER/REPO'",
+      '```',
     ]
   return '\n'.join(lines) + '\n'
 
@@ -356,14 +425,17 @@ def model_card(name: str, summary: Mapping[str, Any],
 def parser() -> argparse.ArgumentParser:
   """`python -m vit_jax.publish`'s command line."""
   result = argparse.ArgumentParser(
-      prog='python -m vit_jax.publish',
-      description='A finished run as a folder to share: weights for vit_jax '
-      'and timm, config, class names, model card.')
+    prog='python -m vit_jax.publish',
+    description='A finished run as a folder to share: weights for vit_jax '
+    'and timm, config, class names, model card.',
+  )
   result.add_argument('--workdir', required=True, help="the run's workdir")
   result.add_argument('--out', required=True, help='the folder to create')
-  result.add_argument('--base', default=None,
-                      help='base checkpoint of the task file (default: the '
-                      'one the run recorded)')
+  result.add_argument(
+    '--base',
+    default=None,
+    help='base checkpoint of the task file (default: the one the run recorded)',
+  )
   return result
 
 

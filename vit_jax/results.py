@@ -28,6 +28,7 @@ def pretrained_path(config: Mapping[str, Any]) -> Optional[str]:
   if config.get('pretrained_path'):
     return config['pretrained_path']
   if config.get('pretrained_dir'):
-    return os.path.join(config['pretrained_dir'],
-                        f'{config["model"]["model_name"]}.npz')
+    return os.path.join(
+      config['pretrained_dir'], f'{config["model"]["model_name"]}.npz'
+    )
   return None

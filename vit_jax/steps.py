@@ -29,26 +29,34 @@ class TrainState:
 
   `opt_state` is the optimizer's state of the trainable leaves only.
   """
+
   step: jnp.ndarray
   params: Any
   opt_state: Any
 
 
-def initial_state(params: Any, optimizer: optax.GradientTransformation,
-                  trainable: trainable_lib.Trainable) -> TrainState:
+def initial_state(
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  trainable: trainable_lib.Trainable,
+) -> TrainState:
   """The step-0 state; the optimizer sees only the trainable leaves."""
   return TrainState(
-      step=jnp.zeros([], jnp.int32), params=params,
-      opt_state=optimizer.init(trainable_lib.partition(params, trainable)[0]))
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    opt_state=optimizer.init(trainable_lib.partition(params, trainable)[0]),
+  )
 
 
-def make_train_step(loss_fn: losses.LossFn,
-                    optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule,
-                    trainable: trainable_lib.Trainable, *,
-                    accum_steps: int = 1, seed: int = 0
-                    ) -> Callable[[TrainState, Batch], Tuple[TrainState,
-                                                             Metrics]]:
+def make_train_step(
+  loss_fn: losses.LossFn,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  trainable: trainable_lib.Trainable,
+  *,
+  accum_steps: int = 1,
+  seed: int = 0,
+) -> Callable[[TrainState, Batch], Tuple[TrainState, Metrics]]:
   """One optimizer update from one device's batch `[B, H, W, 3]`.
 
   Only the `trainable` leaves are differentiated and updated, so the
@@ -71,15 +79,22 @@ def make_train_step(loss_fn: losses.LossFn,
   """
 
   def train_step(state: TrainState, batch: Batch):
-    key = jax.random.fold_in(jax.random.fold_in(
-        jax.random.key(seed), state.step), jax.lax.axis_index(AXIS))
+    key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(seed), state.step),
+      jax.lax.axis_index(AXIS),
+    )
     params, frozen = trainable_lib.partition(state.params, trainable)
 
     def accumulate(grad_sum, inputs):
       images, labels, index = inputs
       loss, grads = jax.value_and_grad(
-          lambda p: loss_fn(trainable_lib.combine(p, frozen), images, labels,
-                            jax.random.fold_in(key, index)))(params)
+        lambda p: loss_fn(
+          trainable_lib.combine(p, frozen),
+          images,
+          labels,
+          jax.random.fold_in(key, index),
+        )
+      )(params)
       return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -90,24 +105,33 @@ def make_train_step(loss_fn: losses.LossFn,
       micro_losses = loss[None]
     else:
       micro = jax.tree.map(
-          lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+        lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch
+      )
       grad_sum, micro_losses = jax.lax.scan(
-          accumulate, zeros,
-          (micro['image'], micro['label'], jnp.arange(accum_steps)))
+        accumulate,
+        zeros,
+        (micro['image'], micro['label'], jnp.arange(accum_steps)),
+      )
     grads = jax.lax.pmean(
-        jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
+      jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
-    all_finite = jnp.all(jnp.stack([jnp.isfinite(p).all()
-                                    for p in jax.tree.leaves(params)]))
-    metrics = {'loss': jax.lax.pmean(micro_losses.mean(), AXIS),
-               'grad_norm': optax.tree.norm(grads),
-               'learning_rate': schedule(state.step),
-               # 1 while the updated params are all finite (NaN guard).
-               'params_finite': all_finite.astype(jnp.float32)}
-    new_state = state.replace(step=state.step + 1,
-                              params=trainable_lib.combine(params, frozen),
-                              opt_state=opt_state)
+    all_finite = jnp.all(
+      jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)])
+    )
+    metrics = {
+      'loss': jax.lax.pmean(micro_losses.mean(), AXIS),
+      'grad_norm': optax.tree.norm(grads),
+      'learning_rate': schedule(state.step),
+      # 1 while the updated params are all finite (NaN guard).
+      'params_finite': all_finite.astype(jnp.float32),
+    }
+    new_state = state.replace(
+      step=state.step + 1,
+      params=trainable_lib.combine(params, frozen),
+      opt_state=opt_state,
+    )
     return new_state, metrics
 
   return train_step
@@ -133,17 +157,22 @@ def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
   the train step compile twice.
   """
   devices = devices or jax.local_devices()
-  return shard(jax.tree.map(
+  return shard(
+    jax.tree.map(
       lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))),
-      tree), devices)
+      tree,
+    ),
+    devices,
+  )
 
 
 def shard(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
   """Puts host arrays `[D, ...]` on the devices, slice i on device i, as
   `data_parallel` expects its batches."""
   devices = devices or jax.local_devices()
-  sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                               jax.P(AXIS))
+  sharding = jax.NamedSharding(
+    jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.P(AXIS)
+  )
   return jax.device_put(tree, sharding)
 
 
@@ -152,13 +181,21 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def data_parallel(step_fn: Callable, *, donate_state: bool = False,
-                  devices: Optional[Sequence[jax.Device]] = None) -> Callable:
+def data_parallel(
+  step_fn: Callable,
+  *,
+  donate_state: bool = False,
+  devices: Optional[Sequence[jax.Device]] = None,
+) -> Callable:
   """Maps a per-device step over the local devices along `AXIS`.
 
   The first argument (state or params) and the batch are per-device
   (replicated state, batches `[D, B, ...]`); with `donate_state` the old
   state's buffers are reused for the new one.
   """
-  return jax.pmap(step_fn, axis_name=AXIS, devices=devices,
-                  donate_argnums=(0,) if donate_state else ())
+  return jax.pmap(
+    step_fn,
+    axis_name=AXIS,
+    devices=devices,
+    donate_argnums=(0,) if donate_state else (),
+  )

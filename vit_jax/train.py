@@ -40,65 +40,84 @@ from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict,
-                      hosts: input_pipeline.Hosts) -> None:
+def check_batch_sizes(
+  config: ml_collections.ConfigDict, hosts: input_pipeline.Hosts
+) -> None:
   """Config errors for batches that do not split evenly, before compiling."""
   per_device = hosts.per_device_batch(config.batch)
   hosts.per_device_batch(config.batch_eval, 'batch_eval')
   if config.accum_steps < 1 or per_device % config.accum_steps:
     raise ConfigError(
-        f'config.batch={config.batch} gives {per_device} images per device, '
-        f'which config.accum_steps={config.accum_steps} does not divide; '
-        'make the batch a multiple of devices x accum_steps '
-        f'({hosts.process_count * hosts.local_devices * config.accum_steps}).')
+      f'config.batch={config.batch} gives {per_device} images per device, '
+      f'which config.accum_steps={config.accum_steps} does not divide; '
+      'make the batch a multiple of devices x accum_steps '
+      f'({hosts.process_count * hosts.local_devices * config.accum_steps}).'
+    )
 
 
-def first_non_finite(history: List[Tuple[int, Dict[str, Any]]]
-                     ) -> Tuple[Optional[int], Dict[str, float]]:
+def first_non_finite(
+  history: List[Tuple[int, Dict[str, Any]]],
+) -> Tuple[Optional[int], Dict[str, float]]:
   """The first step with a NaN/inf loss or params, else the mean metrics."""
-  values = [(step, {k: float(v[0]) for k, v in jax.device_get(m).items()})
-            for step, m in history]
+  values = [
+    (step, {k: float(v[0]) for k, v in jax.device_get(m).items()})
+    for step, m in history
+  ]
   for step, scalars in values:
     if not (math.isfinite(scalars['loss']) and scalars['params_finite']):
       return step, scalars
-  means = {k: float(np.mean([s[k] for _, s in values]))
-           for k in ('loss', 'grad_norm')}
+  means = {
+    k: float(np.mean([s[k] for _, s in values])) for k in ('loss', 'grad_norm')
+  }
   means['learning_rate'] = values[-1][1]['learning_rate']
   return None, means
 
 
-def divergence_error(step: int, scalars: Dict[str, float],
-                     last_checkpoint: Optional[int], directory: str,
-                     dtype: str) -> FloatingPointError:
+def divergence_error(
+  step: int,
+  scalars: Dict[str, float],
+  last_checkpoint: Optional[int],
+  directory: str,
+  dtype: str,
+) -> FloatingPointError:
   """What to say when the loss or the params stop being finite."""
-  saved = (f'The last checkpoint with finite values is step '
-           f'{last_checkpoint} in {directory}.' if last_checkpoint is not None
-           else f'No checkpoint was saved yet (in {directory}).')
+  saved = (
+    f'The last checkpoint with finite values is step '
+    f'{last_checkpoint} in {directory}.'
+    if last_checkpoint is not None
+    else f'No checkpoint was saved yet (in {directory}).'
+  )
   fixes = 'Lower config.base_lr or keep config.grad_norm_clip'
   if dtype != 'float32':
     fixes += ", or use config.dtype='float32'"
   return FloatingPointError(
-      f'The training loss is {scalars["loss"]} at step {step} (params all '
-      f'finite: {bool(scalars["params_finite"])}); stopped. {saved} '
-      f'{fixes}.')
+    f'The training loss is {scalars["loss"]} at step {step} (params all '
+    f'finite: {bool(scalars["params_finite"])}); stopped. {saved} '
+    f'{fixes}.'
+  )
 
 
-def evaluate(eval_step, params, data: input_pipeline.EvalData,
-             prefetch: int) -> Dict[str, float]:
+def evaluate(
+  eval_step, params, data: input_pipeline.EvalData, prefetch: int
+) -> Dict[str, float]:
   """Accuracy and loss over every example of the test split."""
   totals = None
   for batch in input_pipeline.device_prefetch(data.dataset, prefetch):
     sums = jax.device_get(eval_step(params, batch))
     sums = {k: float(v[0]) for k, v in sums.items()}
-    totals = sums if totals is None else {
-        k: totals[k] + sums[k] for k in totals}
-  return {'accuracy': totals['correct'] / totals['count'],
-          'loss': totals['loss'] / totals['count'],
-          'examples': int(totals['count'])}
+    totals = (
+      sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    )
+  return {
+    'accuracy': totals['correct'] / totals['count'],
+    'loss': totals['loss'] / totals['count'],
+    'examples': int(totals['count']),
+  }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       command: Optional[str] = None) -> Dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, command: Optional[str] = None
+) -> Dict[str, Any]:
   """Trains and evaluates as configured; resumes from `workdir`.
 
   `command` (the command line that started the run, if any) is recorded in
@@ -115,28 +134,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # Data: the source of `config.dataset`, and the test split. ------------
   source = input_pipeline.get_source(
-      config.dataset, tfds_data_dir=config.tfds_data_dir,
-      tfds_manual_dir=config.tfds_manual_dir,
-      tfds_download=config.tfds_download)
+    config.dataset,
+    tfds_data_dir=config.tfds_data_dir,
+    tfds_manual_dir=config.tfds_manual_dir,
+    tfds_download=config.tfds_download,
+  )
   eval_data = input_pipeline.eval_dataset(
-      source, config.pp, batch_size=config.batch_eval, hosts=hosts)
+    source, config.pp, batch_size=config.batch_eval, hosts=hosts
+  )
 
   # Model and initial params: fresh, then the pretrained checkpoint. -----
   fine = finetune.from_config(config.finetune)
   model = finetune.build_model(config, source.info.num_classes, fine)
   pretrained_path = results_lib.pretrained_path(config)
   params = pretrained.init_params(
-      model, config.pp.crop, seed=config.seed,
-      pretrained_path=pretrained_path, model_config=config.model,
-      is_added=fine.is_added)
+    model,
+    config.pp.crop,
+    seed=config.seed,
+    pretrained_path=pretrained_path,
+    model_config=config.model,
+    is_added=fine.is_added,
+  )
   fine.check(params)
   if fine.mode != 'full' and pretrained_path is None:
-    logging.warning('config.finetune.mode=%r without a pretrained checkpoint:'
-                    ' the frozen weights are random.', fine.mode)
+    logging.warning(
+      'config.finetune.mode=%r without a pretrained checkpoint:'
+      ' the frozen weights are random.',
+      fine.mode,
+    )
   trainable = fine.is_trainable  # The run's one decision of what trains.
-  logging.info('Fine-tuning mode %s: %d of %d parameters train.',
-               fine.describe(), trainable_lib.count(params, trainable),
-               trainable_lib.count(params))
+  logging.info(
+    'Fine-tuning mode %s: %d of %d parameters train.',
+    fine.describe(),
+    trainable_lib.count(params, trainable),
+    trainable_lib.count(params),
+  )
 
   # Optimizer: schedule and update rule, for the trainable leaves. -------
   schedule, optimizer = optim.from_config(config)
@@ -147,77 +179,118 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     restored = checkpointer.restore(state)
     if restored is not None:
       state = restored
-      logging.info('Resuming from step %d in %s', int(state.step),
-                   checkpointer.directory)
+      logging.info(
+        'Resuming from step %d in %s', int(state.step), checkpointer.directory
+      )
     start_step = int(state.step)
 
     # Step functions, mapped over the local devices. ----------------------
-    train_step = steps.data_parallel(steps.make_train_step(
-        losses.classifier_loss(model, config.label_smoothing), optimizer,
-        schedule, trainable, accum_steps=config.accum_steps,
-        seed=config.seed), donate_state=True)
+    train_step = steps.data_parallel(
+      steps.make_train_step(
+        losses.classifier_loss(model, config.label_smoothing),
+        optimizer,
+        schedule,
+        trainable,
+        accum_steps=config.accum_steps,
+        seed=config.seed,
+      ),
+      donate_state=True,
+    )
     eval_step = steps.data_parallel(steps.make_eval_step(model))
 
     # Training data from the resumed step on. -----------------------------
-    batches = input_pipeline.device_prefetch(input_pipeline.train_dataset(
-        source, config.pp, batch_size=config.batch, seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer, hosts=hosts,
-        start_step=start_step), config.prefetch)
+    batches = input_pipeline.device_prefetch(
+      input_pipeline.train_dataset(
+        source,
+        config.pp,
+        batch_size=config.batch,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        hosts=hosts,
+        start_step=start_step,
+      ),
+      config.prefetch,
+    )
 
     # Loop: step; every progress_every steps check and log the metrics;
     # evaluate and checkpoint on their intervals and at the end. ---------
-    progress = metrics_lib.Progress(config.total_steps, start_step,
-                                    config.batch, jax.device_count())
+    progress = metrics_lib.Progress(
+      config.total_steps, start_step, config.batch, jax.device_count()
+    )
     replicated = steps.replicate(state)
     history, test, step_times = [], None, []
     for step in range(start_step + 1, config.total_steps + 1):
       if step == start_step + 1:
-        logging.info('Compiling the train step (the first step waits for '
-                     'it)...')
+        logging.info(
+          'Compiling the train step (the first step waits for it)...'
+        )
       replicated, step_metrics = train_step(replicated, next(batches))
       history.append((step, step_metrics))
       is_last = step == config.total_steps
       do_eval = is_last or step % config.eval_every == 0
       do_save = config.checkpoint_every and (
-          is_last or step % config.checkpoint_every == 0)
+        is_last or step % config.checkpoint_every == 0
+      )
       if is_last or do_eval or do_save or step % config.progress_every == 0:
         bad_step, scalars = first_non_finite(history)
         history = []
         if bad_step is not None:
           checkpointer.wait_until_finished()
-          raise divergence_error(bad_step, scalars,
-                                 checkpointer.latest_step(),
-                                 checkpointer.directory, config.dtype)
-        scalars.update(progress.report(step, {
-            'loss': scalars['loss'], 'lr': scalars['learning_rate']}))
+          raise divergence_error(
+            bad_step,
+            scalars,
+            checkpointer.latest_step(),
+            checkpointer.directory,
+            config.dtype,
+          )
+        scalars.update(
+          progress.report(
+            step, {'loss': scalars['loss'], 'lr': scalars['learning_rate']}
+          )
+        )
         step_times.append(scalars.pop('seconds_per_step'))
-        writer.write(step, {f'train/{k}' if k in ('loss', 'grad_norm') else k:
-                            v for k, v in scalars.items()})
+        writer.write(
+          step,
+          {
+            f'train/{k}' if k in ('loss', 'grad_norm') else k: v
+            for k, v in scalars.items()
+          },
+        )
 
       # Evaluation: every test example once, across hosts. ----------------
       if do_eval:
-        test = evaluate(eval_step, replicated.params, eval_data,
-                        config.prefetch)
-        logging.info('step %d: test accuracy %.4f over %d examples', step,
-                     test['accuracy'], test['examples'])
-        writer.write(step, {'test/accuracy': test['accuracy'],
-                            'test/loss': test['loss']})
+        test = evaluate(
+          eval_step, replicated.params, eval_data, config.prefetch
+        )
+        logging.info(
+          'step %d: test accuracy %.4f over %d examples',
+          step,
+          test['accuracy'],
+          test['examples'],
+        )
+        writer.write(
+          step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
+        )
       if do_save:
         checkpointer.save(step, steps.unreplicate(replicated))
       if do_eval or do_save:
         progress.restart_clock()
 
     if test is None:  # Resumed a run that had already finished.
-      test = evaluate(eval_step, replicated.params, eval_data,
-                      config.prefetch)
+      test = evaluate(eval_step, replicated.params, eval_data, config.prefetch)
   writer.close()
 
   # Outputs: the task file (what was trained) and results.json. ----------
   params = steps.unreplicate(replicated).params
   task_path = config.finetune.task_file and os.path.join(
-      workdir, config.finetune.task_file)
+    workdir, config.finetune.task_file
+  )
   if task_path and is_writer:
-    task_file.save_task_params(task_path, params, trainable, metadata={
+    task_file.save_task_params(
+      task_path,
+      params,
+      trainable,
+      metadata={
         'model': config.model.to_dict(),
         'finetune': config.finetune.to_dict(),
         'dtype': config.dtype,
@@ -227,34 +300,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'class_names': list(source.info.class_names),
         'pretrained_path': pretrained_path,
         'test_accuracy': test['accuracy'],
-    })
-    logging.info('Wrote the trained parameters to %s (%d bytes).', task_path,
-                 os.path.getsize(task_path))
+      },
+    )
+    logging.info(
+      'Wrote the trained parameters to %s (%d bytes).',
+      task_path,
+      os.path.getsize(task_path),
+    )
   results = {
-      'test_accuracy': test['accuracy'],
-      'test_loss': test['loss'],
-      'test_examples': test['examples'],
-      'steps': config.total_steps,
-      'resumed_from_step': start_step,
-      'wall_time_s': time.perf_counter() - start_time,
-      # Median over progress intervals; the first one includes compiling.
-      'step_time_s': (float(np.median(step_times[1:] or step_times))
-                      if step_times else None),
-      'finetune': fine.describe(),
-      'trainable_params': trainable_lib.count(params, trainable),
-      'total_params': trainable_lib.count(params),
-      'task_file': task_path or None,
-      'task_file_bytes': (os.path.getsize(task_path)
-                          if task_path and os.path.exists(task_path) else None),
-      'devices': jax.device_count(),
-      'device_kind': jax.devices()[0].device_kind,
-      'command': command,
-      'config': json.loads(config.to_json_best_effort()),
+    'test_accuracy': test['accuracy'],
+    'test_loss': test['loss'],
+    'test_examples': test['examples'],
+    'steps': config.total_steps,
+    'resumed_from_step': start_step,
+    'wall_time_s': time.perf_counter() - start_time,
+    # Median over progress intervals; the first one includes compiling.
+    'step_time_s': (
+      float(np.median(step_times[1:] or step_times)) if step_times else None
+    ),
+    'finetune': fine.describe(),
+    'trainable_params': trainable_lib.count(params, trainable),
+    'total_params': trainable_lib.count(params),
+    'task_file': task_path or None,
+    'task_file_bytes': (
+      os.path.getsize(task_path)
+      if task_path and os.path.exists(task_path)
+      else None
+    ),
+    'devices': jax.device_count(),
+    'device_kind': jax.devices()[0].device_kind,
+    'command': command,
+    'config': json.loads(config.to_json_best_effort()),
   }
   if is_writer:
     results_path = os.path.join(workdir, results_lib.RESULTS_FILE)
     files.write_json(results_path, results)
-    print(f'test accuracy {test["accuracy"]:.3f} on {test["examples"]:,} '
-          f'images, {metrics_lib.format_duration(results["wall_time_s"])}; '
-          f'results in {results_path}', flush=True)
+    print(
+      f'test accuracy {test["accuracy"]:.3f} on {test["examples"]:,} '
+      f'images, {metrics_lib.format_duration(results["wall_time_s"])}; '
+      f'results in {results_path}',
+      flush=True,
+    )
   return results

@@ -37,9 +37,10 @@ def _unflatten(flat: Dict[str, Any]) -> PyTree:
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
-def parse_patterns(patterns: Union[str, Sequence[str], None],
-                   knob: str = 'config.finetune.trainable'
-                   ) -> Tuple[re.Pattern, ...]:
+def parse_patterns(
+  patterns: Union[str, Sequence[str], None],
+  knob: str = 'config.finetune.trainable',
+) -> Tuple[re.Pattern, ...]:
   """Compiled regular expressions from a comma-separated string or a list.
 
   Raises:
@@ -55,8 +56,9 @@ def parse_patterns(patterns: Union[str, Sequence[str], None],
       compiled.append(re.compile(pattern))
     except re.error as e:
       raise ConfigError(
-          f'{knob}: {pattern!r} is not a regular expression ({e}); escape '
-          'special characters, e.g. head/.* or .*/LayerNorm_.*') from e
+        f'{knob}: {pattern!r} is not a regular expression ({e}); escape '
+        'special characters, e.g. head/.* or .*/LayerNorm_.*'
+      ) from e
   return tuple(compiled)
 
 
@@ -65,24 +67,30 @@ def matcher(patterns: Sequence[re.Pattern]) -> Trainable:
   return lambda path: any(p.fullmatch(path) for p in patterns)
 
 
-def check_patterns(patterns: Sequence[re.Pattern], params: PyTree,
-                   knob: str = 'config.finetune.trainable') -> None:
+def check_patterns(
+  patterns: Sequence[re.Pattern],
+  params: PyTree,
+  knob: str = 'config.finetune.trainable',
+) -> None:
   """Raises a ConfigError for a pattern that matches no parameter path."""
   paths = list(_flatten(params))
-  unmatched = [p.pattern for p in patterns
-               if not any(p.fullmatch(path) for path in paths)]
+  unmatched = [
+    p.pattern for p in patterns if not any(p.fullmatch(path) for path in paths)
+  ]
   if unmatched:
     raise ConfigError(
-        f'{knob}: {unmatched} match no parameter of this model; paths look '
-        f'like {paths[:3]} (each expression must match a whole path).')
+      f'{knob}: {unmatched} match no parameter of this model; paths look '
+      f'like {paths[:3]} (each expression must match a whole path).'
+    )
 
 
-def partition(params: PyTree, trainable: Trainable
-              ) -> Tuple[PyTree, PyTree]:
+def partition(params: PyTree, trainable: Trainable) -> Tuple[PyTree, PyTree]:
   """(trainable leaves, frozen leaves), two nested dicts of `params`."""
   flat = _flatten(params)
-  return (_unflatten({p: v for p, v in flat.items() if trainable(p)}),
-          _unflatten({p: v for p, v in flat.items() if not trainable(p)}))
+  return (
+    _unflatten({p: v for p, v in flat.items() if trainable(p)}),
+    _unflatten({p: v for p, v in flat.items() if not trainable(p)}),
+  )
 
 
 def combine(*trees: PyTree) -> PyTree:
@@ -95,5 +103,8 @@ def combine(*trees: PyTree) -> PyTree:
 
 def count(params: PyTree, trainable: Optional[Trainable] = None) -> int:
   """Scalars in the leaves `trainable` selects (all leaves if None)."""
-  return sum(int(getattr(v, 'size', 1)) for p, v in _flatten(params).items()
-             if trainable is None or trainable(p))
+  return sum(
+    int(getattr(v, 'size', 1))
+    for p, v in _flatten(params).items()
+    if trainable is None or trainable(p)
+  )

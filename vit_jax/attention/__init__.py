@@ -11,5 +11,11 @@ from vit_jax.attention.maps import patch_grid
 from vit_jax.attention.maps import rollout
 from vit_jax.attention.maps import token_map
 
-__all__ = ['HEAD_FUSIONS', 'attention_weights', 'fuse_heads', 'patch_grid',
-           'rollout', 'token_map']
+__all__ = [
+  'HEAD_FUSIONS',
+  'attention_weights',
+  'fuse_heads',
+  'patch_grid',
+  'rollout',
+  'token_map',
+]

@@ -23,16 +23,25 @@ from vit_jax.checkpoint import pretrained
 from vit_jax.finetune import serving
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config (model and pp.crop); not needed with '
-    '--task.', lock_config=True)
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Model or base '
-                                  'checkpoint (.npz, .safetensors).')
-_TASK = flags.DEFINE_string('task', None, 'A task file of a fine-tuning run '
-                            'on --checkpoint.')
+  'config',
+  None,
+  'Experiment config (model and pp.crop); not needed with --task.',
+  lock_config=True,
+)
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'Model or base checkpoint (.npz, .safetensors).'
+)
+_TASK = flags.DEFINE_string(
+  'task', None, 'A task file of a fine-tuning run on --checkpoint.'
+)
 _IMAGES = flags.DEFINE_multi_string('image', [], 'JPEG/PNG files, any size.')
 _OUT = flags.DEFINE_string('out', None, 'Directory for the PNGs.')
-_FUSION = flags.DEFINE_enum('head_fusion', 'mean', list(maps.HEAD_FUSIONS),
-                            'How rollout combines each layer\'s heads.')
+_FUSION = flags.DEFINE_enum(
+  'head_fusion',
+  'mean',
+  list(maps.HEAD_FUSIONS),
+  "How rollout combines each layer's heads.",
+)
 
 
 def main(argv) -> None:
@@ -41,16 +50,18 @@ def main(argv) -> None:
   if not _IMAGES.value:
     raise app.UsageError('Give at least one --image.')
   if _TASK.value:
-    task, = serving.load_tasks(_CHECKPOINT.value, [_TASK.value]).values()
+    (task,) = serving.load_tasks(_CHECKPOINT.value, [_TASK.value]).values()
     model, params, crop = task.model, task.params, task.crop
   elif _CONFIG.value is None:
     raise app.UsageError('Give --config (the model of --checkpoint) or --task.')
   else:
     model, params = pretrained.model_from_checkpoint(
-        _CONFIG.value.model, _CHECKPOINT.value, _CONFIG.value.pp.crop)
+      _CONFIG.value.model, _CHECKPOINT.value, _CONFIG.value.pp.crop
+    )
     crop = _CONFIG.value.pp.crop
-  for path in render.write_pngs(model, params, _IMAGES.value, crop,
-                                _OUT.value, _FUSION.value):
+  for path in render.write_pngs(
+    model, params, _IMAGES.value, crop, _OUT.value, _FUSION.value
+  ):
     print(path)
 
 

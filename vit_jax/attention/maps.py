@@ -35,8 +35,9 @@ def _with_sown_attention(model: Any) -> Any:
     return dataclasses.replace(model, base=_with_sown_attention(model.base))
   if not hasattr(model, 'sow_attention_weights'):
     raise ValueError(
-        f'{type(model).__name__} has no attention to record; attention maps '
-        'need a VisionTransformer.')
+      f'{type(model).__name__} has no attention to record; attention maps '
+      'need a VisionTransformer.'
+    )
   return model.clone(sow_attention_weights=True)
 
 
@@ -49,17 +50,23 @@ def attention_weights(model: Any, params: Any, images: Array) -> Array:
     images: `[batch, height, width, 3]`, preprocessed as for evaluation.
   """
   _, state = _with_sown_attention(model).apply(
-      {'params': params}, images, train=False, mutable=['intermediates'])
+    {'params': params}, images, train=False, mutable=['intermediates']
+  )
   blocks = state.get('intermediates', {}).get('Transformer', {})
-  layers = sorted((int(m.group(1)), name) for name in blocks
-                  if (m := _BLOCK.match(name)))
+  layers = sorted(
+    (int(m.group(1)), name) for name in blocks if (m := _BLOCK.match(name))
+  )
   if not layers:
     raise ValueError(
-        'The model recorded no attention weights; attention maps need a '
-        'VisionTransformer (Transformer/encoderblock_* layers).')
-  return jnp.stack([
+      'The model recorded no attention weights; attention maps need a '
+      'VisionTransformer (Transformer/encoderblock_* layers).'
+    )
+  return jnp.stack(
+    [
       blocks[name]['MultiHeadDotProductAttention_0']['attention_weights'][0]
-      for _, name in layers]).astype(jnp.float32)
+      for _, name in layers
+    ]
+  ).astype(jnp.float32)
 
 
 def fuse_heads(weights: Array, how: str = 'mean') -> Array:
@@ -88,8 +95,10 @@ def rollout(weights: Array, head_fusion: str = 'mean') -> Array:
 def patch_grid(model: Any, image_size: Tuple[int, int]) -> Tuple[int, int]:
   """(rows, columns) of the model's patch grid for images of `image_size`."""
   if getattr(model, 'resnet', None) is not None:
-    raise ValueError('Attention maps of hybrid models are not supported: the '
-                     'patch grid depends on the ResNet root.')
+    raise ValueError(
+      'Attention maps of hybrid models are not supported: the '
+      'patch grid depends on the ResNet root.'
+    )
   patch_h, patch_w = model.patches['size']
   return image_size[0] // patch_h, image_size[1] // patch_w
 
@@ -108,8 +117,9 @@ def token_map(matrix: Array, classifier: str, grid: Tuple[int, int]) -> Array:
   num_prefix = 1 if has_class_token else 0
   if matrix.shape[-1] != num_prefix + grid[0] * grid[1]:
     raise ValueError(
-        f'Attention over {matrix.shape[-1]} tokens does not match a '
-        f'{grid[0]}x{grid[1]} patch grid with {num_prefix} class token(s).')
+      f'Attention over {matrix.shape[-1]} tokens does not match a '
+      f'{grid[0]}x{grid[1]} patch grid with {num_prefix} class token(s).'
+    )
   rows = matrix[..., 0, :] if has_class_token else matrix.mean(-2)
   patches = rows[..., num_prefix:]
   return patches.reshape(*patches.shape[:-1], *grid)

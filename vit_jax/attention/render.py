@@ -25,7 +25,7 @@ from vit_jax.checkpoint import files
 
 DPI = 100
 PANEL_INCHES = 3.0  # Overlay panels.
-HEAD_INCHES = 1.5   # Each per-head panel.
+HEAD_INCHES = 1.5  # Each per-head panel.
 
 
 def _to_unit(image: np.ndarray) -> np.ndarray:
@@ -36,8 +36,10 @@ def _to_unit(image: np.ndarray) -> np.ndarray:
 def upsample(heat: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """A `[rows, cols]` map repeated to `size` pixels, scaled to [0, 1]."""
   heat = np.asarray(heat, np.float32)
-  heat = np.kron(heat, np.ones((size[0] // heat.shape[0],
-                                size[1] // heat.shape[1]), np.float32))
+  heat = np.kron(
+    heat,
+    np.ones((size[0] // heat.shape[0], size[1] // heat.shape[1]), np.float32),
+  )
   low, high = heat.min(), heat.max()
   return (heat - low) / (high - low) if high > low else np.zeros_like(heat)
 
@@ -48,14 +50,16 @@ def _save(fig, path: str) -> None:
   plt.close(fig)
 
 
-def overlay_png(path: str, image: np.ndarray, heat: np.ndarray,
-                title: str) -> None:
+def overlay_png(
+  path: str, image: np.ndarray, heat: np.ndarray, title: str
+) -> None:
   """The image, and the image with `heat` (patch grid) overlaid.
 
   `2 * PANEL_INCHES * DPI` × `PANEL_INCHES * DPI` pixels.
   """
   fig, (left, right) = plt.subplots(
-      1, 2, figsize=(2 * PANEL_INCHES, PANEL_INCHES))
+    1, 2, figsize=(2 * PANEL_INCHES, PANEL_INCHES)
+  )
   picture = _to_unit(image)
   left.imshow(picture)
   left.set_title('input', fontsize=9)
@@ -74,8 +78,12 @@ def heads_png(path: str, maps: np.ndarray, title: str) -> None:
   panel is titled with its layer and head, each normalised on its own.
   """
   layers, heads = maps.shape[:2]
-  fig, axes = plt.subplots(layers, heads, squeeze=False,
-                           figsize=(heads * HEAD_INCHES, layers * HEAD_INCHES))
+  fig, axes = plt.subplots(
+    layers,
+    heads,
+    squeeze=False,
+    figsize=(heads * HEAD_INCHES, layers * HEAD_INCHES),
+  )
   for layer in range(layers):
     for head in range(heads):
       axis = axes[layer, head]
@@ -86,24 +94,38 @@ def heads_png(path: str, maps: np.ndarray, title: str) -> None:
   _save(fig, path)
 
 
-def write_pngs(model: Any, params: Any, image_paths: Sequence[str], crop: int,
-               out_dir: str, head_fusion: str = 'mean') -> List[str]:
+def write_pngs(
+  model: Any,
+  params: Any,
+  image_paths: Sequence[str],
+  crop: int,
+  out_dir: str,
+  head_fusion: str = 'mean',
+) -> List[str]:
   """Writes each image's rollout and per-head PNGs; returns their paths."""
   images = input_pipeline.read_images(image_paths, crop)
   weights = maps.attention_weights(model, params, images)
   grid = maps.patch_grid(model, (crop, crop))
-  heat = maps.token_map(maps.rollout(weights, head_fusion), model.classifier,
-                        grid)
+  heat = maps.token_map(
+    maps.rollout(weights, head_fusion), model.classifier, grid
+  )
   per_head = maps.token_map(weights, model.classifier, grid)
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for index, path in enumerate(image_paths):
     name = os.path.splitext(os.path.basename(path))[0]
     rollout_path = os.path.join(out_dir, f'{name}_rollout.png')
-    overlay_png(rollout_path, images[index], np.asarray(heat[index]),
-                       f'rollout ({head_fusion} of heads)')
+    overlay_png(
+      rollout_path,
+      images[index],
+      np.asarray(heat[index]),
+      f'rollout ({head_fusion} of heads)',
+    )
     heads_path = os.path.join(out_dir, f'{name}_heads.png')
-    heads_png(heads_path, np.asarray(per_head[:, index]),
-                     f'{name}: attention per layer and head')
+    heads_png(
+      heads_path,
+      np.asarray(per_head[:, index]),
+      f'{name}: attention per layer and head',
+    )
     written += [rollout_path, heads_path]
   return written

@@ -47,6 +47,7 @@ class Workload:
     params: the model's parameter count.
     trainable_params: how many of them the step updates (0 for inference).
   """
+
   run: Callable[[], None]
   images: int
   flops: float
@@ -68,13 +69,24 @@ def _memory_bytes(compiled: jax.stages.Compiled) -> int:
   stats = compiled.memory_analysis()
   if isinstance(stats, (list, tuple)):
     stats = stats[0]
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return int(
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    + stats.temp_size_in_bytes
+    - stats.alias_size_in_bytes
+  )
 
 
-def _workload(step: Callable, first: Any, rest: Sequence[Any], images: int,
-              devices: int, donated: bool, params: int,
-              trainable_params: int = 0) -> Workload:
+def _workload(
+  step: Callable,
+  first: Any,
+  rest: Sequence[Any],
+  images: int,
+  devices: int,
+  donated: bool,
+  params: int,
+  trainable_params: int = 0,
+) -> Workload:
   """Compiles `step(first, *rest)` once and wraps it as a `Workload`.
 
   With `donated`, each call's first output replaces `first` (a train
@@ -90,41 +102,66 @@ def _workload(step: Callable, first: Any, rest: Sequence[Any], images: int,
       holder[0] = outputs[0]
     jax.block_until_ready(outputs)
 
-  return Workload(run, images, _cost(lowered)['flops'] * devices,
-                  _memory_bytes(compiled), params, trainable_params)
+  return Workload(
+    run,
+    images,
+    _cost(lowered)['flops'] * devices,
+    _memory_bytes(compiled),
+    params,
+    trainable_params,
+  )
 
 
-def synthetic_batch(batch: int, crop: int, num_classes: int,
-                    devices: Sequence[jax.Device]) -> Dict[str, jax.Array]:
+def synthetic_batch(
+  batch: int, crop: int, num_classes: int, devices: Sequence[jax.Device]
+) -> Dict[str, jax.Array]:
   """A fixed batch of `batch` images split over `devices`, as the trainer
   feeds them (`[devices, batch / devices, crop, crop, 3]`)."""
   if batch % len(devices):
-    raise ValueError(f'Batch {batch} does not split over {len(devices)} '
-                     'devices; use a multiple of the device count.')
+    raise ValueError(
+      f'Batch {batch} does not split over {len(devices)} '
+      'devices; use a multiple of the device count.'
+    )
   rng = np.random.default_rng(0)
   shape = [len(devices), batch // len(devices)]
-  return steps.shard({
+  return steps.shard(
+    {
       'image': rng.uniform(-1, 1, shape + [crop, crop, 3]).astype(np.float32),
       'label': rng.integers(0, num_classes, shape).astype(np.int32),
-  }, devices)
+    },
+    devices,
+  )
 
 
-def forward_workload(model, params: Any, batch: int, crop: int,
-                     devices: Optional[Sequence[jax.Device]] = None
-                     ) -> Workload:
+def forward_workload(
+  model,
+  params: Any,
+  batch: int,
+  crop: int,
+  devices: Optional[Sequence[jax.Device]] = None,
+) -> Workload:
   """The evaluation forward pass (`train=False`) on `batch` images."""
   devices = devices or jax.local_devices()
   forward = steps.data_parallel(
-      lambda p, x: model.apply({'params': p}, x, train=False), devices=devices)
+    lambda p, x: model.apply({'params': p}, x, train=False), devices=devices
+  )
   images = synthetic_batch(batch, crop, 1, devices)['image']
-  return _workload(forward, steps.replicate(params, devices), [images],
-                   batch, len(devices), donated=False,
-                   params=table.count_params(params))
+  return _workload(
+    forward,
+    steps.replicate(params, devices),
+    [images],
+    batch,
+    len(devices),
+    donated=False,
+    params=table.count_params(params),
+  )
 
 
-def train_step_and_state(config: ml_collections.ConfigDict, num_classes: int,
-                         devices: Sequence[jax.Device]
-                         ) -> Tuple[Callable, steps.TrainState]:
+def train_step_and_state(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  devices: Sequence[jax.Device],
+) -> Tuple[Callable, steps.TrainState]:
   """The trainer's data-parallel train step for `config` (model, fine-tuning
   mode, optimizer, accumulation, dtype), built from the same functions as
   `vit_jax.train`, and its step-0 state (randomly initialised weights),
@@ -133,17 +170,26 @@ def train_step_and_state(config: ml_collections.ConfigDict, num_classes: int,
   model = finetune.build_model(config, num_classes, fine)
   params = pretrained.init_params(model, config.pp.crop, seed=config.seed)
   schedule, optimizer = optim.from_config(config)
-  step = steps.data_parallel(steps.make_train_step(
-      losses.classifier_loss(model, config.label_smoothing), optimizer,
-      schedule, fine.is_trainable, accum_steps=config.accum_steps),
-                             donate_state=True, devices=devices)
+  step = steps.data_parallel(
+    steps.make_train_step(
+      losses.classifier_loss(model, config.label_smoothing),
+      optimizer,
+      schedule,
+      fine.is_trainable,
+      accum_steps=config.accum_steps,
+    ),
+    donate_state=True,
+    devices=devices,
+  )
   state = steps.initial_state(params, optimizer, fine.is_trainable)
   return step, steps.replicate(state, devices)
 
 
-def train_workload(config: ml_collections.ConfigDict, num_classes: int,
-                   devices: Optional[Sequence[jax.Device]] = None
-                   ) -> Workload:
+def train_workload(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  devices: Optional[Sequence[jax.Device]] = None,
+) -> Workload:
   """`train_step_and_state`'s step on a fixed batch of `config.batch`."""
   devices = devices or jax.local_devices()
   step, state = train_step_and_state(config, num_classes, devices)
@@ -151,13 +197,23 @@ def train_workload(config: ml_collections.ConfigDict, num_classes: int,
   fine = finetune.from_config(config.finetune)
   data = synthetic_batch(config.batch, config.pp.crop, num_classes, devices)
   return _workload(
-      step, state, [data], config.batch, len(devices), donated=True,
-      params=trainable_lib.count(params),
-      trainable_params=trainable_lib.count(params, fine.is_trainable))
+    step,
+    state,
+    [data],
+    config.batch,
+    len(devices),
+    donated=True,
+    params=trainable_lib.count(params),
+    trainable_params=trainable_lib.count(params, fine.is_trainable),
+  )
 
 
-def time_rounds(runs: Mapping[str, Callable[[], None]], rounds: int,
-                warmup: int = 2, settle: int = 0) -> Dict[str, List[float]]:
+def time_rounds(
+  runs: Mapping[str, Callable[[], None]],
+  rounds: int,
+  warmup: int = 2,
+  settle: int = 0,
+) -> Dict[str, List[float]]:
   """Seconds of each call, the callables alternating round by round.
 
   Each callable first runs `warmup` untimed times (compilation, caches);
@@ -181,9 +237,12 @@ def time_rounds(runs: Mapping[str, Callable[[], None]], rounds: int,
   return seconds
 
 
-def matmul_peak(dtype: Any = jnp.float32, sizes: Sequence[int] = PEAK_SIZES,
-                rounds: int = 5,
-                device: Optional[jax.Device] = None) -> Dict[str, float]:
+def matmul_peak(
+  dtype: Any = jnp.float32,
+  sizes: Sequence[int] = PEAK_SIZES,
+  rounds: int = 5,
+  device: Optional[jax.Device] = None,
+) -> Dict[str, float]:
   """The best FLOP/s of one device's square matmuls of `sizes`.
 
   Returns {'flops_per_s': best median FLOP/s, 'size': its matrix size}.
@@ -192,12 +251,16 @@ def matmul_peak(dtype: Any = jnp.float32, sizes: Sequence[int] = PEAK_SIZES,
   matmul = jax.jit(jnp.matmul)
   best = {'flops_per_s': 0.0, 'size': 0}
   for size in sizes:
-    a, b = (jax.device_put(jnp.ones((size, size), dtype) / size, device)
-            for _ in range(2))
+    a, b = (
+      jax.device_put(jnp.ones((size, size), dtype) / size, device)
+      for _ in range(2)
+    )
     seconds = time_rounds(
-        {'matmul': lambda a=a, b=b: matmul(a, b).block_until_ready()},
-        rounds, warmup=1)['matmul']
-    achieved = 2 * size ** 3 / statistics.median(seconds)
+      {'matmul': lambda a=a, b=b: matmul(a, b).block_until_ready()},
+      rounds,
+      warmup=1,
+    )['matmul']
+    achieved = 2 * size**3 / statistics.median(seconds)
     if achieved > best['flops_per_s']:
       best = {'flops_per_s': achieved, 'size': size}
   return best

@@ -30,8 +30,15 @@ from vit_jax.checkpoint import swin_names
 from vit_jax.checkpoint import torch_names
 from vit_jax.errors import CheckpointError
 
-__all__ = ['Checkpoint', 'CheckpointError', 'inspect_params', 'load',
-           'load_pretrained', 'read', 'save']
+__all__ = [
+  'Checkpoint',
+  'CheckpointError',
+  'inspect_params',
+  'load',
+  'load_pretrained',
+  'read',
+  'save',
+]
 
 # VisionTransformer's defaults of the options that imports may require.
 _MODEL_DEFAULTS = {'approximate_gelu': True, 'layernorm_epsilon': 1e-6}
@@ -52,6 +59,7 @@ class Checkpoint:
       computes the source model); None for Google files, whose registry name
       says it.
   """
+
   path: str
   format: str
   params: Dict[str, Any]
@@ -90,22 +98,29 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
 def _read_google(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
   """A Google/big_vision `.npz` (no model options: vit_jax's defaults)."""
   flat = google_npz.from_google(arrays)
-  if not any(key.startswith(('embedding/', 'stem/', 'conv_root/'))
-             for key in flat):
+  if not any(
+    key.startswith(('embedding/', 'stem/', 'conv_root/')) for key in flat
+  ):
     raise CheckpointError(
-        f'{path}: not a ViT/Mixer/Swin/ResNet checkpoint of a known format '
-        '(no Google embedding/stem/conv_root, timm or Hugging Face keys); '
-        f'first keys: {sorted(arrays)[:5]}.')
+      f'{path}: not a ViT/Mixer/Swin/ResNet checkpoint of a known format '
+      '(no Google embedding/stem/conv_root, timm or Hugging Face keys); '
+      f'first keys: {sorted(arrays)[:5]}.'
+    )
   return Checkpoint(path, 'google', inspect.unflatten(flat), {})
 
 
-def _read_torch(path: str, arrays: Mapping[str, np.ndarray], source: str,
-                num_heads: Optional[int]) -> Checkpoint:
+def _read_torch(
+  path: str,
+  arrays: Mapping[str, np.ndarray],
+  source: str,
+  num_heads: Optional[int],
+) -> Checkpoint:
   """A timm or Hugging Face state dict, with the options of its source."""
   if num_heads is None:
     raise CheckpointError(
-        f'{path}: a {source} checkpoint does not record its number of '
-        'attention heads; pass num_heads (e.g. 12 for ViT-B).')
+      f'{path}: a {source} checkpoint does not record its number of '
+      'attention heads; pass num_heads (e.g. 12 for ViT-B).'
+    )
   convert = torch_names.from_timm if source == 'timm' else torch_names.from_hf
   try:
     params, architecture = convert(arrays, num_heads=num_heads)
@@ -120,9 +135,14 @@ def load(path: str, *, num_heads: Optional[int] = None) -> Dict[str, Any]:
   return read(path, num_heads=num_heads).params
 
 
-def inspect_params(*, params: Mapping[str, Any], expected: Mapping[str, Any],
-                   fail_if_extra: bool = True, fail_if_missing: bool = True,
-                   source: str = 'checkpoint') -> inspect.TreeDiff:
+def inspect_params(
+  *,
+  params: Mapping[str, Any],
+  expected: Mapping[str, Any],
+  fail_if_extra: bool = True,
+  fail_if_missing: bool = True,
+  source: str = 'checkpoint',
+) -> inspect.TreeDiff:
   """Compares `params` with the `expected` tree, by path and shape.
 
   Raises:
@@ -130,21 +150,26 @@ def inspect_params(*, params: Mapping[str, Any], expected: Mapping[str, Any],
       missing (unexpected) paths and `fail_if_missing` (`fail_if_extra`).
   """
   diff = inspect.compare(inspect.shapes(params), inspect.shapes(expected))
-  if (diff.mismatched or (fail_if_missing and diff.missing)
-      or (fail_if_extra and diff.unexpected)):
+  if (
+    diff.mismatched
+    or (fail_if_missing and diff.missing)
+    or (fail_if_extra and diff.unexpected)
+  ):
     raise CheckpointError(f'{source} does not fit the model:\n{diff.report()}')
   return diff
 
 
-def load_pretrained(*, pretrained_path: Union[str, Checkpoint],
-                    init_params: Mapping[str, Any],
-                    model_config: Mapping[str, Any],
-                    reset_head: bool = True,
-                    resize_method: str = 'bilinear',
-                    grid: Optional[adapt.Grid] = None,
-                    pretrained_grid: Optional[adapt.Grid] = None,
-                    log: Callable[[str], None] = logging.info
-                    ) -> Dict[str, Any]:
+def load_pretrained(
+  *,
+  pretrained_path: Union[str, Checkpoint],
+  init_params: Mapping[str, Any],
+  model_config: Mapping[str, Any],
+  reset_head: bool = True,
+  resize_method: str = 'bilinear',
+  grid: Optional[adapt.Grid] = None,
+  pretrained_grid: Optional[adapt.Grid] = None,
+  log: Callable[[str], None] = logging.info,
+) -> Dict[str, Any]:
   """Loads a checkpoint and adapts it to the model that `init_params` is of.
 
   Adapted (and logged): the head (every leaf under `head/`) is replaced by
@@ -180,25 +205,38 @@ def load_pretrained(*, pretrained_path: Union[str, Checkpoint],
   for option, value in ckpt.model_options.items():
     if model_config.get(option, _MODEL_DEFAULTS.get(option)) != value:
       raise CheckpointError(
-          f'{pretrained_path}: {ckpt.format} weights compute their source\'s '
-          f'function only with {option}={value!r}; build the model with '
-          f'`**checkpoint.read(path).model_options` (or '
-          f'--config.model.{option}={value}).')
+        f"{pretrained_path}: {ckpt.format} weights compute their source's "
+        f'function only with {option}={value!r}; build the model with '
+        f'`**checkpoint.read(path).model_options` (or '
+        f'--config.model.{option}={value}).'
+      )
   expected = inspect.flatten(init_params)
   loaded = adapt.adapt_to_model(
-      inspect.flatten(ckpt.params), expected, reset_head=reset_head,
-      resize_method=resize_method, grid=grid,
-      pretrained_grid=pretrained_grid,
-      log=lambda message: log(f'{pretrained_path}: {message}'),
-      source=pretrained_path)
-  inspect_params(params=inspect.unflatten(loaded), expected=init_params,
-                 source=pretrained_path)
-  return inspect.unflatten({key: np.asarray(loaded[key], dtype=value.dtype)
-                           for key, value in expected.items()})
+    inspect.flatten(ckpt.params),
+    expected,
+    reset_head=reset_head,
+    resize_method=resize_method,
+    grid=grid,
+    pretrained_grid=pretrained_grid,
+    log=lambda message: log(f'{pretrained_path}: {message}'),
+    source=pretrained_path,
+  )
+  inspect_params(
+    params=inspect.unflatten(loaded),
+    expected=init_params,
+    source=pretrained_path,
+  )
+  return inspect.unflatten(
+    {
+      key: np.asarray(loaded[key], dtype=value.dtype)
+      for key, value in expected.items()
+    }
+  )
 
 
-def save(path: str, params: Mapping[str, Any], *,
-         num_heads: Optional[int] = None) -> None:
+def save(
+  path: str, params: Mapping[str, Any], *, num_heads: Optional[int] = None
+) -> None:
   """Writes `params` atomically, in the format of `path`'s extension.
 
   `.npz`: Google's published naming (read by vit_jax and timm's npz loader).
@@ -206,18 +244,22 @@ def save(path: str, params: Mapping[str, Any], *,
   Swin tree), loadable by
   `timm.create_model(..., pretrained_cfg_overlay=dict(file=path))`.
   """
-  flat = {key: np.asarray(value, np.float32)
-          for key, value in inspect.flatten(params).items()}
+  flat = {
+    key: np.asarray(value, np.float32)
+    for key, value in inspect.flatten(params).items()
+  }
   if path.endswith('.safetensors') and 'stage_0' in params:  # A Swin.
     files.write_safetensors(path, swin_names.to_timm(params))
   elif path.endswith('.safetensors'):
     if num_heads is None:
       raise CheckpointError(f'{path}: saving timm names needs num_heads.')
     files.write_safetensors(
-        path, torch_names.to_timm(inspect.unflatten(flat), num_heads))
+      path, torch_names.to_timm(inspect.unflatten(flat), num_heads)
+    )
   elif path.endswith('.npz'):
     files.write_npz(path, google_npz.to_google(flat))
   else:
     raise CheckpointError(
-        f'{path}: unknown extension {os.path.splitext(path)[1]!r}; use .npz '
-        '(Google names) or .safetensors (timm names).')
+      f'{path}: unknown extension {os.path.splitext(path)[1]!r}; use .npz '
+      '(Google names) or .safetensors (timm names).'
+    )

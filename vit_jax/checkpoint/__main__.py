@@ -1,7 +1,7 @@
 """Inspect and convert checkpoints from the command line.
 
-  python -m vit_jax.checkpoint inspect FILE [--num_heads N]
-  python -m vit_jax.checkpoint convert IN OUT --to npz|safetensors [--num_heads N]
+python -m vit_jax.checkpoint inspect FILE [--num_heads N]
+python -m vit_jax.checkpoint convert IN OUT --to npz|safetensors [--num_heads N]
 """
 
 import argparse
@@ -29,7 +29,8 @@ def _inspect(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
   if not args.output.endswith('.' + args.to):
     raise checkpoint.CheckpointError(
-        f'{args.output}: --to {args.to} needs a .{args.to} file name.')
+      f'{args.output}: --to {args.to} needs a .{args.to} file name.'
+    )
   ckpt = checkpoint.read(args.input, num_heads=args.num_heads)
   checkpoint.save(args.output, ckpt.params, num_heads=args.num_heads)
   print(f'{args.input} ({ckpt.format}) → {args.output} ({args.to})')
@@ -37,8 +38,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
   """`python -m vit_jax.checkpoint`'s command line."""
-  result = argparse.ArgumentParser(prog='python -m vit_jax.checkpoint',
-                                   description=__doc__.splitlines()[0])
+  result = argparse.ArgumentParser(
+    prog='python -m vit_jax.checkpoint', description=__doc__.splitlines()[0]
+  )
   commands = result.add_subparsers(dest='command', required=True)
   show = commands.add_parser('inspect', help='print paths, shapes, dtypes')
   show.add_argument('file')
@@ -48,9 +50,12 @@ def parser() -> argparse.ArgumentParser:
   convert.add_argument('--to', choices=('npz', 'safetensors'), required=True)
   for command in (show, convert):
     command.add_argument(
-        '--num_heads', type=int, default=None,
-        help='attention heads; needed to read timm/HF files and to write '
-        'safetensors (e.g. 3 Ti, 6 S, 12 B, 16 L/H)')
+      '--num_heads',
+      type=int,
+      default=None,
+      help='attention heads; needed to read timm/HF files and to write '
+      'safetensors (e.g. 3 Ti, 6 S, 12 B, 16 L/H)',
+    )
   return result
 
 

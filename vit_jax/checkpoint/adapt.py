@@ -27,14 +27,20 @@ def square_grid(num_tokens: int, what: str) -> Grid:
   side = math.isqrt(num_tokens)
   if side * side != num_tokens:
     raise CheckpointError(
-        f'{what}: {num_tokens} patch tokens do not form a square grid; pass '
-        'the (rows, columns) of the grid explicitly.')
+      f'{what}: {num_tokens} patch tokens do not form a square grid; pass '
+      'the (rows, columns) of the grid explicitly.'
+    )
   return side, side
 
 
-def resize_posemb(posemb: np.ndarray, new_grid: Grid, *, num_prefix: int,
-                  old_grid: Optional[Grid] = None,
-                  method: str = 'bilinear') -> np.ndarray:
+def resize_posemb(
+  posemb: np.ndarray,
+  new_grid: Grid,
+  *,
+  num_prefix: int,
+  old_grid: Optional[Grid] = None,
+  method: str = 'bilinear',
+) -> np.ndarray:
   """Resizes position embeddings `[1, prefix + rows * cols, dim]` to a grid.
 
   The prefix tokens (the class token) keep their embeddings; the grid part is
@@ -54,14 +60,16 @@ def resize_posemb(posemb: np.ndarray, new_grid: Grid, *, num_prefix: int,
   """
   if method not in RESIZE_METHODS:
     raise CheckpointError(
-        f'Unknown position-embedding resize method {method!r}; use one of '
-        f'{RESIZE_METHODS}.')
+      f'Unknown position-embedding resize method {method!r}; use one of '
+      f'{RESIZE_METHODS}.'
+    )
   prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
   old_grid = old_grid or square_grid(grid.shape[0], 'pos_embedding')
   if old_grid[0] * old_grid[1] != grid.shape[0]:
     raise CheckpointError(
-        f'pos_embedding has {grid.shape[0]} patch tokens, not the '
-        f'{old_grid[0]}x{old_grid[1]} grid given.')
+      f'pos_embedding has {grid.shape[0]} patch tokens, not the '
+      f'{old_grid[0]}x{old_grid[1]} grid given.'
+    )
   if tuple(old_grid) == tuple(new_grid):
     return np.asarray(posemb, np.float32)
   grid = grid.reshape(*old_grid, -1)
@@ -69,15 +77,24 @@ def resize_posemb(posemb: np.ndarray, new_grid: Grid, *, num_prefix: int,
     zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
     grid = scipy.ndimage.zoom(grid, zoom, order=1)
   else:
-    grid = np.asarray(jax.image.resize(
-        jnp.asarray(grid), (*new_grid, grid.shape[-1]), method='bicubic',
-        antialias=False))
+    grid = np.asarray(
+      jax.image.resize(
+        jnp.asarray(grid),
+        (*new_grid, grid.shape[-1]),
+        method='bicubic',
+        antialias=False,
+      )
+    )
   grid = grid.reshape(1, new_grid[0] * new_grid[1], -1)
   return np.concatenate([prefix, grid], axis=1).astype(np.float32)
 
 
-def replace_head(loaded: Flat, expected: Mapping[str, Any], reset: bool,
-                 log: Callable[[str], None]) -> Flat:
+def replace_head(
+  loaded: Flat,
+  expected: Mapping[str, Any],
+  reset: bool,
+  log: Callable[[str], None],
+) -> Flat:
   """`loaded` with the model's initialised head, if `reset` or it differs.
 
   The head is every leaf under `head/` (a Dense, or an MLP head's layers); a
@@ -86,20 +103,30 @@ def replace_head(loaded: Flat, expected: Mapping[str, Any], reset: bool,
   """
   new_head = {k: v for k, v in expected.items() if trainable.is_head(k)}
   old_head = {k: v for k, v in loaded.items() if trainable.is_head(k)}
-  fits = ({k: np.shape(v) for k, v in old_head.items()} ==
-          {k: np.shape(v) for k, v in new_head.items()})
+  fits = {k: np.shape(v) for k, v in old_head.items()} == {
+    k: np.shape(v) for k, v in new_head.items()
+  }
   if not new_head or (fits and not reset):
     return loaded
-  log(f'head {sorted((k, np.shape(v)) for k, v in old_head.items())} → '
-      f'initialised {sorted((k, np.shape(v)) for k, v in new_head.items())}.')
+  log(
+    f'head {sorted((k, np.shape(v)) for k, v in old_head.items())} → '
+    f'initialised {sorted((k, np.shape(v)) for k, v in new_head.items())}.'
+  )
   kept = {k: v for k, v in loaded.items() if not trainable.is_head(k)}
   return {**kept, **{k: np.asarray(v) for k, v in new_head.items()}}
 
 
-def adapt_to_model(loaded: Flat, expected: Mapping[str, Any], *,
-                   reset_head: bool, resize_method: str,
-                   grid: Optional[Grid], pretrained_grid: Optional[Grid],
-                   log: Callable[[str], None], source: str) -> Flat:
+def adapt_to_model(
+  loaded: Flat,
+  expected: Mapping[str, Any],
+  *,
+  reset_head: bool,
+  resize_method: str,
+  grid: Optional[Grid],
+  pretrained_grid: Optional[Grid],
+  log: Callable[[str], None],
+  source: str,
+) -> Flat:
   """The three expected differences of a checkpoint, made to fit the model.
 
   `loaded` and `expected` are flat ({'a/b': array}); the head is reset (see
@@ -109,21 +136,32 @@ def adapt_to_model(loaded: Flat, expected: Mapping[str, Any], *,
   """
   if 'pre_logits/kernel' in loaded and 'pre_logits/kernel' not in expected:
     log('dropping pre_logits (model has no representation layer).')
-    loaded = {k: v for k, v in loaded.items()
-              if not k.startswith('pre_logits/')}
+    loaded = {
+      k: v for k, v in loaded.items() if not k.startswith('pre_logits/')
+    }
   loaded = replace_head(loaded, expected, reset_head, log)
   posemb = 'Transformer/posembed_input/pos_embedding'
-  if (posemb in loaded and posemb in expected and
-      np.shape(loaded[posemb]) != np.shape(expected[posemb])):
+  if (
+    posemb in loaded
+    and posemb in expected
+    and np.shape(loaded[posemb]) != np.shape(expected[posemb])
+  ):
     num_prefix = 1 if 'cls' in expected else 0
     new_tokens = np.shape(expected[posemb])[1] - num_prefix
     new_grid = grid or square_grid(new_tokens, 'model pos_embedding')
     try:
-      resized = resize_posemb(loaded[posemb], new_grid, num_prefix=num_prefix,
-                              old_grid=pretrained_grid, method=resize_method)
+      resized = resize_posemb(
+        loaded[posemb],
+        new_grid,
+        num_prefix=num_prefix,
+        old_grid=pretrained_grid,
+        method=resize_method,
+      )
     except CheckpointError as e:
       raise CheckpointError(f'{source}: {e}') from e
-    log(f'resized {posemb} {np.shape(loaded[posemb])} → {resized.shape} '
-        f'({resize_method}).')
+    log(
+      f'resized {posemb} {np.shape(loaded[posemb])} → {resized.shape} '
+      f'({resize_method}).'
+    )
     loaded = {**loaded, posemb: resized}
   return loaded

@@ -24,8 +24,14 @@ from vit_jax.errors import CheckpointError
 PathLike = Union[str, os.PathLike]
 
 # What numpy and zipfile raise for a file that is not a whole .npz archive.
-_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
-               KeyError)
+_NPZ_ERRORS = (
+  zipfile.BadZipFile,
+  zlib.error,
+  EOFError,
+  OSError,
+  ValueError,
+  KeyError,
+)
 _HALF_PRECISION = ('float16', 'bfloat16')
 
 
@@ -50,8 +56,7 @@ def atomic_path(path: str) -> Iterator[str]:
       os.remove(temporary)
 
 
-def read_npz(path: PathLike, *,
-             float32: bool = False) -> Dict[str, np.ndarray]:
+def read_npz(path: PathLike, *, float32: bool = False) -> Dict[str, np.ndarray]:
   """Every array of the `.npz` at `path`, as stored (no pickles).
 
   Args:
@@ -66,15 +71,18 @@ def read_npz(path: PathLike, *,
   """
   path = os.fspath(path)
   _check_is_file(path)
-  not_readable = (f'{path}: not a readable .npz archive; it is truncated '
-                  '(write or download it again) or not a checkpoint.')
+  not_readable = (
+    f'{path}: not a readable .npz archive; it is truncated '
+    '(write or download it again) or not a checkpoint.'
+  )
   try:
     archive = np.load(path, allow_pickle=False)
   except _NPZ_ERRORS as e:  # numpy's text (of pickles, say) would mislead.
     raise CheckpointError(not_readable) from e
   if not isinstance(archive, np.lib.npyio.NpzFile):
     raise CheckpointError(
-        f'{path}: holds a single array, not an .npz archive of named arrays.')
+      f'{path}: holds a single array, not an .npz archive of named arrays.'
+    )
   arrays = {}
   with archive:
     for key in archive.files:
@@ -83,8 +91,9 @@ def read_npz(path: PathLike, *,
       except _NPZ_ERRORS as e:
         if isinstance(e, ValueError) and 'allow_pickle' in str(e):
           raise CheckpointError(
-              f'{path}: {key!r} holds pickled Python objects, not an array; '
-              'only numeric arrays are read (pickles can run code).') from e
+            f'{path}: {key!r} holds pickled Python objects, not an array; '
+            'only numeric arrays are read (pickles can run code).'
+          ) from e
         raise CheckpointError(not_readable) from e
   if not arrays:
     raise CheckpointError(f'{path}: the archive holds no arrays.')
@@ -136,16 +145,23 @@ def read_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
     flat = safetensors.numpy.load_file(path)
   except (safetensors.SafetensorError, OSError) as e:
     raise CheckpointError(
-        f'{path}: not a readable safetensors file ({e}). It may be truncated '
-        '(an interrupted download: fetch it again) or in another format (a '
-        'pickled .bin/.pth file: convert it to safetensors).') from e
-  return {key: value.astype(np.float32)
-                    if value.dtype.name in _HALF_PRECISION else value
-          for key, value in flat.items()}
+      f'{path}: not a readable safetensors file ({e}). It may be truncated '
+      '(an interrupted download: fetch it again) or in another format (a '
+      'pickled .bin/.pth file: convert it to safetensors).'
+    ) from e
+  return {
+    key: value.astype(np.float32)
+    if value.dtype.name in _HALF_PRECISION
+    else value
+    for key, value in flat.items()
+  }
 
 
-def write_safetensors(path: PathLike, flat: Mapping[str, Any],
-                      metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_safetensors(
+  path: PathLike,
+  flat: Mapping[str, Any],
+  metadata: Optional[Mapping[str, str]] = None,
+) -> None:
   """Writes `flat` to `path` atomically (see `atomic_path`).
 
   Args:
@@ -164,4 +180,5 @@ def write_safetensors(path: PathLike, flat: Mapping[str, Any],
       safetensors.numpy.save_file(tensors, temporary, metadata=metadata)
     except safetensors.SafetensorError as e:
       raise CheckpointError(
-          f'{path}: cannot write it ({e}); pass numeric arrays only.') from e
+        f'{path}: cannot write it ({e}); pass numeric arrays only.'
+      ) from e

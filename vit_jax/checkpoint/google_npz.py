@@ -27,10 +27,10 @@ Flat = Dict[str, np.ndarray]
 
 # Pre-linen name → linen name, inside `Transformer/encoderblock_{i}`.
 _PRE_LINEN_BLOCK_NAMES = {
-    'LayerNorm_0': 'LayerNorm_0',
-    'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
-    'LayerNorm_2': 'LayerNorm_1',
-    'MlpBlock_3': 'MlpBlock_0',
+  'LayerNorm_0': 'LayerNorm_0',
+  'MultiHeadDotProductAttention_1': 'MultiHeadDotProductAttention_0',
+  'LayerNorm_2': 'LayerNorm_1',
+  'MlpBlock_3': 'MlpBlock_0',
 }
 _LINEN_BLOCK_NAMES = {v: k for k, v in _PRE_LINEN_BLOCK_NAMES.items()}
 _BLOCK = re.compile(r'^(.*encoderblock_\d+)/([^/]+)/(.*)$')
@@ -40,8 +40,11 @@ _GROUP_NORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 def from_google(flat: Mapping[str, np.ndarray]) -> Flat:
   """Google's keys (any of the three layouts) → this project's flat paths."""
   if any(key.startswith('params/') for key in flat):
-    flat = {key[len('params/'):]: value for key, value in flat.items()
-            if key.startswith('params/')}
+    flat = {
+      key[len('params/') :]: value
+      for key, value in flat.items()
+      if key.startswith('params/')
+    }
   converted = {}
   for key, value in flat.items():
     key = _rename_block_module(key, _PRE_LINEN_BLOCK_NAMES)
@@ -53,8 +56,10 @@ def from_google(flat: Mapping[str, np.ndarray]) -> Flat:
 
 def to_google(flat: Mapping[str, np.ndarray]) -> Flat:
   """This project's flat paths → Google's published (pre-linen) keys."""
-  return {_rename_block_module(key, _LINEN_BLOCK_NAMES): np.asarray(value)
-          for key, value in flat.items()}
+  return {
+    _rename_block_module(key, _LINEN_BLOCK_NAMES): np.asarray(value)
+    for key, value in flat.items()
+  }
 
 
 def _rename_block_module(key: str, names: Mapping[str, str]) -> str:

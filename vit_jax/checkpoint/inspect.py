@@ -27,6 +27,7 @@ def shapes(tree: Mapping[str, Any]) -> Dict[str, Shape]:
 @dataclasses.dataclass(frozen=True)
 class TreeDiff:
   """How a loaded tree differs from the expected one, path by path."""
+
   missing: List[str]  # Expected by the model, absent from the file.
   unexpected: List[str]  # In the file, unknown to the model.
   mismatched: List[Tuple[str, Shape, Shape]]  # (path, loaded, expected)
@@ -35,25 +36,31 @@ class TreeDiff:
   def ok(self) -> bool:
     return not (self.missing or self.unexpected or self.mismatched)
 
-  def report(self, limit: int = 20, loaded: str = 'checkpoint',
-             expected: str = 'model') -> str:
+  def report(
+    self, limit: int = 20, loaded: str = 'checkpoint', expected: str = 'model'
+  ) -> str:
     """Human-readable listing, at most `limit` paths per kind.
 
     `loaded` and `expected` name the two trees compared.
     """
     lines = []
-    for title, items in ((f'missing from the {loaded}', self.missing),
-                         (f'not in the {expected}', self.unexpected)):
+    for title, items in (
+      (f'missing from the {loaded}', self.missing),
+      (f'not in the {expected}', self.unexpected),
+    ):
       if items:
         lines.append(f'{len(items)} parameter(s) {title}:')
         lines += [f'  {path}' for path in items[:limit]]
         if len(items) > limit:
           lines.append(f'  ... and {len(items) - limit} more')
     if self.mismatched:
-      lines.append(f'{len(self.mismatched)} shape mismatch(es) '
-                   f'({loaded} vs {expected}):')
-      lines += [f'  {path}: {got} vs {want}'
-                for path, got, want in self.mismatched[:limit]]
+      lines.append(
+        f'{len(self.mismatched)} shape mismatch(es) ({loaded} vs {expected}):'
+      )
+      lines += [
+        f'  {path}: {got} vs {want}'
+        for path, got, want in self.mismatched[:limit]
+      ]
       if len(self.mismatched) > limit:
         lines.append(f'  ... and {len(self.mismatched) - limit} more')
     return '\n'.join(lines) or 'trees match'
@@ -64,12 +71,16 @@ def _shallow_first(paths) -> List[str]:
   return sorted(paths, key=lambda path: (path.count('/'), path))
 
 
-def compare(loaded: Mapping[str, Shape],
-            expected: Mapping[str, Shape]) -> TreeDiff:
+def compare(
+  loaded: Mapping[str, Shape], expected: Mapping[str, Shape]
+) -> TreeDiff:
   """Diff of two {path: shape} maps."""
   return TreeDiff(
-      missing=_shallow_first(set(expected) - set(loaded)),
-      unexpected=_shallow_first(set(loaded) - set(expected)),
-      mismatched=[(path, tuple(loaded[path]), tuple(expected[path]))
-                  for path in _shallow_first(set(loaded) & set(expected))
-                  if tuple(loaded[path]) != tuple(expected[path])])
+    missing=_shallow_first(set(expected) - set(loaded)),
+    unexpected=_shallow_first(set(loaded) - set(expected)),
+    mismatched=[
+      (path, tuple(loaded[path]), tuple(expected[path]))
+      for path in _shallow_first(set(loaded) & set(expected))
+      if tuple(loaded[path]) != tuple(expected[path])
+    ],
+  )

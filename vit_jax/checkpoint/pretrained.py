@@ -18,11 +18,15 @@ from vit_jax.models import table
 PyTree = Any
 
 
-def init_params(model: Any, crop: int, *, seed: int,
-                pretrained_path: Optional[str] = None,
-                model_config: Optional[Mapping[str, Any]] = None,
-                is_added: Callable[[str], bool] = lambda path: False
-                ) -> PyTree:
+def init_params(
+  model: Any,
+  crop: int,
+  *,
+  seed: int,
+  pretrained_path: Optional[str] = None,
+  model_config: Optional[Mapping[str, Any]] = None,
+  is_added: Callable[[str], bool] = lambda path: False,
+) -> PyTree:
   """The model's initialised params, then the pretrained checkpoint's.
 
   Args:
@@ -35,16 +39,21 @@ def init_params(model: Any, crop: int, *, seed: int,
     is_added: leaves the fine-tuning mode adds (injected parameters): not in
       the checkpoint, they keep their initial values.
   """
-  params = jax.jit(lambda key: model.init(
-      key, jnp.zeros([1, crop, crop, 3]), train=False)['params'])(
-          jax.random.key(seed))
+  params = jax.jit(
+    lambda key: model.init(key, jnp.zeros([1, crop, crop, 3]), train=False)[
+      'params'
+    ]
+  )(jax.random.key(seed))
   if pretrained_path is None:
     logging.info('No pretrained checkpoint configured: training from scratch.')
     return params
   logging.info('Initialising from %s', pretrained_path)
   added, base = trainable_lib.partition(params, is_added)
-  loaded = load_pretrained(pretrained_path=pretrained_path, init_params=base,
-                           model_config=model_config or {})
+  loaded = load_pretrained(
+    pretrained_path=pretrained_path,
+    init_params=base,
+    model_config=model_config or {},
+  )
   return trainable_lib.combine(loaded, added)
 
 
@@ -55,8 +64,9 @@ def zero_params(model: Any, crop: int) -> PyTree:
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
-def model_from_checkpoint(model_config: Mapping[str, Any], path: str,
-                          crop: int) -> Tuple[Any, PyTree]:
+def model_from_checkpoint(
+  model_config: Mapping[str, Any], path: str, crop: int
+) -> Tuple[Any, PyTree]:
   """A plain model and its parameters from one checkpoint file.
 
   The model is `model_config` with the checkpoint's head size and source
@@ -69,8 +79,12 @@ def model_from_checkpoint(model_config: Mapping[str, Any], path: str,
   head = ckpt.params.get('head', {}).get('kernel')
   model_config.update(ckpt.model_options)
   model = models.build_model(
-      model_config, num_classes=None if head is None else head.shape[-1])
+    model_config, num_classes=None if head is None else head.shape[-1]
+  )
   params = load_pretrained(
-      pretrained_path=ckpt, model_config=model_config, reset_head=False,
-      init_params=zero_params(model, crop))
+    pretrained_path=ckpt,
+    model_config=model_config,
+    reset_head=False,
+    init_params=zero_params(model, crop),
+  )
   return model, params

@@ -61,10 +61,13 @@ def fingerprint(flat: Mapping[str, np.ndarray]) -> str:
   return sha.hexdigest()
 
 
-def save_task_params(path: str, params: PyTree,
-                     trainable: trainable_lib.Trainable,
-                     base_params: Optional[PyTree] = None,
-                     metadata: Optional[Mapping[str, Any]] = None) -> None:
+def save_task_params(
+  path: str,
+  params: PyTree,
+  trainable: trainable_lib.Trainable,
+  base_params: Optional[PyTree] = None,
+  metadata: Optional[Mapping[str, Any]] = None,
+) -> None:
   """Writes the `trainable` leaves of `params` and a record of their base.
 
   Args:
@@ -86,32 +89,38 @@ def save_task_params(path: str, params: PyTree,
   task = {p: v for p, v in flat.items() if trainable(p)}
   if not task:
     raise CheckpointError(
-        f'{path}: `trainable` selects none of the parameters (e.g. '
-        f'{sorted(flat)[:5]}); nothing was trained.')
+      f'{path}: `trainable` selects none of the parameters (e.g. '
+      f'{sorted(flat)[:5]}); nothing was trained.'
+    )
   reserved = sorted(p for p in flat if p.startswith(META_PREFIX))
   if reserved:
     raise CheckpointError(
-        f'{path}: parameter paths {reserved} start with the reserved prefix '
-        f'{META_PREFIX!r}; rename those modules.')
+      f'{path}: parameter paths {reserved} start with the reserved prefix '
+      f'{META_PREFIX!r}; rename those modules.'
+    )
   frozen = {p: v for p, v in flat.items() if p not in task}
   if base_params is None:
     base = frozen
   else:
     base = {p: v for p, v in _flat_numpy(base_params).items() if p not in task}
-    changed = sorted(p for p, v in frozen.items()
-                     if p not in base or not np.array_equal(v, base[p]))
+    changed = sorted(
+      p
+      for p, v in frozen.items()
+      if p not in base or not np.array_equal(v, base[p])
+    )
     if changed:
       raise CheckpointError(
-          f'{path}: these parameters are not selected as trainable but differ '
-          f'from base_params, so the task file would lose them: {changed}. '
-          f'Add them to `trainable`, or pass the base they were trained on.')
+        f'{path}: these parameters are not selected as trainable but differ '
+        f'from base_params, so the task file would lose them: {changed}. '
+        f'Add them to `trainable`, or pass the base they were trained on.'
+      )
   meta = {
-      'format': FORMAT,
-      'version': VERSION,
-      'task_dtypes': {p: v.dtype.name for p, v in task.items()},
-      'base_shapes': {p: list(v.shape) for p, v in base.items()},
-      'base_fingerprint': fingerprint(base),
-      'metadata': dict(metadata or {}),
+    'format': FORMAT,
+    'version': VERSION,
+    'task_dtypes': {p: v.dtype.name for p, v in task.items()},
+    'base_shapes': {p: list(v.shape) for p, v in base.items()},
+    'base_fingerprint': fingerprint(base),
+    'metadata': dict(metadata or {}),
   }
   meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   files.write_npz(path, {**task, META_KEY: meta_bytes})
@@ -121,23 +130,27 @@ def _parse_meta(path: str, arrays: Mapping[str, np.ndarray]) -> dict:
   """The JSON description stored under META_KEY, checked for format/version."""
   if META_KEY not in arrays:
     raise CheckpointError(
-        f'{path}: not a task file, it has no {META_KEY!r} entry (keys: '
-        f'{sorted(arrays)[:5]}...). Full checkpoints load with '
-        f'vit_jax.checkpoint.load; task files are written by save_task_params.')
+      f'{path}: not a task file, it has no {META_KEY!r} entry (keys: '
+      f'{sorted(arrays)[:5]}...). Full checkpoints load with '
+      f'vit_jax.checkpoint.load; task files are written by save_task_params.'
+    )
   try:
     meta = json.loads(arrays[META_KEY].tobytes().decode())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(
-        f'{path}: the {META_KEY!r} entry is not valid JSON ({e}); the file is '
-        f'corrupt, save it again.') from e
+      f'{path}: the {META_KEY!r} entry is not valid JSON ({e}); the file is '
+      f'corrupt, save it again.'
+    ) from e
   if not isinstance(meta, dict) or meta.get('format') != FORMAT:
     raise CheckpointError(
-        f'{path}: {META_KEY!r} does not describe a task file (expected format '
-        f'{FORMAT!r}).')
+      f'{path}: {META_KEY!r} does not describe a task file (expected format '
+      f'{FORMAT!r}).'
+    )
   if meta.get('version') != VERSION:
     raise CheckpointError(
-        f'{path}: task file version {meta.get("version")!r}, this code reads '
-        f'version {VERSION}; update vit_jax.')
+      f'{path}: task file version {meta.get("version")!r}, this code reads '
+      f'version {VERSION}; update vit_jax.'
+    )
   return meta
 
 
@@ -148,8 +161,9 @@ def read_record(path: str) -> Dict[str, Any]:
   return _parse_meta(path, files.read_npz(path))
 
 
-def load_task_params(path: str, base_params: PyTree,
-                     strict: bool = True) -> PyTree:
+def load_task_params(
+  path: str, base_params: PyTree, strict: bool = True
+) -> PyTree:
   """Applies the task file at `path` on top of `base_params`.
 
   Args:
@@ -172,31 +186,39 @@ def load_task_params(path: str, base_params: PyTree,
   """
   arrays = files.read_npz(path)
   meta = _parse_meta(path, arrays)
-  task = {p: v.view(jnp.dtype(meta['task_dtypes'][p]))
-          for p, v in arrays.items() if not p.startswith(META_PREFIX)}
+  task = {
+    p: v.view(jnp.dtype(meta['task_dtypes'][p]))
+    for p, v in arrays.items()
+    if not p.startswith(META_PREFIX)
+  }
   flat = inspect.flatten(base_params)
   if not flat and meta['base_shapes']:
     raise CheckpointError(
-        f'{path}: holds only the fine-tuned arrays ({len(task)}); the other '
-        f'{len(meta["base_shapes"])} come from the checkpoint it was '
-        'fine-tuned from (recorded: '
-        f'{meta["metadata"].get("pretrained_path") or "not recorded"}). Pass '
-        'that base checkpoint.')
+      f'{path}: holds only the fine-tuned arrays ({len(task)}); the other '
+      f'{len(meta["base_shapes"])} come from the checkpoint it was '
+      'fine-tuned from (recorded: '
+      f'{meta["metadata"].get("pretrained_path") or "not recorded"}). Pass '
+      'that base checkpoint.'
+    )
   base = {p: v for p, v in flat.items() if p not in task}
-  diff = inspect.compare({p: np.shape(v) for p, v in base.items()},
-                         {p: tuple(s) for p, s in meta['base_shapes'].items()})
+  diff = inspect.compare(
+    {p: np.shape(v) for p, v in base.items()},
+    {p: tuple(s) for p, s in meta['base_shapes'].items()},
+  )
   if not diff.ok:
     raise CheckpointError(
-        f'{path}: base_params is not the base this task was trained on:\n'
-        f'{diff.report(loaded="base_params", expected="recorded base")}\n'
-        'Pass the base checkpoint the task was fine-tuned from.')
+      f'{path}: base_params is not the base this task was trained on:\n'
+      f'{diff.report(loaded="base_params", expected="recorded base")}\n'
+      'Pass the base checkpoint the task was fine-tuned from.'
+    )
   if strict:
     expected, actual = meta['base_fingerprint'], fingerprint(base)
     if expected != actual:
       raise CheckpointError(
-          f'{path}: the task file was trained on a different base checkpoint '
-          f'(fingerprint {expected[:_SHORT]}, base_params has '
-          f'{actual[:_SHORT]}): same paths and shapes, other values or '
-          f'dtypes. Pass the base it was fine-tuned from, or strict=False to '
-          f'apply it anyway.')
+        f'{path}: the task file was trained on a different base checkpoint '
+        f'(fingerprint {expected[:_SHORT]}, base_params has '
+        f'{actual[:_SHORT]}): same paths and shapes, other values or '
+        f'dtypes. Pass the base it was fine-tuned from, or strict=False to '
+        f'apply it anyway.'
+      )
   return inspect.unflatten({**flat, **task})

@@ -59,13 +59,18 @@ HF_LAYERNORM_EPSILON = 1e-12
 _QKV = ('query', 'key', 'value')
 # Within one layer: our module name → the source's tensor-name prefix, for
 # everything but query/key/value (fused in timm, separate in HF).
-_TIMM_BLOCK = {'out': 'attn.proj.', 'LayerNorm_0': 'norm1.',
-               'LayerNorm_1': 'norm2.', 'Dense_0': 'mlp.fc1.',
-               'Dense_1': 'mlp.fc2.'}
+_TIMM_BLOCK = {
+  'out': 'attn.proj.',
+  'LayerNorm_0': 'norm1.',
+  'LayerNorm_1': 'norm2.',
+  'Dense_0': 'mlp.fc1.',
+  'Dense_1': 'mlp.fc2.',
+}
 
 
 class _HFNames(NamedTuple):
   """Tensor names of one transformers version's ViT layers."""
+
   layers: str  # Layer i's tensors start with f'{layers}{i}.'.
   qkv: Dict[str, str]  # query/key/value → name prefix within a layer.
   rest: Dict[str, str]  # As _TIMM_BLOCK.
@@ -73,17 +78,32 @@ class _HFNames(NamedTuple):
 
 # transformers 4, and the files published on the Hugging Face Hub.
 _HF_V4 = _HFNames(
-    'encoder.layer.', {name: f'attention.attention.{name}.' for name in _QKV},
-    {'out': 'attention.output.dense.', 'LayerNorm_0': 'layernorm_before.',
-     'LayerNorm_1': 'layernorm_after.', 'Dense_0': 'intermediate.dense.',
-     'Dense_1': 'output.dense.'})
+  'encoder.layer.',
+  {name: f'attention.attention.{name}.' for name in _QKV},
+  {
+    'out': 'attention.output.dense.',
+    'LayerNorm_0': 'layernorm_before.',
+    'LayerNorm_1': 'layernorm_after.',
+    'Dense_0': 'intermediate.dense.',
+    'Dense_1': 'output.dense.',
+  },
+)
 # transformers 5's `state_dict()` (it renames v4 files when loading them).
 _HF_V5 = _HFNames(
-    'layers.', {'query': 'attention.q_proj.', 'key': 'attention.k_proj.',
-                'value': 'attention.v_proj.'},
-    {'out': 'attention.o_proj.', 'LayerNorm_0': 'layernorm_before.',
-     'LayerNorm_1': 'layernorm_after.', 'Dense_0': 'mlp.fc1.',
-     'Dense_1': 'mlp.fc2.'})
+  'layers.',
+  {
+    'query': 'attention.q_proj.',
+    'key': 'attention.k_proj.',
+    'value': 'attention.v_proj.',
+  },
+  {
+    'out': 'attention.o_proj.',
+    'LayerNorm_0': 'layernorm_before.',
+    'LayerNorm_1': 'layernorm_after.',
+    'Dense_0': 'mlp.fc1.',
+    'Dense_1': 'mlp.fc2.',
+  },
+)
 _HF_PREFIX = 'vit.'
 # Used only for masked-image-modelling inputs (`bool_masked_pos`), never by
 # the classification or feature forward pass, so dropping it loses nothing.
@@ -117,8 +137,13 @@ class StateReader:
   dict in messages, e.g. 'timm state dict'.
   """
 
-  def __init__(self, state: Mapping[str, Any], what: str, prefix: str = '',
-               model: str = 'ViT'):
+  def __init__(
+    self,
+    state: Mapping[str, Any],
+    what: str,
+    prefix: str = '',
+    model: str = 'ViT',
+  ):
     self._what = what
     self._model = model
     self._prefix = prefix
@@ -128,8 +153,9 @@ class StateReader:
       key = name.removeprefix(prefix) if prefix else name
       if key in self._tensors:
         raise CheckpointError(
-            f'The {what} holds both {self._names[key]!r} and {name!r}, which '
-            'name the same tensor; keep only one of them.')
+          f'The {what} holds both {self._names[key]!r} and {name!r}, which '
+          'name the same tensor; keep only one of them.'
+        )
       self._tensors[key] = tensor
       self._names[key] = name
 
@@ -144,22 +170,30 @@ class StateReader:
     if key not in self._tensors:
       also = f' (nor {self._prefix + key!r})' if self._prefix else ''
       raise CheckpointError(
-          f'The {self._what} has no {key!r}{also}, which a standard '
-          f'{self._model} has; it is of another architecture or incomplete.')
+        f'The {self._what} has no {key!r}{also}, which a standard '
+        f'{self._model} has; it is of another architecture or incomplete.'
+      )
     name = self._names.pop(key)
     tensor = np.asarray(self._tensors.pop(key), np.float32)
     fits = len(tensor.shape) == len(shape) and all(
-        want is None or want == got for want, got in zip(shape, tensor.shape))
+      want is None or want == got for want, got in zip(shape, tensor.shape)
+    )
     if not fits:
       wanted = '(' + ', '.join('?' if s is None else str(s) for s in shape)
       raise CheckpointError(
-          f'{name!r} has shape {tensor.shape}, but {wanted}) fits the other '
-          f'tensors of the {self._what}; they do not describe one standard '
-          f'{self._model}.')
+        f'{name!r} has shape {tensor.shape}, but {wanted}) fits the other '
+        f'tensors of the {self._what}; they do not describe one standard '
+        f'{self._model}.'
+      )
     return tensor
 
-  def pair(self, prefix: str, weight_shape: Sequence[Optional[int]],
-           weight: str = 'weight', bias: str = 'bias') -> Pair:
+  def pair(
+    self,
+    prefix: str,
+    weight_shape: Sequence[Optional[int]],
+    weight: str = 'weight',
+    bias: str = 'bias',
+  ) -> Pair:
     """Removes `{prefix}{weight}` and `{prefix}{bias}`, of its output width.
 
     The output width is the first axis of a torch weight, the last of a Flax
@@ -175,8 +209,9 @@ class StateReader:
     indices = [int(m.group(1)) for m in map(pattern.match, self._tensors) if m]
     if not indices:
       raise CheckpointError(
-          f'The {self._what} has no {prefix}<i> tensors, so no Transformer '
-          f'layers; it is not a complete {self._model}.')
+        f'The {self._what} has no {prefix}<i> tensors, so no Transformer '
+        f'layers; it is not a complete {self._model}.'
+      )
     return max(indices) + 1
 
   def discard(self, key: str) -> None:
@@ -191,25 +226,29 @@ class StateReader:
       more = len(names) - _LISTED_KEYS
       listed += f' and {more} more' if more > 0 else ''
       raise CheckpointError(
-          f'{len(names)} tensor(s) of the {self._what} have no counterpart '
-          f'in the target: {listed}. They belong to parts the other model '
-          'lacks (e.g. LayerScale, register tokens, an attention-pool head), '
-          'so no faithful conversion exists.')
+        f'{len(names)} tensor(s) of the {self._what} have no counterpart '
+        f'in the target: {listed}. They belong to parts the other model '
+        'lacks (e.g. LayerScale, register tokens, an attention-pool head), '
+        'so no faithful conversion exists.'
+      )
 
 
 def detect(state: Mapping[str, Any]) -> Optional[str]:
   """Names the library whose ViT names `state` uses: 'timm', 'hf' or None."""
   keys = [k.removeprefix(_HF_PREFIX) for k in state]
-  if any(k.startswith(('embeddings.patch_embeddings.', 'encoder.layer.'))
-         for k in keys):
+  if any(
+    k.startswith(('embeddings.patch_embeddings.', 'encoder.layer.'))
+    for k in keys
+  ):
     return HF
   if any(k.startswith(('patch_embed.proj.', 'blocks.')) for k in state):
     return TIMM
   return None
 
 
-def from_timm(state: Mapping[str, Any],
-              num_heads: int) -> Tuple[Params, Dict[str, Any]]:
+def from_timm(
+  state: Mapping[str, Any], num_heads: int
+) -> Tuple[Params, Dict[str, Any]]:
   """Our parameter tree and model options for a timm `VisionTransformer`.
 
   A state dict with `cls_token` maps to classifier 'token' (timm's
@@ -241,21 +280,25 @@ def from_timm(state: Mapping[str, Any],
   source = StateReader(state, 'timm state dict')
   if source.has('fc_norm.weight'):
     raise CheckpointError(
-        "The timm state dict has 'fc_norm.*': that model normalises the "
-        "average of its tokens (LayerNorm after pooling), while vit_jax's "
-        "'gap' classifier applies Transformer/encoder_norm to every token "
-        'before averaging. LayerNorm does not commute with the mean, so no '
-        'parameters of ours compute that function; import a timm ViT with a '
-        'class token, or one trained with fc_norm=False.')
+      "The timm state dict has 'fc_norm.*': that model normalises the "
+      "average of its tokens (LayerNorm after pooling), while vit_jax's "
+      "'gap' classifier applies Transformer/encoder_norm to every token "
+      'before averaging. LayerNorm does not commute with the mean, so no '
+      'parameters of ours compute that function; import a timm ViT with a '
+      'class token, or one trained with fc_norm=False.'
+    )
   vit = _timm_parts(source)
   source.check_all_read()
-  return _params_from_torch(vit, num_heads), _info(vit, num_heads,
-                                                   TIMM_LAYERNORM_EPSILON)
+  return _params_from_torch(vit, num_heads), _info(
+    vit, num_heads, TIMM_LAYERNORM_EPSILON
+  )
 
 
-def from_hf(state: Mapping[str, Any], num_heads: int,
-            layernorm_epsilon: float = HF_LAYERNORM_EPSILON
-           ) -> Tuple[Params, Dict[str, Any]]:
+def from_hf(
+  state: Mapping[str, Any],
+  num_heads: int,
+  layernorm_epsilon: float = HF_LAYERNORM_EPSILON,
+) -> Tuple[Params, Dict[str, Any]]:
   """Our parameter tree and model options for an HF transformers ViT.
 
   Accepts `ViTModel` and `ViTForImageClassification` state dicts, keys with
@@ -282,12 +325,14 @@ def from_hf(state: Mapping[str, Any], num_heads: int,
     source.discard(key)
   vit = _hf_parts(source)
   source.check_all_read()
-  return _params_from_torch(vit, num_heads), _info(vit, num_heads,
-                                                   layernorm_epsilon)
+  return _params_from_torch(vit, num_heads), _info(
+    vit, num_heads, layernorm_epsilon
+  )
 
 
-def to_timm(params: Mapping[str, Any],
-            num_heads: Optional[int] = None) -> Dict[str, np.ndarray]:
+def to_timm(
+  params: Mapping[str, Any], num_heads: Optional[int] = None
+) -> Dict[str, np.ndarray]:
   """A timm `VisionTransformer` state dict with our parameters' function.
 
   A tree with `cls` loads into timm's default ViT of the same size; one
@@ -311,9 +356,10 @@ def to_timm(params: Mapping[str, Any],
   vit = _torch_from_params(params, num_heads)
   if vit.pre_logits is not None:
     raise CheckpointError(
-        "The tree has 'pre_logits' (a tanh representation layer), which "
-        "timm's VisionTransformer does not have; fine-tune or export a model "
-        'built with representation_size=None.')
+      "The tree has 'pre_logits' (a tanh representation layer), which "
+      "timm's VisionTransformer does not have; fine-tune or export a model "
+      'built with representation_size=None.'
+    )
   return _contiguous(_timm_state(vit))
 
 
@@ -337,8 +383,9 @@ def _timm_parts(source: StateReader) -> _TorchViT:
   return _TorchViT(patch, cls, pos, blocks, norm, None, head)
 
 
-def _timm_block(source: StateReader, prefix: str, d: int,
-                mlp_dim: Optional[int]) -> Dict[str, Pair]:
+def _timm_block(
+  source: StateReader, prefix: str, d: int, mlp_dim: Optional[int]
+) -> Dict[str, Pair]:
   """One timm block; its fused qkv Linear split into query, key and value."""
   qkv_weight, qkv_bias = source.pair(prefix + 'attn.qkv.', (3 * d, d))
   block = dict(zip(_QKV, zip(np.split(qkv_weight, 3), np.split(qkv_bias, 3))))
@@ -348,20 +395,28 @@ def _timm_block(source: StateReader, prefix: str, d: int,
 
 def _timm_state(vit: _TorchViT) -> Dict[str, np.ndarray]:
   """Names `vit`'s tensors as timm does, fusing query, key and value."""
-  state = {'patch_embed.proj.weight': vit.patch[0],
-           'patch_embed.proj.bias': vit.patch[1],
-           'pos_embed': vit.pos}
+  state = {
+    'patch_embed.proj.weight': vit.patch[0],
+    'patch_embed.proj.bias': vit.patch[1],
+    'pos_embed': vit.pos,
+  }
   if vit.cls is not None:
     state['cls_token'] = vit.cls
   pairs = {'norm': vit.norm, 'head': vit.head}
   for i, block in enumerate(vit.blocks):
     prefix = f'blocks.{i}.'
     state[prefix + 'attn.qkv.weight'] = np.concatenate(
-        [block[name][0] for name in _QKV])
+      [block[name][0] for name in _QKV]
+    )
     state[prefix + 'attn.qkv.bias'] = np.concatenate(
-        [block[name][1] for name in _QKV])
-    pairs.update({prefix + name.rstrip('.'): block[module]
-                  for module, name in _TIMM_BLOCK.items()})
+      [block[name][1] for name in _QKV]
+    )
+    pairs.update(
+      {
+        prefix + name.rstrip('.'): block[module]
+        for module, name in _TIMM_BLOCK.items()
+      }
+    )
   for name, pair in pairs.items():
     if pair is not None:
       state[name + '.weight'], state[name + '.bias'] = pair
@@ -374,11 +429,14 @@ def _timm_state(vit: _TorchViT) -> Dict[str, np.ndarray]:
 
 def _hf_parts(source: StateReader) -> _TorchViT:
   """Reads an HF ViT's tensors (prefix stripped), checking every shape."""
-  patch_weight = source.take('embeddings.patch_embeddings.projection.weight',
-                             (None, 3, None, None))
+  patch_weight = source.take(
+    'embeddings.patch_embeddings.projection.weight', (None, 3, None, None)
+  )
   d = patch_weight.shape[0]
-  patch = patch_weight, source.take(
-      'embeddings.patch_embeddings.projection.bias', (d,))
+  patch = (
+    patch_weight,
+    source.take('embeddings.patch_embeddings.projection.bias', (d,)),
+  )
   cls = source.take('embeddings.cls_token', (1, 1, d))
   pos = source.take('embeddings.position_embeddings', (1, None, d))
   names = _HF_V4 if source.has_prefix(_HF_V4.layers) else _HF_V5
@@ -398,24 +456,39 @@ def _hf_parts(source: StateReader) -> _TorchViT:
   return _TorchViT(patch, cls, pos, blocks, norm, pre_logits, head)
 
 
-def _hf_block(source: StateReader, prefix: str, names: _HFNames, d: int,
-              mlp_dim: Optional[int]) -> Dict[str, Pair]:
+def _hf_block(
+  source: StateReader,
+  prefix: str,
+  names: _HFNames,
+  d: int,
+  mlp_dim: Optional[int],
+) -> Dict[str, Pair]:
   """One HF `ViTLayer`, named as `names` says."""
-  block = {name: source.pair(prefix + names.qkv[name], (d, d))
-           for name in _QKV}
+  block = {name: source.pair(prefix + names.qkv[name], (d, d)) for name in _QKV}
   block.update(_read_block_rest(source, prefix, names.rest, d, mlp_dim))
   return block
 
 
-def _read_block_rest(source: StateReader, prefix: str, names: Mapping[str, str],
-                     d: int, mlp_dim: Optional[int]) -> Dict[str, Pair]:
+def _read_block_rest(
+  source: StateReader,
+  prefix: str,
+  names: Mapping[str, str],
+  d: int,
+  mlp_dim: Optional[int],
+) -> Dict[str, Pair]:
   """A layer's attention output, norms and MLP, named through `names`."""
-  block = {module: source.pair(prefix + names[module], shape)
-           for module, shape in (('out', (d, d)), ('LayerNorm_0', (d,)),
-                                 ('LayerNorm_1', (d,)),
-                                 ('Dense_0', (mlp_dim, d)))}
-  block['Dense_1'] = source.pair(prefix + names['Dense_1'],
-                                 (d, block['Dense_0'][0].shape[0]))
+  block = {
+    module: source.pair(prefix + names[module], shape)
+    for module, shape in (
+      ('out', (d, d)),
+      ('LayerNorm_0', (d,)),
+      ('LayerNorm_1', (d,)),
+      ('Dense_0', (mlp_dim, d)),
+    )
+  }
+  block['Dense_1'] = source.pair(
+    prefix + names['Dense_1'], (d, block['Dense_0'][0].shape[0])
+  )
   return block
 
 
@@ -427,9 +500,10 @@ def _head_dim(hidden: int, num_heads: int) -> int:
   """`hidden // num_heads`, if the heads split the hidden size evenly."""
   if num_heads < 1 or hidden % num_heads:
     raise CheckpointError(
-        f'num_heads={num_heads} does not divide the hidden size {hidden}; pass '
-        'the attention heads of the source model (ViT-Ti 3, ViT-S 6, ViT-B '
-        '12, ViT-L and ViT-H 16).')
+      f'num_heads={num_heads} does not divide the hidden size {hidden}; pass '
+      'the attention heads of the source model (ViT-Ti 3, ViT-S 6, ViT-B '
+      '12, ViT-L and ViT-H 16).'
+    )
   return hidden // num_heads
 
 
@@ -437,9 +511,11 @@ def _params_from_torch(vit: _TorchViT, num_heads: int) -> Params:
   """Our nested tree from torch layouts: transposes and head splits."""
   d = vit.patch[0].shape[0]
   head_dim = _head_dim(d, num_heads)
-  flat = {'embedding/kernel': vit.patch[0].transpose(2, 3, 1, 0),
-          'embedding/bias': vit.patch[1],
-          'Transformer/posembed_input/pos_embedding': vit.pos}
+  flat = {
+    'embedding/kernel': vit.patch[0].transpose(2, 3, 1, 0),
+    'embedding/bias': vit.patch[1],
+    'Transformer/posembed_input/pos_embedding': vit.pos,
+  }
   if vit.cls is not None:
     flat['cls'] = vit.cls
   norms = {'Transformer/encoder_norm': vit.norm}
@@ -450,7 +526,8 @@ def _params_from_torch(vit: _TorchViT, num_heads: int) -> Params:
     for name in _QKV:
       weight, bias = block[name]
       flat[f'{attention}{name}/kernel'] = weight.T.reshape(
-          d, num_heads, head_dim)
+        d, num_heads, head_dim
+      )
       flat[f'{attention}{name}/bias'] = bias.reshape(num_heads, head_dim)
     weight, flat[attention + 'out/bias'] = block['out']
     flat[attention + 'out/kernel'] = weight.T.reshape(num_heads, head_dim, d)
@@ -466,36 +543,42 @@ def _params_from_torch(vit: _TorchViT, num_heads: int) -> Params:
   return traverse_util.unflatten_dict(_contiguous(flat), sep='/')
 
 
-def _torch_from_params(params: Mapping[str, Any],
-                       num_heads: Optional[int]) -> _TorchViT:
+def _torch_from_params(
+  params: Mapping[str, Any], num_heads: Optional[int]
+) -> _TorchViT:
   """Torch layouts from our tree, checking shapes and that all is used."""
-  source = StateReader(traverse_util.flatten_dict(params, sep='/'),
-                   'vit_jax parameter tree')
+  source = StateReader(
+    traverse_util.flatten_dict(params, sep='/'), 'vit_jax parameter tree'
+  )
   if source.has('conv_root/kernel'):
     raise CheckpointError(
-        "The tree has a ResNet root ('conv_root', 'block1', ...): a hybrid "
-        "model, which timm's VisionTransformer cannot hold; export a plain "
-        'ViT.')
+      "The tree has a ResNet root ('conv_root', 'block1', ...): a hybrid "
+      "model, which timm's VisionTransformer cannot hold; export a plain "
+      'ViT.'
+    )
   kernel = source.take('embedding/kernel', (None, None, 3, None))
   d = kernel.shape[-1]
   patch = kernel.transpose(3, 2, 0, 1), source.take('embedding/bias', (d,))
   cls = source.take('cls', (1, 1, d)) if source.has('cls') else None
   if not source.has('Transformer/posembed_input/pos_embedding'):
     raise CheckpointError(
-        "The tree has no 'Transformer/posembed_input/pos_embedding'; timm's "
-        'ViT needs a learned position embedding, so export a model built '
-        "with posemb='learned' (not 'sincos2d' or 'none').")
+      "The tree has no 'Transformer/posembed_input/pos_embedding'; timm's "
+      'ViT needs a learned position embedding, so export a model built '
+      "with posemb='learned' (not 'sincos2d' or 'none')."
+    )
   pos = source.take('Transformer/posembed_input/pos_embedding', (1, None, d))
   blocks, heads = [], (None, None)
   for i in range(source.num_layers('Transformer/encoderblock_')):
-    block, heads = _our_block(source, f'Transformer/encoderblock_{i}/', d,
-                              heads)
+    block, heads = _our_block(
+      source, f'Transformer/encoderblock_{i}/', d, heads
+    )
     blocks.append(block)
   if num_heads is not None and num_heads != heads[0]:
     raise CheckpointError(
-        f'num_heads={num_heads}, but the attention kernels of the tree have '
-        f'{heads[0]} heads of {heads[1]}; pass num_heads={heads[0]} or omit '
-        'it.')
+      f'num_heads={num_heads}, but the attention kernels of the tree have '
+      f'{heads[0]} heads of {heads[1]}; pass num_heads={heads[0]} or omit '
+      'it.'
+    )
   norm = source.pair('Transformer/encoder_norm/', (d,), weight='scale')
   pre_logits = head = None
   if source.has('pre_logits/kernel'):
@@ -507,9 +590,12 @@ def _torch_from_params(params: Mapping[str, Any],
   return _TorchViT(patch, cls, pos, blocks, norm, pre_logits, head)
 
 
-def _our_block(source: StateReader, prefix: str, d: int,
-               heads: Tuple[Optional[int], Optional[int]]
-              ) -> Tuple[Dict[str, Pair], Tuple[int, int]]:
+def _our_block(
+  source: StateReader,
+  prefix: str,
+  d: int,
+  heads: Tuple[Optional[int], Optional[int]],
+) -> Tuple[Dict[str, Pair], Tuple[int, int]]:
   """One of our encoder blocks in torch layouts, and its (heads, head_dim).
 
   `heads` constrains the attention kernels (None: any), so that every block
@@ -520,20 +606,27 @@ def _our_block(source: StateReader, prefix: str, d: int,
   heads = query.shape[1:]
   block = {}
   for name in _QKV:
-    kernel = query if name == 'query' else source.take(
-        f'{attention}{name}/kernel', (d, *heads))
+    kernel = (
+      query
+      if name == 'query'
+      else source.take(f'{attention}{name}/kernel', (d, *heads))
+    )
     bias = source.take(f'{attention}{name}/bias', heads)
     block[name] = kernel.reshape(d, -1).T, bias.reshape(-1)
   kernel = source.take(attention + 'out/kernel', (*heads, d))
-  block['out'] = kernel.reshape(-1, d).T, source.take(attention + 'out/bias',
-                                                       (d,))
+  block['out'] = (
+    kernel.reshape(-1, d).T,
+    source.take(attention + 'out/bias', (d,)),
+  )
   block['LayerNorm_0'] = source.pair(prefix + 'LayerNorm_0/', (d,), 'scale')
   block['LayerNorm_1'] = source.pair(prefix + 'LayerNorm_1/', (d,), 'scale')
   mlp = prefix + 'MlpBlock_0/'
-  block['Dense_0'] = _transposed(source.pair(mlp + 'Dense_0/', (d, None),
-                                             'kernel'))
-  block['Dense_1'] = _transposed(source.pair(mlp + 'Dense_1/', (None, d),
-                                             'kernel'))
+  block['Dense_0'] = _transposed(
+    source.pair(mlp + 'Dense_0/', (d, None), 'kernel')
+  )
+  block['Dense_1'] = _transposed(
+    source.pair(mlp + 'Dense_1/', (None, d), 'kernel')
+  )
   return block, heads
 
 
@@ -553,20 +646,20 @@ def _info(vit: _TorchViT, num_heads: int, epsilon: float) -> Dict[str, Any]:
   Dropout rates are 0, the defaults of both timm and HF.
   """
   return {
-      'num_classes': 0 if vit.head is None else vit.head[0].shape[0],
-      'patches': {'size': tuple(vit.patch[0].shape[2:])},
-      'hidden_size': vit.patch[0].shape[0],
-      'transformer': {
-          'num_layers': len(vit.blocks),
-          'mlp_dim': vit.blocks[0]['Dense_0'][0].shape[0],
-          'num_heads': num_heads,
-          'dropout_rate': 0.0,
-          'attention_dropout_rate': 0.0,
-      },
-      'classifier': 'gap' if vit.cls is None else 'token',
-      'representation_size': (None if vit.pre_logits is None else
-                              vit.pre_logits[0].shape[0]),
-      'approximate_gelu': False,
-      'layernorm_epsilon': epsilon,
+    'num_classes': 0 if vit.head is None else vit.head[0].shape[0],
+    'patches': {'size': tuple(vit.patch[0].shape[2:])},
+    'hidden_size': vit.patch[0].shape[0],
+    'transformer': {
+      'num_layers': len(vit.blocks),
+      'mlp_dim': vit.blocks[0]['Dense_0'][0].shape[0],
+      'num_heads': num_heads,
+      'dropout_rate': 0.0,
+      'attention_dropout_rate': 0.0,
+    },
+    'classifier': 'gap' if vit.cls is None else 'token',
+    'representation_size': (
+      None if vit.pre_logits is None else vit.pre_logits[0].shape[0]
+    ),
+    'approximate_gelu': False,
+    'layernorm_epsilon': epsilon,
   }
-

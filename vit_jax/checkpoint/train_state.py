@@ -52,8 +52,8 @@ def _path_shapes(tree: PyTree) -> dict:
   """Maps each leaf's '/'-joined path ('params/head/kernel') to its shape."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {
-      jax.tree_util.keystr(path, simple=True, separator='/'): _shape(leaf)
-      for path, leaf in leaves
+    jax.tree_util.keystr(path, simple=True, separator='/'): _shape(leaf)
+    for path, leaf in leaves
   }
 
 
@@ -67,8 +67,12 @@ class TrainCheckpointer:
   deletions finish before the process exits.
   """
 
-  def __init__(self, workdir: Union[str, os.PathLike], keep: int = 3,
-               asynchronous: bool = True):
+  def __init__(
+    self,
+    workdir: Union[str, os.PathLike],
+    keep: int = 3,
+    asynchronous: bool = True,
+  ):
     """Opens (creating if needed) `workdir/checkpoints`.
 
     Args:
@@ -85,13 +89,15 @@ class TrainCheckpointer:
     registry.add(_ITEM, ocp.args.StandardSave)
     registry.add(_ITEM, ocp.args.StandardRestore)
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-        # Deletes directories left by a save that crashed, so that the step
-        # can be saved again after the restart.
-        cleanup_tmp_directories=True,
-        enable_async_checkpointing=asynchronous)
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+      # Deletes directories left by a save that crashed, so that the step
+      # can be saved again after the restart.
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=asynchronous,
+    )
     self._manager = ocp.CheckpointManager(
-        self._directory, options=options, handler_registry=registry)
+      self._directory, options=options, handler_registry=registry
+    )
 
   @property
   def directory(self) -> str:
@@ -118,11 +124,11 @@ class TrainCheckpointer:
       Whether a checkpoint was written: False if `step` is not larger than the
       latest saved step.
     """
-    return self._manager.save(
-        step, args=ocp.args.StandardSave(state))
+    return self._manager.save(step, args=ocp.args.StandardSave(state))
 
-  def restore(self, target: PyTree,
-              step: Optional[int] = None) -> Optional[PyTree]:
+  def restore(
+    self, target: PyTree, step: Optional[int] = None
+  ) -> Optional[PyTree]:
     """Restores a saved state into the structure, shapes, devices of `target`.
 
     Args:
@@ -145,17 +151,18 @@ class TrainCheckpointer:
         return None
     if step not in self.all_steps():
       raise CheckpointError(
-          f'No complete checkpoint for step {step} in {self._directory}; the '
-          f'saved steps are {self.all_steps()}. Pass one of them, or None for '
-          f'the latest.')
+        f'No complete checkpoint for step {step} in {self._directory}; the '
+        f'saved steps are {self.all_steps()}. Pass one of them, or None for '
+        f'the latest.'
+      )
     step_dir = os.path.join(self._directory, str(step))
     self._check_fits(step, step_dir, target)
     try:
-      return self._manager.restore(
-          step, args=ocp.args.StandardRestore(target))
+      return self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except (ValueError, KeyError, TypeError, OSError) as e:
       raise CheckpointError(
-          f'Cannot restore the checkpoint {step_dir}: {e}') from e
+        f'Cannot restore the checkpoint {step_dir}: {e}'
+      ) from e
 
   def _check_fits(self, step: int, step_dir: str, target: PyTree):
     """Raises CheckpointError naming paths where disk and `target` differ."""
@@ -163,10 +170,11 @@ class TrainCheckpointer:
     diff = inspect.compare(_path_shapes(stored), _path_shapes(target))
     if not diff.ok:
       raise CheckpointError(
-          f'The checkpoint {step_dir} does not fit the restore target (the '
-          f'"model" below):\n{diff.report()}\nBuild the target with the model '
-          f'and optimizer configuration of the run that wrote the checkpoint, '
-          f'or use a fresh workdir.')
+        f'The checkpoint {step_dir} does not fit the restore target (the '
+        f'"model" below):\n{diff.report()}\nBuild the target with the model '
+        f'and optimizer configuration of the run that wrote the checkpoint, '
+        f'or use a fresh workdir.'
+      )
 
   def wait_until_finished(self):
     """Blocks until a pending asynchronous save is on disk; raises its error."""

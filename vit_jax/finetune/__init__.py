@@ -23,6 +23,15 @@ from vit_jax.finetune.modes import build_model
 from vit_jax.finetune.modes import from_config
 
 __all__ = [
-    'Finetune', 'HEADS', 'InjectedModel', 'Injection', 'METHODS', 'MODES',
-    'Method', 'TARGETS', 'build_model', 'from_config', 'register',
+  'Finetune',
+  'HEADS',
+  'InjectedModel',
+  'Injection',
+  'METHODS',
+  'MODES',
+  'Method',
+  'TARGETS',
+  'build_model',
+  'from_config',
+  'register',
 ]

@@ -32,18 +32,19 @@ _MLP = r'(MlpBlock_0|token_mixing|channel_mixing)'
 # The ViT's attention, and the Swin's window attention.
 _ATTENTION = r'(MultiHeadDotProductAttention_0|attention)'
 TARGETS: Dict[str, str] = {
-    'query': rf'(.*/)?{_ATTENTION}/query',
-    'key': rf'(.*/)?{_ATTENTION}/key',
-    'value': rf'(.*/)?{_ATTENTION}/value',
-    'out': rf'(.*/)?{_ATTENTION}/out',
-    'mlp_hidden': rf'(.*/)?{_MLP}/Dense_0',
-    'mlp_output': rf'(.*/)?{_MLP}/Dense_1',
-    'layernorm': r'(.*/)?(LayerNorm_\d+|encoder_norm|pre_head_layer_norm)',
+  'query': rf'(.*/)?{_ATTENTION}/query',
+  'key': rf'(.*/)?{_ATTENTION}/key',
+  'value': rf'(.*/)?{_ATTENTION}/value',
+  'out': rf'(.*/)?{_ATTENTION}/out',
+  'mlp_hidden': rf'(.*/)?{_MLP}/Dense_0',
+  'mlp_output': rf'(.*/)?{_MLP}/Dense_1',
+  'layernorm': r'(.*/)?(LayerNorm_\d+|encoder_norm|pre_head_layer_norm)',
 }
 
 
-def parse_targets(targets: Sequence[str] | str | None,
-                  method: methods.Method) -> Tuple[str, ...]:
+def parse_targets(
+  targets: Sequence[str] | str | None, method: methods.Method
+) -> Tuple[str, ...]:
   """Target kinds from a comma-separated string or a sequence; default: the
   method's own."""
   if not targets:
@@ -53,11 +54,13 @@ def parse_targets(targets: Sequence[str] | str | None,
   unknown = sorted(set(targets) - set(TARGETS))
   if unknown:
     raise ConfigError(
-        f'Unknown injection target(s) {unknown}; choose from {list(TARGETS)} '
-        '(--config.finetune.injection.targets=key,value,mlp_hidden).')
+      f'Unknown injection target(s) {unknown}; choose from {list(TARGETS)} '
+      '(--config.finetune.injection.targets=key,value,mlp_hidden).'
+    )
   if method.linear_only and 'layernorm' in targets:
-    raise ConfigError(f'{method.name} adapts weight matrices; it cannot target '
-                     '"layernorm".')
+    raise ConfigError(
+      f'{method.name} adapts weight matrices; it cannot target "layernorm".'
+    )
   return tuple(dict.fromkeys(targets))
 
 
@@ -78,6 +81,7 @@ class Injection:
     method: the strategy (see `methods`).
     targets: kinds of layers, keys of `TARGETS`.
   """
+
   method: methods.Method
   targets: Tuple[str, ...]
 
@@ -104,19 +108,23 @@ class Injection:
     """Added leaves and the base leaves the method trains (BitFit biases)."""
     module, _, leaf = path.rpartition('/')
     return self.is_target(module) and (
-        leaf in self.method.param_names or self.method.trains_base(leaf))
+      leaf in self.method.param_names or self.method.trains_base(leaf)
+    )
 
   def check_targets(self, params: PyTree) -> Dict[str, List[str]]:
     """{target: matched module paths}; raises if a target matches none."""
     modules = list(_module_paths(params))
-    matched = {t: [m for m in modules if re.fullmatch(TARGETS[t], m)]
-               for t in self.targets}
+    matched = {
+      t: [m for m in modules if re.fullmatch(TARGETS[t], m)]
+      for t in self.targets
+    }
     missing = [t for t, found in matched.items() if not found]
     if missing:
       raise ConfigError(
-          f'Injection targets {missing} match no layer of this model (its '
-          f'modules include {modules[:6]}...); choose targets among '
-          f'{[t for t, found in matched.items() if found] or list(TARGETS)}.')
+        f'Injection targets {missing} match no layer of this model (its '
+        f'modules include {modules[:6]}...); choose targets among '
+        f'{[t for t, found in matched.items() if found] or list(TARGETS)}.'
+      )
     return matched
 
   def interceptor(self) -> Callable:
@@ -126,14 +134,19 @@ class Injection:
     def intercept(next_fun, args, kwargs, context):
       outputs = next_fun(*args, **kwargs)
       module = context.module
-      if (context.method_name != '__call__' or
-          not isinstance(module, layer_types) or
-          not self.is_target('/'.join(module.path))):
+      if (
+        context.method_name != '__call__'
+        or not isinstance(module, layer_types)
+        or not self.is_target('/'.join(module.path))
+      ):
         return outputs
-      if self.method.linear_only and not isinstance(module,
-                                                    methods.LINEAR_TYPES):
-        raise ConfigError(f'{self.method.name} cannot adapt '
-                         f'{"/".join(module.path)}: not a linear layer.')
+      if self.method.linear_only and not isinstance(
+        module, methods.LINEAR_TYPES
+      ):
+        raise ConfigError(
+          f'{self.method.name} cannot adapt '
+          f'{"/".join(module.path)}: not a linear layer.'
+        )
       return self.method.inject(module, args[0], outputs)
 
     return intercept
@@ -148,10 +161,15 @@ class Injection:
     flat: Dict[str, Any] = {}
     for module, leaves in _module_paths(params).items():
       if self.is_target(module) and any(
-          name in leaves for name in self.method.param_names):
+        name in leaves for name in self.method.param_names
+      ):
         leaves = self.method.fold(leaves)
-      flat.update({f'{module}/{leaf}' if module else leaf: value
-                   for leaf, value in leaves.items()})
+      flat.update(
+        {
+          f'{module}/{leaf}' if module else leaf: value
+          for leaf, value in leaves.items()
+        }
+      )
     return inspect.unflatten(flat)
 
 
@@ -166,6 +184,7 @@ class InjectedModel:
     base: the unbound base model.
     injection: what to inject where.
   """
+
   base: nn.Module
   injection: Injection
 

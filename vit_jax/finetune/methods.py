@@ -44,8 +44,9 @@ def output_shape(module: nn.Module, inputs: Array) -> Tuple[int, ...]:
   """The trailing output dimensions a per-feature vector broadcasts over."""
   if isinstance(module, LINEAR_TYPES):
     features = module.features
-    return tuple(features) if isinstance(features, (tuple, list)) else (
-        features,)
+    return (
+      tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    )
   return (inputs.shape[-1],)
 
 
@@ -109,8 +110,10 @@ METHODS: Dict[str, Type[Method]] = {}
 def register(cls: Type[Method]) -> Type[Method]:
   """Class decorator: makes `cls` selectable by its `name` in the config."""
   if cls.name in METHODS:
-    raise ValueError(f'A fine-tuning method named {cls.name!r} is already '
-                     f'registered ({METHODS[cls.name].__name__}).')
+    raise ValueError(
+      f'A fine-tuning method named {cls.name!r} is already '
+      f'registered ({METHODS[cls.name].__name__}).'
+    )
   METHODS[cls.name] = cls
   return cls
 
@@ -119,8 +122,9 @@ def get_method(name: str, config: Mapping[str, Any]) -> Method:
   """The registered method `name`, configured from `config`."""
   if name not in METHODS:
     raise ConfigError(
-        f'Unknown injection method {name!r}; registered: {sorted(METHODS)} '
-        '(--config.finetune.injection.method=...).')
+      f'Unknown injection method {name!r}; registered: {sorted(METHODS)} '
+      '(--config.finetune.injection.method=...).'
+    )
   return METHODS[name].from_config(config)
 
 
@@ -144,8 +148,9 @@ class IA3(Method):
   param_names = ('ia3_scale',)
 
   def inject(self, module, inputs, outputs):
-    scale = _vector(module, 'ia3_scale', nn.initializers.ones,
-                    output_shape(module, inputs))
+    scale = _vector(
+      module, 'ia3_scale', nn.initializers.ones, output_shape(module, inputs)
+    )
     return outputs * scale.astype(outputs.dtype)
 
   def fold(self, leaves):
@@ -169,8 +174,15 @@ class SSF(Method):
   """
 
   name = 'ssf'
-  default_targets = ('query', 'key', 'value', 'out', 'mlp_hidden',
-                     'mlp_output', 'layernorm')
+  default_targets = (
+    'query',
+    'key',
+    'value',
+    'out',
+    'mlp_hidden',
+    'mlp_output',
+    'layernorm',
+  )
   param_names = ('ssf_scale', 'ssf_shift')
 
   def inject(self, module, inputs, outputs):
@@ -216,25 +228,35 @@ class LoRA(Method):
   def from_config(cls, config):
     if config['rank'] < 1:
       raise ConfigError(
-          f'config.finetune.injection.rank={config["rank"]}; LoRA needs >= 1.')
+        f'config.finetune.injection.rank={config["rank"]}; LoRA needs >= 1.'
+      )
     return cls(rank=int(config['rank']), alpha=float(config['alpha']))
 
   def inject(self, module, inputs, outputs):
     axes = module.axis if isinstance(module, nn.DenseGeneral) else -1
-    axes = tuple(a % inputs.ndim for a in (
-        axes if isinstance(axes, (tuple, list)) else (axes,)))
+    axes = tuple(
+      a % inputs.ndim
+      for a in (axes if isinstance(axes, (tuple, list)) else (axes,))
+    )
     in_shape = tuple(inputs.shape[a] for a in axes)
     a_init = nn.initializers.variance_scaling(
-        1.0, 'fan_in', 'normal', in_axis=tuple(range(len(in_shape))),
-        out_axis=-1)
-    lora_a = module.param('lora_a', a_init, in_shape + (self.rank,),
-                          jnp.float32)
-    lora_b = module.param('lora_b', nn.initializers.zeros,
-                          (self.rank,) + output_shape(module, inputs),
-                          jnp.float32)
+      1.0, 'fan_in', 'normal', in_axis=tuple(range(len(in_shape))), out_axis=-1
+    )
+    lora_a = module.param(
+      'lora_a', a_init, in_shape + (self.rank,), jnp.float32
+    )
+    lora_b = module.param(
+      'lora_b',
+      nn.initializers.zeros,
+      (self.rank,) + output_shape(module, inputs),
+      jnp.float32,
+    )
     dtype = outputs.dtype
-    low = jnp.tensordot(inputs.astype(dtype), lora_a.astype(dtype),
-                        axes=(axes, tuple(range(len(axes)))))
+    low = jnp.tensordot(
+      inputs.astype(dtype),
+      lora_a.astype(dtype),
+      axes=(axes, tuple(range(len(axes)))),
+    )
     update = jnp.tensordot(low, lora_b.astype(dtype), axes=1)
     return outputs + (self.alpha / self.rank) * update
 
@@ -256,8 +278,15 @@ class BitFit(Method):
   """
 
   name = 'bitfit'
-  default_targets = ('query', 'key', 'value', 'out', 'mlp_hidden',
-                     'mlp_output', 'layernorm')
+  default_targets = (
+    'query',
+    'key',
+    'value',
+    'out',
+    'mlp_hidden',
+    'mlp_output',
+    'layernorm',
+  )
 
   def trains_base(self, leaf_name):
     return leaf_name == 'bias'

@@ -42,6 +42,7 @@ class Finetune:
     injection: the injection of mode 'injection', else None.
     patterns: `config.finetune.trainable`: more leaves that train.
   """
+
   mode: str
   injection: Optional[injection_lib.Injection] = None
   patterns: Tuple[re.Pattern, ...] = ()
@@ -73,8 +74,10 @@ class Finetune:
     """E.g. 'injection (ia3 on key,value,mlp_hidden)'."""
     if self.injection is None:
       return self.mode
-    return (f'{self.mode} ({self.injection.method.name} on '
-            f'{",".join(self.injection.targets)})')
+    return (
+      f'{self.mode} ({self.injection.method.name} on '
+      f'{",".join(self.injection.targets)})'
+    )
 
 
 def from_config(finetune: Mapping[str, Any]) -> Finetune:
@@ -85,9 +88,10 @@ def from_config(finetune: Mapping[str, Any]) -> Finetune:
   patterns = trainable_lib.parse_patterns(finetune.get('trainable'))
   if patterns and mode == 'full':
     raise ConfigError(
-        f'config.finetune.trainable={finetune["trainable"]!r} has no effect '
-        "with config.finetune.mode='full', where every parameter trains; use "
-        "mode='head' to train the head and the leaves it matches.")
+      f'config.finetune.trainable={finetune["trainable"]!r} has no effect '
+      "with config.finetune.mode='full', where every parameter trains; use "
+      "mode='head' to train the head and the leaves it matches."
+    )
   if mode != 'injection':
     return Finetune(mode, patterns=patterns)
   options = finetune['injection']
@@ -100,10 +104,17 @@ def presets() -> Dict[str, Dict[str, Any]]:
   """Named fine-tuning setups, as `config.finetune` overrides: 'full',
   'head', 'head-mlp' (a frozen model with an MLP head), and one per
   registered injection method, on its default targets."""
-  named = {'full': {'mode': 'full'}, 'head': {'mode': 'head'},
-           'head-mlp': {'mode': 'head', 'head': {'type': 'mlp'}}}
-  named.update({name: {'mode': 'injection', 'injection': {'method': name}}
-                for name in sorted(methods.METHODS)})
+  named = {
+    'full': {'mode': 'full'},
+    'head': {'mode': 'head'},
+    'head-mlp': {'mode': 'head', 'head': {'type': 'mlp'}},
+  }
+  named.update(
+    {
+      name: {'mode': 'injection', 'injection': {'method': name}}
+      for name in sorted(methods.METHODS)
+    }
+  )
   return named
 
 
@@ -112,20 +123,27 @@ def head_options(finetune: Mapping[str, Any]) -> Dict[str, Any]:
   head = finetune['head']
   if head['type'] not in HEADS:
     raise ConfigError(
-        f'config.finetune.head.type={head["type"]!r}; choose one of {HEADS}.')
+      f'config.finetune.head.type={head["type"]!r}; choose one of {HEADS}.'
+    )
   if head['type'] == 'linear':
     return {}
-  return {'head_mlp_dim': int(head['mlp_dim']),
-          'head_dropout_rate': float(head['dropout'])}
+  return {
+    'head_mlp_dim': int(head['mlp_dim']),
+    'head_dropout_rate': float(head['dropout']),
+  }
 
 
-def build_model(config: Mapping[str, Any], num_classes: int,
-                fine: Optional[Finetune] = None) -> Model:
+def build_model(
+  config: Mapping[str, Any], num_classes: int, fine: Optional[Finetune] = None
+) -> Model:
   """The model `config` trains: architecture, head, dtype and injection.
 
   `fine` is `from_config(config['finetune'])`, if the caller already has it.
   """
-  model = models.build_model(config['model'], num_classes=num_classes,
-                             dtype=jnp.dtype(config['dtype']),
-                             **head_options(config['finetune']))
+  model = models.build_model(
+    config['model'],
+    num_classes=num_classes,
+    dtype=jnp.dtype(config['dtype']),
+    **head_options(config['finetune']),
+  )
   return (fine or from_config(config['finetune'])).wrap(model)

@@ -59,6 +59,7 @@ class Task:
     metadata: what the trainer recorded (model and finetune config, crop,
       dataset, class names, test accuracy...).
   """
+
   name: str
   model: modes.Model
   params: PyTree
@@ -76,7 +77,8 @@ class Task:
   @functools.cached_property
   def _apply(self) -> Callable[[PyTree, np.ndarray], jax.Array]:
     return jax.jit(
-        lambda params, x: self.model.apply({'params': params}, x, train=False))
+      lambda params, x: self.model.apply({'params': params}, x, train=False)
+    )
 
   def logits(self, images: np.ndarray) -> jax.Array:
     """Logits of images `[N, crop, crop, 3]` in [-1, 1] (jitted)."""
@@ -91,19 +93,30 @@ class Task:
 
 def _config(metadata: Mapping[str, Any]) -> Dict[str, Any]:
   """The parts of an experiment config that `modes.build_model` reads."""
-  return {'model': metadata['model'], 'finetune': metadata['finetune'],
-          'dtype': metadata.get('dtype', 'float32')}
+  return {
+    'model': metadata['model'],
+    'finetune': metadata['finetune'],
+    'dtype': metadata.get('dtype', 'float32'),
+  }
 
 
-def _base_for(ckpt: checkpoint.Checkpoint, model, fine: modes.Finetune,
-              metadata: Mapping[str, Any]) -> PyTree:
+def _base_for(
+  ckpt: checkpoint.Checkpoint,
+  model,
+  fine: modes.Finetune,
+  metadata: Mapping[str, Any],
+) -> PyTree:
   """The base checkpoint adapted to a task's model (resolution), without a
   head: every task file brings its own."""
   _, zeros = trainable_lib.partition(
-      pretrained.zero_params(model, int(metadata['crop'])), fine.is_added)
-  base = checkpoint.load_pretrained(pretrained_path=ckpt, init_params=zeros,
-                                    model_config=metadata['model'],
-                                    log=lambda _: None)
+    pretrained.zero_params(model, int(metadata['crop'])), fine.is_added
+  )
+  base = checkpoint.load_pretrained(
+    pretrained_path=ckpt,
+    init_params=zeros,
+    model_config=metadata['model'],
+    log=lambda _: None,
+  )
   return trainable_lib.partition(base, trainable_lib.is_head)[1]
 
 
@@ -116,9 +129,13 @@ def task_name(path: str) -> str:
   return stem
 
 
-def load_tasks(base: Union[None, str, checkpoint.Checkpoint],
-               task_paths: Sequence[str], *, strict: bool = True,
-               num_heads: Optional[int] = None) -> Dict[str, Task]:
+def load_tasks(
+  base: Union[None, str, checkpoint.Checkpoint],
+  task_paths: Sequence[str],
+  *,
+  strict: bool = True,
+  num_heads: Optional[int] = None,
+) -> Dict[str, Task]:
   """Reads `base` once and rebuilds each task file on top of it.
 
   Args:
@@ -135,21 +152,24 @@ def load_tasks(base: Union[None, str, checkpoint.Checkpoint],
     {task name: Task}, in the order given.
   """
   records = {path: task_file.read_record(path) for path in task_paths}
-  metadata = {path: record.get('metadata', {})
-              for path, record in records.items()}
+  metadata = {
+    path: record.get('metadata', {}) for path, record in records.items()
+  }
   for path, meta in metadata.items():
     missing = {'model', 'finetune', 'crop'} - set(meta)
     if missing:
       raise checkpoint.CheckpointError(
-          f'{path}: the task file does not record {sorted(missing)}; it was '
-          'not written by the trainer. Load it with '
-          'task_file.load_task_params and your own model instead.')
+        f'{path}: the task file does not record {sorted(missing)}; it was '
+        'not written by the trainer. Load it with '
+        'task_file.load_task_params and your own model instead.'
+      )
   if not any(record['base_shapes'] for record in records.values()):
     base = None  # Every task holds all its parameters.
   if isinstance(base, str):
     first = next(iter(metadata.values()), {})
     heads = num_heads or (first.get('model', {}).get('transformer') or {}).get(
-        'num_heads')
+      'num_heads'
+    )
     base = checkpoint.read(base, num_heads=heads)
   adapted: Dict[str, PyTree] = {}
   tasks = {}

@@ -33,7 +33,15 @@ from vit_jax.input_pipeline.sources import DatasetInfo
 from vit_jax.input_pipeline.sources import Source
 
 __all__ = [
-    'DatasetError', 'DatasetInfo', 'EvalData', 'Hosts', 'Source',
-    'class_names', 'device_prefetch', 'eval_dataset', 'get_source',
-    'read_images', 'train_dataset',
+  'DatasetError',
+  'DatasetInfo',
+  'EvalData',
+  'Hosts',
+  'Source',
+  'class_names',
+  'device_prefetch',
+  'eval_dataset',
+  'get_source',
+  'read_images',
+  'train_dataset',
 ]

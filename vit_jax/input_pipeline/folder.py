@@ -59,13 +59,16 @@ def decode_file(path: str) -> tf.Tensor:
     raise DatasetError(f'Cannot read image {path}: {e}.') from e
   if not data.startswith(_SIGNATURES):
     raise DatasetError(
-        f'{path} is not a JPEG or PNG image (its first bytes are '
-        f'{data[:8]!r}). Remove it, or convert it to JPEG/PNG.')
+      f'{path} is not a JPEG or PNG image (its first bytes are '
+      f'{data[:8]!r}). Remove it, or convert it to JPEG/PNG.'
+    )
   try:
     return _decode_bytes(tf.constant(data))
   except tf.errors.OpError as e:
-    raise DatasetError(f'Cannot decode image {path}: {_op_message(e)}. The '
-                       'file is truncated or corrupt; re-save it.') from e
+    raise DatasetError(
+      f'Cannot decode image {path}: {_op_message(e)}. The '
+      'file is truncated or corrupt; re-save it.'
+    ) from e
 
 
 def _file_problem(path: str) -> Optional[str]:
@@ -85,18 +88,24 @@ def _file_problems(paths: Sequence[str]) -> List[str]:
 
 
 def _class_dirs(split_dir: str) -> List[str]:
-  return sorted(n for n in os.listdir(split_dir)
-                if os.path.isdir(os.path.join(split_dir, n)))
+  return sorted(
+    n
+    for n in os.listdir(split_dir)
+    if os.path.isdir(os.path.join(split_dir, n))
+  )
 
 
 def _no_classes(split_dir: str) -> str:
-  return (f'{split_dir} has no class sub-directories; expected '
-          f'{split_dir}/<class_name>/<image>.')
+  return (
+    f'{split_dir} has no class sub-directories; expected '
+    f'{split_dir}/<class_name>/<image>.'
+  )
 
 
 def _image_names(class_dir: str) -> List[str]:
-  return sorted(n for n in os.listdir(class_dir)
-                if n.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(
+    n for n in os.listdir(class_dir) if n.lower().endswith(IMAGE_EXTENSIONS)
+  )
 
 
 def _report(root: str, problems: Sequence[str]) -> DatasetError:
@@ -105,8 +114,9 @@ def _report(root: str, problems: Sequence[str]) -> DatasetError:
   if len(problems) > MAX_LISTED:
     listed.append(f'  ... and {len(problems) - MAX_LISTED} more.')
   return DatasetError(
-      f'Image folder {root} has {len(problems)} problem(s); fix them all '
-      'before training:\n' + '\n'.join(listed))
+    f'Image folder {root} has {len(problems)} problem(s); fix them all '
+    'before training:\n' + '\n'.join(listed)
+  )
 
 
 def class_names(root: str) -> List[str]:
@@ -114,8 +124,9 @@ def class_names(root: str) -> List[str]:
   missing = [s for s in SPLIT_DIRS if not os.path.isdir(os.path.join(root, s))]
   if missing:
     raise DatasetError(
-        f'Image folder {root} lacks {", ".join(missing)} sub-directories; '
-        f'expected {root}/{{train,test}}/<class_name>/<image>.')
+      f'Image folder {root} lacks {", ".join(missing)} sub-directories; '
+      f'expected {root}/{{train,test}}/<class_name>/<image>.'
+    )
   train_dir = os.path.join(root, SPLIT_DIRS[0])
   names = _class_dirs(train_dir)
   if not names:
@@ -131,8 +142,12 @@ def read_images(paths: Sequence[str], crop: int) -> np.ndarray:
   sees evaluation images.
   """
   resize = preprocess.eval_fn(crop)
-  return np.stack([resize({'image': decode_file(path), 'label': 0})[
-      'image'].numpy() for path in paths])
+  return np.stack(
+    [
+      resize({'image': decode_file(path), 'label': 0})['image'].numpy()
+      for path in paths
+    ]
+  )
 
 
 def load_folder(root: str) -> sources.InMemorySource:
@@ -150,23 +165,27 @@ def load_folder(root: str) -> sources.InMemorySource:
       class_dir = os.path.join(split_dir, name)
       if name not in classes:
         problems.append(
-            f'Class {name!r} of {split_dir} has no directory in '
-            f'{os.path.join(root, SPLIT_DIRS[0])}; both splits need the same '
-            f'classes ({names}).')
+          f'Class {name!r} of {split_dir} has no directory in '
+          f'{os.path.join(root, SPLIT_DIRS[0])}; both splits need the same '
+          f'classes ({names}).'
+        )
         continue
       images = _image_names(class_dir)
       if not images:
         problems.append(
-            f'Class directory {class_dir} holds no '
-            f'{"/".join(IMAGE_EXTENSIONS)} images. Add images or remove the '
-            'directory.')
+          f'Class directory {class_dir} holds no '
+          f'{"/".join(IMAGE_EXTENSIONS)} images. Add images or remove the '
+          'directory.'
+        )
       paths += [os.path.join(class_dir, image) for image in images]
       labels += [classes[name]] * len(images)
       sizes[split] += len(images)
   problems += _file_problems(paths)
   if problems:
     raise _report(root, problems)
-  info = sources.DatasetInfo(os.path.basename(os.path.normpath(root)),
-                             tuple(names), sizes)
-  return sources.InMemorySource(info, np.array(paths), np.array(labels),
-                                decode=_decode_path)
+  info = sources.DatasetInfo(
+    os.path.basename(os.path.normpath(root)), tuple(names), sizes
+  )
+  return sources.InMemorySource(
+    info, np.array(paths), np.array(labels), decode=_decode_path
+  )

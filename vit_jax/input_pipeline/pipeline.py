@@ -50,14 +50,16 @@ from vit_jax.input_pipeline import tfds_source
 @dataclasses.dataclass(frozen=True)
 class Hosts:
   """Which host this is, of how many, and how many devices it feeds."""
+
   process_index: int = 0
   process_count: int = 1
   local_devices: int = 1
 
   @classmethod
   def from_jax(cls) -> 'Hosts':
-    return cls(jax.process_index(), jax.process_count(),
-               jax.local_device_count())
+    return cls(
+      jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
   def per_device_batch(self, global_batch: int, knob: str = 'batch') -> int:
     """`global_batch` / all devices; ConfigError, naming `config.{knob}`, if
@@ -65,23 +67,29 @@ class Hosts:
     devices = self.process_count * self.local_devices
     if global_batch <= 0 or global_batch % devices:
       raise ConfigError(
-          f'config.{knob}={global_batch} must be a positive multiple of the '
-          f'{devices} devices ({self.process_count} host(s) x '
-          f'{self.local_devices} local device(s)).')
+        f'config.{knob}={global_batch} must be a positive multiple of the '
+        f'{devices} devices ({self.process_count} host(s) x '
+        f'{self.local_devices} local device(s)).'
+      )
     return global_batch // devices
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalData:
   """A finite evaluation dataset and how much of the split it covers."""
+
   dataset: tf.data.Dataset
   num_batches: int  # The same on every host.
   num_examples: int  # Real (unmasked) examples on this host.
 
 
-def get_source(name: str, *, tfds_data_dir: Optional[str] = None,
-               tfds_manual_dir: Optional[str] = None,
-               tfds_download: bool = False) -> sources.Source:
+def get_source(
+  name: str,
+  *,
+  tfds_data_dir: Optional[str] = None,
+  tfds_manual_dir: Optional[str] = None,
+  tfds_download: bool = False,
+) -> sources.Source:
   """The dataset `name`: embedded, an image folder, or tfds.
 
   Args:
@@ -92,18 +100,22 @@ def get_source(name: str, *, tfds_data_dir: Optional[str] = None,
     tfds_download: whether to download and prepare a missing tfds dataset.
   """
   if not name:
-    raise DatasetError('config.dataset is empty; name a tfds dataset, an '
-                       "embedded one ('digits', 'mnist5k') or a directory.")
+    raise DatasetError(
+      'config.dataset is empty; name a tfds dataset, an '
+      "embedded one ('digits', 'mnist5k') or a directory."
+    )
   if name in embedded.EMBEDDED:
     return embedded.EMBEDDED[name]()
   if os.path.isdir(name):
     return folder.load_folder(name)
-  return tfds_source.TfdsSource(name, tfds_data_dir, tfds_manual_dir,
-                                tfds_download)
+  return tfds_source.TfdsSource(
+    name, tfds_data_dir, tfds_manual_dir, tfds_download
+  )
 
 
-def class_names(name: str, *, tfds_data_dir: Optional[str] = None
-                ) -> Optional[Tuple[str, ...]]:
+def class_names(
+  name: str, *, tfds_data_dir: Optional[str] = None
+) -> Optional[Tuple[str, ...]]:
   """The class names of dataset `name` without reading its images (tfds
   names come with the dataset's code); None where they are unknown."""
   if not name:
@@ -120,8 +132,9 @@ def _host_seed(seed: int, process_index: int) -> int:
   return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
 
 
-def _decoded(source: sources.Source,
-             example: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+def _decoded(
+  source: sources.Source, example: Dict[str, tf.Tensor]
+) -> Dict[str, tf.Tensor]:
   return {**example, 'image': source.decode(example['image'])}
 
 
@@ -129,16 +142,24 @@ def _split_devices(local_devices: int):
   """Reshapes a host batch [D * B, ...] to [D, B, ...]."""
 
   def split(batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-    return {k: tf.reshape(v, [local_devices, -1, *v.shape[1:]])
-            for k, v in batch.items()}
+    return {
+      k: tf.reshape(v, [local_devices, -1, *v.shape[1:]])
+      for k, v in batch.items()
+    }
 
   return split
 
 
-def train_dataset(source: sources.Source, pp: ml_collections.ConfigDict, *,
-                  batch_size: int, seed: int, shuffle_buffer: int,
-                  hosts: Optional[Hosts] = None,
-                  start_step: int = 0) -> tf.data.Dataset:
+def train_dataset(
+  source: sources.Source,
+  pp: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  seed: int,
+  shuffle_buffer: int,
+  hosts: Optional[Hosts] = None,
+  start_step: int = 0,
+) -> tf.data.Dataset:
   """The endless, shuffled, augmented training stream of this host.
 
   Args:
@@ -158,54 +179,72 @@ def train_dataset(source: sources.Source, pp: ml_collections.ConfigDict, *,
   split = pp.train
   size = source.num_examples(split, hosts.process_index, hosts.process_count)
   if size == 0:
-    raise DatasetError(f'Dataset {source.info.name!r}: training split '
-                       f'{split!r} is empty on host {hosts.process_index}.')
+    raise DatasetError(
+      f'Dataset {source.info.name!r}: training split '
+      f'{split!r} is empty on host {hosts.process_index}.'
+    )
   seed = _host_seed(seed, hosts.process_index)
-  ds = source.examples(split, hosts.process_index, hosts.process_count,
-                       shuffle_seed=seed)
+  ds = source.examples(
+    split, hosts.process_index, hosts.process_count, shuffle_seed=seed
+  )
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed).enumerate()
   ds = ds.skip(start_step * host_batch)
   augment = preprocess.train_fn(pp, seed)
-  ds = ds.map(lambda i, ex: augment(i, _decoded(source, ex)),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    lambda i, ex: augment(i, _decoded(source, ex)),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   ds = ds.batch(host_batch, drop_remainder=True)
   ds = ds.map(_split_devices(hosts.local_devices))
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _padding(crop: int) -> tf.data.Dataset:
-  return tf.data.Dataset.from_tensors({
+  return tf.data.Dataset.from_tensors(
+    {
       'image': tf.zeros([crop, crop, 3], tf.float32),
       'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False),
-  }).repeat()
+    }
+  ).repeat()
 
 
-def eval_dataset(source: sources.Source, pp: ml_collections.ConfigDict, *,
-                 batch_size: int, hosts: Optional[Hosts] = None) -> EvalData:
+def eval_dataset(
+  source: sources.Source,
+  pp: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  hosts: Optional[Hosts] = None,
+) -> EvalData:
   """Every example of split `pp.test` once, resized to `pp.crop`, in padded,
   masked batches of `batch_size` over all hosts and devices."""
   hosts = hosts or Hosts.from_jax()
-  host_batch = (hosts.per_device_batch(batch_size, 'batch_eval') *
-                hosts.local_devices)
+  host_batch = (
+    hosts.per_device_batch(batch_size, 'batch_eval') * hosts.local_devices
+  )
   split = pp.test
-  sizes = [source.num_examples(split, index, hosts.process_count)
-           for index in range(hosts.process_count)]
+  sizes = [
+    source.num_examples(split, index, hosts.process_count)
+    for index in range(hosts.process_count)
+  ]
   num_batches = math.ceil(max(sizes) / host_batch)
   ds = source.examples(split, hosts.process_index, hosts.process_count)
   resize = preprocess.eval_fn(pp.crop)
-  ds = ds.map(lambda ex: {**resize(_decoded(source, ex)),
-                          'mask': tf.constant(True)},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    lambda ex: {**resize(_decoded(source, ex)), 'mask': tf.constant(True)},
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   ds = ds.concatenate(_padding(pp.crop))
   ds = ds.batch(host_batch, drop_remainder=True).take(num_batches)
   ds = ds.map(_split_devices(hosts.local_devices))
-  return EvalData(ds.prefetch(tf.data.AUTOTUNE), num_batches,
-                  sizes[hosts.process_index])
+  return EvalData(
+    ds.prefetch(tf.data.AUTOTUNE), num_batches, sizes[hosts.process_index]
+  )
 
 
-def device_prefetch(dataset: tf.data.Dataset,
-                    size: int) -> Iterator[Dict[str, Any]]:
+def device_prefetch(
+  dataset: tf.data.Dataset, size: int
+) -> Iterator[Dict[str, Any]]:
   """Iterates `dataset` with `size` batches already sharded on the devices.
 
   Each leaf's leading axis is split over `jax.local_devices()`, the layout

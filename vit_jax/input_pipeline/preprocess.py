@@ -33,11 +33,13 @@ Example = Dict[str, tf.Tensor]
 def check_pp(pp: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for preprocessing settings that cannot work."""
   if pp.augment not in AUGMENTATIONS:
-    raise ConfigError(f'config.pp.augment={pp.augment!r}; choose one of '
-                      f'{AUGMENTATIONS}.')
+    raise ConfigError(
+      f'config.pp.augment={pp.augment!r}; choose one of {AUGMENTATIONS}.'
+    )
   if pp.crop <= 0 or pp.pad < 0:
-    raise ConfigError(f'config.pp.crop={pp.crop} must be > 0 and '
-                      f'config.pp.pad={pp.pad} >= 0.')
+    raise ConfigError(
+      f'config.pp.crop={pp.crop} must be > 0 and config.pp.pad={pp.pad} >= 0.'
+    )
 
 
 def _rgb_float(image: tf.Tensor) -> tf.Tensor:
@@ -62,16 +64,21 @@ def _normalize(image: tf.Tensor) -> tf.Tensor:
 
 def _inception_crop(image: tf.Tensor, crop: int, seed: tf.Tensor) -> tf.Tensor:
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
-      area_range=INCEPTION_AREA_RANGE, min_object_covered=0.0,
-      use_image_if_no_bounding_boxes=True)
+    tf.shape(image),
+    bounding_boxes=tf.zeros([1, 0, 4]),
+    seed=seed,
+    area_range=INCEPTION_AREA_RANGE,
+    min_object_covered=0.0,
+    use_image_if_no_bounding_boxes=True,
+  )
   box = tf.slice(image, begin, size)
   box.set_shape([None, None, 3])
   return _resize(box, crop)
 
 
-def _pad_and_crop(image: tf.Tensor, crop: int, pad: int,
-                  seed: tf.Tensor) -> tf.Tensor:
+def _pad_and_crop(
+  image: tf.Tensor, crop: int, pad: int, seed: tf.Tensor
+) -> tf.Tensor:
   image = tf.pad(_resize(image, crop), [[pad, pad], [pad, pad], [0, 0]])
   return tf.image.stateless_random_crop(image, [crop, crop, 3], seed=seed)
 
@@ -86,14 +93,18 @@ def eval_fn(crop: int) -> Callable[[Example], Example]:
   return preprocess
 
 
-def train_fn(pp: ml_collections.ConfigDict,
-             seed: int) -> Callable[[tf.Tensor, Example], Example]:
+def train_fn(
+  pp: ml_collections.ConfigDict, seed: int
+) -> Callable[[tf.Tensor, Example], Example]:
   """The training preprocessing of the `index`-th example of the stream."""
   check_pp(pp)
 
   def preprocess(index: tf.Tensor, example: Example) -> Example:
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
-        tf.stack([tf.constant(seed, tf.int64), index]), num=2))
+    crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(
+        tf.stack([tf.constant(seed, tf.int64), index]), num=2
+      )
+    )
     image = _rgb_float(example['image'])
     if pp.augment == 'inception_crop':
       image = _inception_crop(image, pp.crop, crop_seed)

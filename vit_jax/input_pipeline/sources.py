@@ -20,6 +20,7 @@ from vit_jax.input_pipeline import splits as splits_lib
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the trainer needs to know about a dataset."""
+
   name: str
   class_names: Tuple[str, ...]
   split_sizes: Mapping[str, int]  # Whole splits, before slicing/sharding.
@@ -35,14 +36,19 @@ class Source(abc.ABC):
   info: DatasetInfo
 
   @abc.abstractmethod
-  def num_examples(self, split: str, process_index: int = 0,
-                   process_count: int = 1) -> int:
+  def num_examples(
+    self, split: str, process_index: int = 0, process_count: int = 1
+  ) -> int:
     """Examples of `split` in host `process_index`'s shard."""
 
   @abc.abstractmethod
-  def examples(self, split: str, process_index: int = 0,
-               process_count: int = 1,
-               shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+  def examples(
+    self,
+    split: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle_seed: Optional[int] = None,
+  ) -> tf.data.Dataset:
     """One epoch of the shard; in a seeded random order when `shuffle_seed`."""
 
   @abc.abstractmethod
@@ -58,39 +64,51 @@ class InMemorySource(Source):
   images, read-and-decode for paths).
   """
 
-  def __init__(self, info: DatasetInfo, items: np.ndarray,
-               labels: np.ndarray,
-               decode: Callable[[tf.Tensor], tf.Tensor] = tf.identity):
+  def __init__(
+    self,
+    info: DatasetInfo,
+    items: np.ndarray,
+    labels: np.ndarray,
+    decode: Callable[[tf.Tensor], tf.Tensor] = tf.identity,
+  ):
     if len(items) != sum(info.split_sizes.values()) or len(items) != len(
-        labels):
+      labels
+    ):
       raise ValueError(
-          f'{info.name}: {len(items)} items and {len(labels)} labels for '
-          f'splits {dict(info.split_sizes)}.')
+        f'{info.name}: {len(items)} items and {len(labels)} labels for '
+        f'splits {dict(info.split_sizes)}.'
+      )
     self.info = info
     self._items = items
     self._labels = labels.astype(np.int32)
     self._decode = decode
 
-  def _indices(self, split: str, process_index: int,
-               process_count: int) -> np.ndarray:
-    indices = splits_lib.split_indices(split, self.info.split_sizes,
-                                       self.info.name)
+  def _indices(
+    self, split: str, process_index: int, process_count: int
+  ) -> np.ndarray:
+    indices = splits_lib.split_indices(
+      split, self.info.split_sizes, self.info.name
+    )
     return splits_lib.host_shard(indices, process_index, process_count)
 
   def num_examples(self, split, process_index=0, process_count=1):
     return len(self._indices(split, process_index, process_count))
 
-  def examples(self, split, process_index=0, process_count=1,
-               shuffle_seed=None):
+  def examples(
+    self, split, process_index=0, process_count=1, shuffle_seed=None
+  ):
     indices = self._indices(split, process_index, process_count)
-    ds = tf.data.Dataset.from_tensor_slices({
+    ds = tf.data.Dataset.from_tensor_slices(
+      {
         'image': self._items[indices],
         'label': self._labels[indices],
-    })
+      }
+    )
     if shuffle_seed is not None:
       # An exact shuffle of the whole shard, different every epoch.
-      ds = ds.shuffle(len(indices), seed=shuffle_seed,
-                      reshuffle_each_iteration=True)
+      ds = ds.shuffle(
+        len(indices), seed=shuffle_seed, reshuffle_each_iteration=True
+      )
     return ds
 
   def decode(self, item):

@@ -16,52 +16,62 @@ from vit_jax.errors import DatasetError
 from vit_jax.input_pipeline import sources
 
 
-def _not_prepared(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str],
-                  reason: str) -> DatasetError:
+def _not_prepared(
+  builder: tfds.core.DatasetBuilder, manual_dir: Optional[str], reason: str
+) -> DatasetError:
   """The error for a dataset that is not on disk, with how to prepare it."""
   name = builder.name
   command = f'tfds build {name} --data_dir={builder.data_dir_root}'
   manual = ''
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     command += f' --manual_dir={manual_dir or "MANUAL_DIR"}'
-    manual = (f' {name} needs archives downloaded by hand into the manual '
-              f'directory (looked in {manual_dir or "none set"}; set '
-              '--config.tfds_manual_dir).')
+    manual = (
+      f' {name} needs archives downloaded by hand into the manual '
+      f'directory (looked in {manual_dir or "none set"}; set '
+      '--config.tfds_manual_dir).'
+    )
   return DatasetError(
-      f'tfds dataset {name!r} is not prepared in {builder.data_dir} and '
-      f'{reason}.{manual} Prepare it with `{command}` (on a machine with '
-      'network access, then copy the directory here) and pass '
-      '--config.tfds_data_dir=DIR.')
+    f'tfds dataset {name!r} is not prepared in {builder.data_dir} and '
+    f'{reason}.{manual} Prepare it with `{command}` (on a machine with '
+    'network access, then copy the directory here) and pass '
+    '--config.tfds_data_dir=DIR.'
+  )
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str],
-             download: bool) -> None:
+def _prepare(
+  builder: tfds.core.DatasetBuilder, manual_dir: Optional[str], download: bool
+) -> None:
   """Downloads and prepares `builder`, explaining how to do it by hand."""
   if not download:
-    raise _not_prepared(builder, manual_dir,
-                        'config.tfds_download is False')
+    raise _not_prepared(builder, manual_dir, 'config.tfds_download is False')
   try:
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise _not_prepared(builder, manual_dir, f'preparing it failed: '
-                        f'{type(e).__name__}: {e}') from e
+    raise _not_prepared(
+      builder, manual_dir, f'preparing it failed: {type(e).__name__}: {e}'
+    ) from e
 
 
 def _check_features(builder: tfds.core.DatasetBuilder) -> None:
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   label = features['label'] if 'label' in features else None
-  if not (isinstance(image, tfds.features.Image) and
-          isinstance(label, tfds.features.ClassLabel)):
+  if not (
+    isinstance(image, tfds.features.Image)
+    and isinstance(label, tfds.features.ClassLabel)
+  ):
     raise DatasetError(
-        f'tfds dataset {builder.name!r} is not an image-classification '
-        f"dataset: it needs an 'image' Image and a 'label' ClassLabel "
-        f'feature, it has {dict(features)}.')
+      f'tfds dataset {builder.name!r} is not an image-classification '
+      f"dataset: it needs an 'image' Image and a 'label' ClassLabel "
+      f'feature, it has {dict(features)}.'
+    )
 
 
-def label_names(name: str,
-                data_dir: Optional[str] = None) -> Optional[Tuple[str, ...]]:
+def label_names(
+  name: str, data_dir: Optional[str] = None
+) -> Optional[Tuple[str, ...]]:
   """The names of tfds dataset `name`'s labels, read from its builder's info
   (no data needed); None for an unknown dataset or one without label names."""
   try:
@@ -75,23 +85,30 @@ def label_names(name: str,
 class TfdsSource(sources.Source):
   """A prepared tfds dataset; each host reads `tfds.even_splits` shards."""
 
-  def __init__(self, name: str, data_dir: Optional[str] = None,
-               manual_dir: Optional[str] = None, download: bool = True):
+  def __init__(
+    self,
+    name: str,
+    data_dir: Optional[str] = None,
+    manual_dir: Optional[str] = None,
+    download: bool = True,
+  ):
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       raise DatasetError(
-          f'Unknown dataset {name!r}: not an embedded dataset (digits, '
-          'mnist5k), not an existing directory of images, and not a tfds '
-          'name (see `tfds.list_builders()`).') from e
+        f'Unknown dataset {name!r}: not an embedded dataset (digits, '
+        'mnist5k), not an existing directory of images, and not a tfds '
+        'name (see `tfds.list_builders()`).'
+      ) from e
     if not builder.is_prepared():
       _prepare(builder, manual_dir, download)
     _check_features(builder)
     self._builder = builder
     self.info = sources.DatasetInfo(
-        name, tuple(builder.info.features['label'].names),
-        {split: info.num_examples
-         for split, info in builder.info.splits.items()})
+      name,
+      tuple(builder.info.features['label'].names),
+      {split: info.num_examples for split, info in builder.info.splits.items()},
+    )
 
   def _host_split(self, split: str, process_index: int, process_count: int):
     return tfds.even_splits(split, n=process_count)[process_index]
@@ -102,19 +119,27 @@ class TfdsSource(sources.Source):
       return self._builder.info.splits[host_split].num_examples
     except (KeyError, ValueError, AssertionError) as e:
       raise DatasetError(
-          f'tfds dataset {self.info.name!r} has no split matching {split!r} '
-          f'({e}); its splits are {dict(self.info.split_sizes)}.') from e
+        f'tfds dataset {self.info.name!r} has no split matching {split!r} '
+        f'({e}); its splits are {dict(self.info.split_sizes)}.'
+      ) from e
 
-  def examples(self, split, process_index=0, process_count=1,
-               shuffle_seed=None):
+  def examples(
+    self, split, process_index=0, process_count=1, shuffle_seed=None
+  ):
     read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
     ds = self._builder.as_dataset(
-        split=self._host_split(split, process_index, process_count),
-        shuffle_files=shuffle_seed is not None, read_config=read_config,
-        decoders={'image': tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: {'image': ex['image'],
-                              'label': tf.cast(ex['label'], tf.int32)},
-                  num_parallel_calls=tf.data.AUTOTUNE)
+      split=self._host_split(split, process_index, process_count),
+      shuffle_files=shuffle_seed is not None,
+      read_config=read_config,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
+    return ds.map(
+      lambda ex: {
+        'image': ex['image'],
+        'label': tf.cast(ex['label'], tf.int32),
+      },
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
   def decode(self, item):
     """Decodes after shuffling, so the shuffle buffer holds encoded bytes."""

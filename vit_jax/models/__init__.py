@@ -23,18 +23,27 @@ from vit_jax.models.vit import MlpBlock
 from vit_jax.models.vit import VisionTransformer
 
 __all__ = [
-    'AddPositionEmbs', 'DEFAULT_RESOLUTIONS', 'Encoder', 'Encoder1DBlock',
-    'MODEL_CONFIGS', 'MlpBlock', 'MlpMixer', 'ResNet', 'SwinTransformer',
-    'VisionTransformer',
-    'build_model', 'get_model', 'model_class',
+  'AddPositionEmbs',
+  'DEFAULT_RESOLUTIONS',
+  'Encoder',
+  'Encoder1DBlock',
+  'MODEL_CONFIGS',
+  'MlpBlock',
+  'MlpMixer',
+  'ResNet',
+  'SwinTransformer',
+  'VisionTransformer',
+  'build_model',
+  'get_model',
+  'model_class',
 ]
 
 
 # Model name prefix → module class; names without one of these are ViTs.
 _CLASS_BY_PREFIX = {
-    'Mixer-': MlpMixer,
-    'ResNet-': ResNet,
-    'Swin-': SwinTransformer,
+  'Mixer-': MlpMixer,
+  'ResNet-': ResNet,
+  'Swin-': SwinTransformer,
 }
 
 
@@ -58,16 +67,18 @@ def build_model(model_config: Mapping[str, Any], **overrides) -> nn.Module:
   Returns:
     An unbound Flax module.
   """
-  kwargs = dict(model_config.to_dict() if hasattr(model_config, 'to_dict')
-                else model_config)
+  kwargs = dict(
+    model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config
+  )
   kwargs.update(overrides)
   cls = model_class(kwargs.get('model_name') or '')
   known = {field.name for field in dataclasses.fields(cls)}
   unknown = sorted(set(kwargs) - known)
   if unknown:
     raise TypeError(
-        f'{cls.__name__} ({kwargs.get("model_name")}) has no option(s) '
-        f'{unknown}; valid options: {sorted(known - {"parent", "name"})}.')
+      f'{cls.__name__} ({kwargs.get("model_name")}) has no option(s) '
+      f'{unknown}; valid options: {sorted(known - {"parent", "name"})}.'
+    )
   return cls(**kwargs)
 
 
@@ -80,6 +91,7 @@ def get_model(name: str, **overrides) -> nn.Module:
   """
   if name not in MODEL_CONFIGS:
     raise KeyError(
-        f'Unknown model {name!r}. Registered models: '
-        f'{", ".join(sorted(MODEL_CONFIGS))}.')
+      f'Unknown model {name!r}. Registered models: '
+      f'{", ".join(sorted(MODEL_CONFIGS))}.'
+    )
   return build_model(MODEL_CONFIGS[name], **overrides)

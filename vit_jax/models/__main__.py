@@ -10,14 +10,25 @@ from vit_jax.models import table
 def parser() -> argparse.ArgumentParser:
   """`python -m vit_jax.models`'s command line."""
   result = argparse.ArgumentParser(
-      prog='python -m vit_jax.models', description=__doc__)
-  result.add_argument('--table', action='store_true',
-                      help='print the model table (Markdown)')
-  result.add_argument('--num_classes', type=int, default=1000,
-                      help='head width used for the parameter counts')
-  result.add_argument('--models', nargs='*', default=None, metavar='NAME',
-                      choices=sorted(models.MODEL_CONFIGS),
-                      help='registered names to include (default: all)')
+    prog='python -m vit_jax.models', description=__doc__
+  )
+  result.add_argument(
+    '--table', action='store_true', help='print the model table (Markdown)'
+  )
+  result.add_argument(
+    '--num_classes',
+    type=int,
+    default=1000,
+    help='head width used for the parameter counts',
+  )
+  result.add_argument(
+    '--models',
+    nargs='*',
+    default=None,
+    metavar='NAME',
+    choices=sorted(models.MODEL_CONFIGS),
+    help='registered names to include (default: all)',
+  )
   return result
 
 

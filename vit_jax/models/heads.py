@@ -15,19 +15,35 @@ Array = jax.Array
 Dtype = Any
 
 
-def classifier_head(x: Array, num_classes: Optional[int],
-                    mlp_dim: Optional[int], dropout_rate: float,
-                    bias_init: float, dtype: Dtype, train: bool) -> Array:
+def classifier_head(
+  x: Array,
+  num_classes: Optional[int],
+  mlp_dim: Optional[int],
+  dropout_rate: float,
+  bias_init: float,
+  dtype: Dtype,
+  train: bool,
+) -> Array:
   """The `head` of a model (call it inside the model's compact method):
   vit_jax's zero-initialised Dense, an `MlpHead` with `mlp_dim`, or nothing
   without `num_classes`. Returns float32 logits (or features)."""
   if num_classes and mlp_dim:
-    x = MlpHead(num_classes, mlp_dim, dropout_rate=dropout_rate, dtype=dtype,
-                bias_init=bias_init, name='head')(x, deterministic=not train)
+    x = MlpHead(
+      num_classes,
+      mlp_dim,
+      dropout_rate=dropout_rate,
+      dtype=dtype,
+      bias_init=bias_init,
+      name='head',
+    )(x, deterministic=not train)
   elif num_classes:
-    x = nn.Dense(num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
-                 bias_init=nn.initializers.constant(bias_init),
-                 name='head')(x)
+    x = nn.Dense(
+      num_classes,
+      dtype=dtype,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.constant(bias_init),
+      name='head',
+    )(x)
   return x.astype(jnp.float32)
 
 
@@ -52,15 +68,22 @@ class MlpHead(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
-  bias_init: float = 0.
+  bias_init: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype,
-                 kernel_init=nn.initializers.xavier_uniform(), name='hidden')(x)
+    x = nn.Dense(
+      self.mlp_dim,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      name='hidden',
+    )(x)
     x = nn.gelu(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    return nn.Dense(self.num_classes, dtype=self.dtype,
-                    kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.constant(self.bias_init),
-                    name='out')(x)
+    return nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.constant(self.bias_init),
+      name='out',
+    )(x)

@@ -1,10 +1,10 @@
 """MLP-Mixer (Tolstikhin et al., 2021) with vit_jax's parameter names.
 
-  stem/{kernel,bias}
-  MixerBlock_{i}/LayerNorm_0, token_mixing/Dense_{0,1},
-  MixerBlock_{i}/LayerNorm_1, channel_mixing/Dense_{0,1}
-  pre_head_layer_norm
-  head/{kernel,bias}
+stem/{kernel,bias}
+MixerBlock_{i}/LayerNorm_0, token_mixing/Dense_{0,1},
+MixerBlock_{i}/LayerNorm_1, channel_mixing/Dense_{0,1}
+pre_head_layer_norm
+head/{kernel,bias}
 """
 
 from typing import Any, Optional
@@ -23,9 +23,13 @@ def _mixing_mlp(mlp_dim: int, dtype: Dtype, name: str) -> MlpBlock:
   """The Mixer MLP: the Transformer MLP block without dropout, with Flax's
   default (LeCun normal, zero bias) initialisation."""
   return MlpBlock(
-      mlp_dim=mlp_dim, dtype=dtype, dropout_rate=0.0,
-      kernel_init=nn.initializers.lecun_normal(),
-      bias_init=nn.initializers.zeros, name=name)
+    mlp_dim=mlp_dim,
+    dtype=dtype,
+    dropout_rate=0.0,
+    kernel_init=nn.initializers.lecun_normal(),
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
 
 
 class MixerBlock(nn.Module):
@@ -46,11 +50,13 @@ class MixerBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = jnp.swapaxes(y, 1, 2)
     y = _mixing_mlp(self.tokens_mlp_dim, self.dtype, 'token_mixing')(
-        y, deterministic=True)
+      y, deterministic=True
+    )
     x = x + jnp.swapaxes(y, 1, 2)
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    return x + _mixing_mlp(self.channels_mlp_dim, self.dtype,
-                           'channel_mixing')(y, deterministic=True)
+    return x + _mixing_mlp(self.channels_mlp_dim, self.dtype, 'channel_mixing')(
+      y, deterministic=True
+    )
 
 
 class MlpMixer(nn.Module):
@@ -81,19 +87,26 @@ class MlpMixer(nn.Module):
     del train  # Mixer has no dropout.
     if inputs.ndim != 4:
       raise ValueError(
-          f'MlpMixer expects images [batch, height, width, channels], got '
-          f'shape {inputs.shape}.')
+        f'MlpMixer expects images [batch, height, width, channels], got '
+        f'shape {inputs.shape}.'
+      )
     size = tuple(self.patches['size'])
-    x = PatchEmbedding(self.hidden_dim, size, padding='SAME', dtype=self.dtype,
-                       name='stem')(inputs)
+    x = PatchEmbedding(
+      self.hidden_dim, size, padding='SAME', dtype=self.dtype, name='stem'
+    )(inputs)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     for _ in range(self.num_blocks):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim,
-                     dtype=self.dtype)(x)
+      x = MixerBlock(
+        self.tokens_mlp_dim, self.channels_mlp_dim, dtype=self.dtype
+      )(x)
     x = nn.LayerNorm(dtype=self.dtype, name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=self.dtype,
-                   kernel_init=nn.initializers.zeros, name='head')(x)
+      x = nn.Dense(
+        self.num_classes,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.zeros,
+        name='head',
+      )(x)
     return x.astype(jnp.float32)

@@ -35,27 +35,37 @@ def _register(resolution: int = 224) -> Callable[[ConfigFn], ConfigFn]:
   return decorator
 
 
-def _vit(name: str, patch: int, hidden: int, mlp: int, heads: int,
-         layers: int, dropout: float = 0.0) -> ml_collections.ConfigDict:
+def _vit(
+  name: str,
+  patch: int,
+  hidden: int,
+  mlp: int,
+  heads: int,
+  layers: int,
+  dropout: float = 0.0,
+) -> ml_collections.ConfigDict:
   """A plain ViT config with vit_jax's defaults (class token, no pre-logits)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'model_name': name,
       'patches': {'size': (patch, patch)},
       'hidden_size': hidden,
       'transformer': {
-          'mlp_dim': mlp,
-          'num_heads': heads,
-          'num_layers': layers,
-          'attention_dropout_rate': 0.0,
-          'dropout_rate': dropout,
+        'mlp_dim': mlp,
+        'num_heads': heads,
+        'num_layers': layers,
+        'attention_dropout_rate': 0.0,
+        'dropout_rate': dropout,
       },
       'classifier': 'token',
       'representation_size': None,
-  })
+    }
+  )
 
 
-def _variant(config: ml_collections.ConfigDict, name: str,
-             **changes) -> ml_collections.ConfigDict:
+def _variant(
+  config: ml_collections.ConfigDict, name: str, **changes
+) -> ml_collections.ConfigDict:
   """A copy of `config` renamed to `name` with top-level `changes`."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model_name = name
@@ -63,26 +73,36 @@ def _variant(config: ml_collections.ConfigDict, name: str,
   return config
 
 
-def _hybrid(config: ml_collections.ConfigDict, name: str,
-            stages: tuple, patch: int = 1) -> ml_collections.ConfigDict:
+def _hybrid(
+  config: ml_collections.ConfigDict, name: str, stages: tuple, patch: int = 1
+) -> ml_collections.ConfigDict:
   """`config` behind a BiT ResNet root with `stages` units per stage."""
   config = _variant(config, name, patches={'size': (patch, patch)})
   config.resnet = ml_collections.ConfigDict(
-      {'num_layers': stages, 'width_factor': 1})
+    {'num_layers': stages, 'width_factor': 1}
+  )
   return config
 
 
-def _mixer(name: str, patch: int, hidden: int, blocks: int, tokens_mlp: int,
-           channels_mlp: int) -> ml_collections.ConfigDict:
+def _mixer(
+  name: str,
+  patch: int,
+  hidden: int,
+  blocks: int,
+  tokens_mlp: int,
+  channels_mlp: int,
+) -> ml_collections.ConfigDict:
   """An MLP-Mixer config."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'model_name': name,
       'patches': {'size': (patch, patch)},
       'hidden_dim': hidden,
       'num_blocks': blocks,
       'tokens_mlp_dim': tokens_mlp,
       'channels_mlp_dim': channels_mlp,
-  })
+    }
+  )
 
 
 # Testing.
@@ -100,8 +120,9 @@ def get_testing_config() -> ml_collections.ConfigDict:
 @_register()
 def get_testing_unpooled_config() -> ml_collections.ConfigDict:
   """`testing` without a class token, returning logits for every patch."""
-  return _variant(get_testing_config(), 'testing-unpooled',
-                  classifier='unpooled')
+  return _variant(
+    get_testing_config(), 'testing-unpooled', classifier='unpooled'
+  )
 
 
 # ViT-X/16, ViT-H/14, ViT-B/8 and ViT-X/32.
@@ -129,15 +150,17 @@ def get_b16_config() -> ml_collections.ConfigDict:
 @_register()
 def get_l16_config() -> ml_collections.ConfigDict:
   """ViT-L/16."""
-  return _vit('ViT-L_16', 16, hidden=1024, mlp=4096, heads=16, layers=24,
-              dropout=0.1)
+  return _vit(
+    'ViT-L_16', 16, hidden=1024, mlp=4096, heads=16, layers=24, dropout=0.1
+  )
 
 
 @_register()
 def get_h14_config() -> ml_collections.ConfigDict:
   """ViT-H/14."""
-  return _vit('ViT-H_14', 14, hidden=1280, mlp=5120, heads=16, layers=32,
-              dropout=0.1)
+  return _vit(
+    'ViT-H_14', 14, hidden=1280, mlp=5120, heads=16, layers=32, dropout=0.1
+  )
 
 
 @_register()
@@ -241,22 +264,25 @@ def get_r50_l32_config() -> ml_collections.ConfigDict:
 @_register()
 def get_mixer_b16_config() -> ml_collections.ConfigDict:
   """Mixer-B/16."""
-  return _mixer('Mixer-B_16', 16, hidden=768, blocks=12, tokens_mlp=384,
-                channels_mlp=3072)
+  return _mixer(
+    'Mixer-B_16', 16, hidden=768, blocks=12, tokens_mlp=384, channels_mlp=3072
+  )
 
 
 @_register()
 def get_mixer_b32_config() -> ml_collections.ConfigDict:
   """Mixer-B/32."""
-  return _mixer('Mixer-B_32', 32, hidden=768, blocks=12, tokens_mlp=384,
-                channels_mlp=3072)
+  return _mixer(
+    'Mixer-B_32', 32, hidden=768, blocks=12, tokens_mlp=384, channels_mlp=3072
+  )
 
 
 @_register()
 def get_mixer_l16_config() -> ml_collections.ConfigDict:
   """Mixer-L/16."""
-  return _mixer('Mixer-L_16', 16, hidden=1024, blocks=24, tokens_mlp=512,
-                channels_mlp=4096)
+  return _mixer(
+    'Mixer-L_16', 16, hidden=1024, blocks=24, tokens_mlp=512, channels_mlp=4096
+  )
 
 
 # Swin Transformer (Liu et al., 2021), window 7 at 224, as timm's
@@ -264,14 +290,25 @@ def get_mixer_l16_config() -> ml_collections.ConfigDict:
 ###########################################################################
 
 
-def _swin(name: str, embed_dim: int, depths: Tuple[int, ...],
-          heads: Tuple[int, ...], patch: int = 4,
-          window: int = 7) -> ml_collections.ConfigDict:
+def _swin(
+  name: str,
+  embed_dim: int,
+  depths: Tuple[int, ...],
+  heads: Tuple[int, ...],
+  patch: int = 4,
+  window: int = 7,
+) -> ml_collections.ConfigDict:
   """A Swin config: the keyword arguments of `swin.SwinTransformer`."""
-  return ml_collections.ConfigDict({
-      'model_name': name, 'patch_size': patch, 'embed_dim': embed_dim,
-      'depths': depths, 'num_heads': heads, 'window_size': window,
-  })
+  return ml_collections.ConfigDict(
+    {
+      'model_name': name,
+      'patch_size': patch,
+      'embed_dim': embed_dim,
+      'depths': depths,
+      'num_heads': heads,
+      'window_size': window,
+    }
+  )
 
 
 @_register()
@@ -300,11 +337,11 @@ def get_swin_b_config() -> ml_collections.ConfigDict:
 ###########################################################################
 
 
-def _small_vit(name: str, patch: int, hidden: int, mlp: int, heads: int,
-               layers: int) -> ml_collections.ConfigDict:
+def _small_vit(
+  name: str, patch: int, hidden: int, mlp: int, heads: int, layers: int
+) -> ml_collections.ConfigDict:
   """A from-scratch ViT: GAP classifier and sincos2d position embeddings."""
-  config = _vit(name, patch, hidden=hidden, mlp=mlp, heads=heads,
-                layers=layers)
+  config = _vit(name, patch, hidden=hidden, mlp=mlp, heads=heads, layers=layers)
   config.classifier = 'gap'
   config.posemb = 'sincos2d'
   return config
@@ -344,8 +381,9 @@ def get_swin_mini2_config() -> ml_collections.ConfigDict:
 @_register(resolution=32)
 def get_mixer_mini4_config() -> ml_collections.ConfigDict:
   """A small Mixer with patch 4: width 128, 6 blocks."""
-  return _mixer('Mixer-Mini_4', 4, hidden=128, blocks=6, tokens_mlp=64,
-                channels_mlp=512)
+  return _mixer(
+    'Mixer-Mini_4', 4, hidden=128, blocks=6, tokens_mlp=64, channels_mlp=512
+  )
 
 
 # ResNet baselines: BiT-style ResNets (vit_jax's hybrid root under a GAP and
@@ -356,16 +394,23 @@ def get_mixer_mini4_config() -> ml_collections.ConfigDict:
 ############################################################################
 
 
-def _resnet(name: str, width: int, stages: tuple, root: str = 'imagenet',
-            num_groups: int = 32) -> ml_collections.ConfigDict:
+def _resnet(
+  name: str,
+  width: int,
+  stages: tuple,
+  root: str = 'imagenet',
+  num_groups: int = 32,
+) -> ml_collections.ConfigDict:
   """A `ResNet` config (bottleneck units, GroupNorm, weight standardisation)."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       'model_name': name,
       'width': width,
       'stages': stages,
       'root': root,
       'num_groups': num_groups,
-  })
+    }
+  )
 
 
 @_register()
@@ -396,8 +441,9 @@ def get_resnet_micro_config() -> ml_collections.ConfigDict:
   127,642 parameters vs. ViT-Micro_4's 137,802 (-7.4%), at 32 px with 10
   classes.
   """
-  return _resnet('ResNet-Micro', width=16, stages=(1, 1, 1), root='small',
-                 num_groups=8)
+  return _resnet(
+    'ResNet-Micro', width=16, stages=(1, 1, 1), root='small', num_groups=8
+  )
 
 
 @_register(resolution=28)
@@ -418,8 +464,12 @@ def get_config(short_name: str) -> ml_collections.ConfigDict:
   """
   get_fn = globals().get(f'get_{short_name}_config')
   if get_fn is None or short_name == '':
-    known = sorted(name[len('get_'):-len('_config')] for name in globals()
-                   if name.startswith('get_') and name.endswith('_config'))
+    known = sorted(
+      name[len('get_') : -len('_config')]
+      for name in globals()
+      if name.startswith('get_') and name.endswith('_config')
+    )
     raise ValueError(
-        f'Unknown model {short_name!r}; known short names: {", ".join(known)}.')
+      f'Unknown model {short_name!r}; known short names: {", ".join(known)}.'
+    )
   return get_fn()

@@ -23,8 +23,9 @@ from vit_jax.models import heads
 Dtype = Any
 
 
-def weight_standardize(w: jax.Array, axis: Sequence[int],
-                       eps: float) -> jax.Array:
+def weight_standardize(
+  w: jax.Array, axis: Sequence[int], eps: float
+) -> jax.Array:
   """Subtracts the mean and divides by the standard deviation over `axis`."""
   w = w - jnp.mean(w, axis=axis)
   return w / (jnp.std(w, axis=axis) + eps)
@@ -54,8 +55,11 @@ class StdConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (*self.kernel_size, x.shape[-1], self.features))
+    kernel = self.param(
+      'kernel',
+      nn.initializers.lecun_normal(),
+      (*self.kernel_size, x.shape[-1], self.features),
+    )
     kernel = weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
@@ -63,8 +67,12 @@ class StdConv(nn.Module):
       sh, sw = self.strides
       return jnp.einsum('bhwc,cd->bhwd', x[:, ::sh, ::sw], kernel[0, 0])
     return jax.lax.conv_general_dilated(
-        x, kernel, tuple(self.strides), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x,
+      kernel,
+      tuple(self.strides),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
 
 
 class GroupNorm(nn.Module):
@@ -92,8 +100,9 @@ class GroupNorm(nn.Module):
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(
-          f'GroupNorm {self.name!r}: num_groups={self.num_groups} does not '
-          f'divide the {channels} channels of input shape {x.shape}.')
+        f'GroupNorm {self.name!r}: num_groups={self.num_groups} does not '
+        f'divide the {channels} channels of input shape {x.shape}.'
+      )
     scale = self.param('scale', self.scale_init, (channels,))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
     xf = x.astype(jnp.float32)
@@ -103,7 +112,9 @@ class GroupNorm(nn.Module):
       count *= x.shape[axis]
 
     def group_mean(channel_sums):  # [batch, channels] → [batch, groups]
-      return channel_sums.reshape(x.shape[0], self.num_groups, -1).sum(-1) / count
+      return (
+        channel_sums.reshape(x.shape[0], self.num_groups, -1).sum(-1) / count
+      )
 
     mean = group_mean(jnp.sum(xf, axis=pixels))
     var = jnp.maximum(group_mean(jnp.sum(xf * xf, axis=pixels)) - mean**2, 0)
@@ -134,10 +145,15 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda features, kernel, strides, name: StdConv(  # pylint: disable=g-long-lambda
-        features=features, kernel_size=kernel, strides=strides,
-        dtype=self.dtype, name=name)
+      features=features,
+      kernel_size=kernel,
+      strides=strides,
+      dtype=self.dtype,
+      name=name,
+    )
     norm = lambda name, **kw: GroupNorm(  # pylint: disable=g-long-lambda
-        num_groups=self.num_groups, dtype=self.dtype, name=name, **kw)
+      num_groups=self.num_groups, dtype=self.dtype, name=name, **kw
+    )
 
     residual = x
     if x.shape[-1] != self.features * 4 or tuple(self.strides) != (1, 1):
@@ -146,7 +162,8 @@ class ResidualUnit(nn.Module):
 
     y = nn.relu(norm('gn1')(conv(self.features, (1, 1), (1, 1), 'conv1')(x)))
     y = nn.relu(
-        norm('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y)))
+      norm('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y))
+    )
     y = conv(self.features * 4, (1, 1), (1, 1), 'conv3')(y)
     # Zero-initialised last scale: every unit starts as the identity map.
     y = norm('gn3', scale_init=nn.initializers.zeros)(y)
@@ -174,11 +191,12 @@ class ResNetStage(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.block_size):
       x = ResidualUnit(
-          self.nout,
-          strides=self.first_stride if i == 0 else (1, 1),
-          dtype=self.dtype,
-          num_groups=self.num_groups,
-          name=f'unit{i + 1}')(x)
+        self.nout,
+        strides=self.first_stride if i == 0 else (1, 1),
+        dtype=self.dtype,
+        num_groups=self.num_groups,
+        name=f'unit{i + 1}',
+      )(x)
     return x
 
 
@@ -227,35 +245,45 @@ class ResNet(nn.Module):
   def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
     if inputs.ndim != 4:
       raise ValueError(
-          f'ResNet expects images [batch, height, width, channels], got '
-          f'shape {inputs.shape}.')
+        f'ResNet expects images [batch, height, width, channels], got '
+        f'shape {inputs.shape}.'
+      )
     x = self._root(inputs)
     for i, block_size in enumerate(self.stages):
       x = ResNetStage(
-          block_size=block_size,
-          nout=self.width * 2**i,
-          first_stride=(1, 1) if i == 0 else (2, 2),
-          dtype=self.dtype,
-          num_groups=self.num_groups,
-          name=f'block{i + 1}')(x)
+        block_size=block_size,
+        nout=self.width * 2**i,
+        first_stride=(1, 1) if i == 0 else (2, 2),
+        dtype=self.dtype,
+        num_groups=self.num_groups,
+        name=f'block{i + 1}',
+      )(x)
     x = jnp.mean(x, axis=(1, 2))
-    return heads.classifier_head(x, self.num_classes, self.head_mlp_dim,
-                                 self.head_dropout_rate, self.head_bias_init,
-                                 self.dtype, train)
+    return heads.classifier_head(
+      x,
+      self.num_classes,
+      self.head_mlp_dim,
+      self.head_dropout_rate,
+      self.head_bias_init,
+      self.dtype,
+      train,
+    )
 
   def _root(self, x: jax.Array) -> jax.Array:
     """Conv, GroupNorm, ReLU (and a max-pool for 'imagenet')."""
     if self.root not in ROOTS:
-      raise ValueError(
-          f'Unknown root={self.root!r}; expected one of {ROOTS}.')
+      raise ValueError(f'Unknown root={self.root!r}; expected one of {ROOTS}.')
     imagenet = self.root == 'imagenet'
     x = StdConv(
-        features=self.width,
-        kernel_size=(7, 7) if imagenet else (3, 3),
-        strides=(2, 2) if imagenet else (1, 1),
-        dtype=self.dtype, name='conv_root')(x)
-    x = nn.relu(GroupNorm(num_groups=self.num_groups, dtype=self.dtype,
-                             name='gn_root')(x))
+      features=self.width,
+      kernel_size=(7, 7) if imagenet else (3, 3),
+      strides=(2, 2) if imagenet else (1, 1),
+      dtype=self.dtype,
+      name='conv_root',
+    )(x)
+    x = nn.relu(
+      GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='gn_root')(x)
+    )
     if imagenet:
       x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
     return x

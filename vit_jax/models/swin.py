@@ -48,8 +48,9 @@ def window_partition(x: Array, window: int) -> Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
 
 
-def window_reverse(windows: Array, window: int, height: int,
-                   width: int) -> Array:
+def window_reverse(
+  windows: Array, window: int, height: int, width: int
+) -> Array:
   """Inverse of `window_partition`: windows back to `[B, H, W, C]`."""
   c = windows.shape[-1]
   x = windows.reshape(-1, height // window, width // window, window, window, c)
@@ -60,16 +61,16 @@ def relative_position_index(window: int) -> np.ndarray:
   """`[w², w²]`: for query token i and key token j of a window, the row of
   the bias table for their offset (dy, dx), each in [-(w-1), w-1]:
   `(dy + w - 1) * (2w - 1) + (dx + w - 1)`."""
-  rows, cols = np.meshgrid(np.arange(window), np.arange(window),
-                           indexing='ij')
+  rows, cols = np.meshgrid(np.arange(window), np.arange(window), indexing='ij')
   rows, cols = rows.reshape(-1), cols.reshape(-1)
   dy = rows[:, None] - rows[None, :] + window - 1
   dx = cols[:, None] - cols[None, :] + window - 1
   return dy * (2 * window - 1) + dx
 
 
-def shifted_window_mask(height: int, width: int, window: int,
-                        shift: int) -> np.ndarray:
+def shifted_window_mask(
+  height: int, width: int, window: int, shift: int
+) -> np.ndarray:
   """`[num_windows, w², w²]`: 0 where query and key come from the same region
   of the image before the cyclic shift, `MASK_VALUE` elsewhere.
 
@@ -78,11 +79,17 @@ def shifted_window_mask(height: int, width: int, window: int,
   must not attend to each other.
   """
   region = np.zeros((1, height, width, 1), np.float32)
-  bands = lambda size: (slice(0, size - window), slice(size - window,  # pylint: disable=g-long-lambda
-                                                       size - shift),
-                        slice(size - shift, size))
+  bands = lambda size: (
+    slice(0, size - window),
+    slice(
+      size - window,  # pylint: disable=g-long-lambda
+      size - shift,
+    ),
+    slice(size - shift, size),
+  )
   for index, (rows, cols) in enumerate(
-      (r, c) for r in bands(height) for c in bands(width)):
+    (r, c) for r in bands(height) for c in bands(width)
+  ):
     region[:, rows, cols, :] = index
   labels = window_partition(region, window)[..., 0]  # [windows, w²]
   same = labels[:, :, None] == labels[:, None, :]
@@ -105,37 +112,45 @@ class WindowAttention(nn.Module):
   attention_dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[Array], *,
-               deterministic: bool) -> Array:
+  def __call__(
+    self, x: Array, mask: Optional[Array], *, deterministic: bool
+  ) -> Array:
     """`x`: `[B * windows, w², C]`; `mask`: `[windows, w², w²]` or None."""
     width = x.shape[-1]
     if width % self.num_heads:
-      raise ValueError(f'Width {width} is not divisible by {self.num_heads} '
-                       'heads.')
+      raise ValueError(
+        f'Width {width} is not divisible by {self.num_heads} heads.'
+      )
     head_dim = width // self.num_heads
-    project = functools.partial(nn.DenseGeneral,
-                                features=(self.num_heads, head_dim),
-                                dtype=self.dtype)
-    query = project(name='query')(x) * head_dim ** -0.5
+    project = functools.partial(
+      nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype
+    )
+    query = project(name='query')(x) * head_dim**-0.5
     key, value = project(name='key')(x), project(name='value')(x)
-    table = self.param('relative_position_bias_table',
-                       nn.initializers.truncated_normal(0.02),
-                       ((2 * self.window - 1) ** 2, self.num_heads))
+    table = self.param(
+      'relative_position_bias_table',
+      nn.initializers.truncated_normal(0.02),
+      ((2 * self.window - 1) ** 2, self.num_heads),
+    )
     bias = table[relative_position_index(self.window)]  # [w², w², heads]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      'bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32
+    )
     logits = logits + bias.transpose(2, 0, 1)[None]
     if mask is not None:
       windows = mask.shape[0]
-      logits = logits.reshape(-1, windows, *logits.shape[1:]) + mask[
-          None, :, None]
+      logits = (
+        logits.reshape(-1, windows, *logits.shape[1:]) + mask[None, :, None]
+      )
       logits = logits.reshape(-1, *logits.shape[2:])
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(rate=self.attention_dropout_rate)(
-        weights, deterministic=deterministic)
+      weights, deterministic=deterministic
+    )
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           name='out')(out)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out')(
+      out
+    )
 
 
 class SwinBlock(nn.Module):
@@ -166,31 +181,39 @@ class SwinBlock(nn.Module):
     shift = window // 2 if self.shifted and min(h, w) > self.window else 0
     if h % window or w % window:
       raise ValueError(
-          f'A {h}x{w} token grid does not split into {window}x{window} '
-          'windows; choose an image size whose grid at every stage is a '
-          'multiple of the window (e.g. 224 with patch 4 and window 7).')
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layernorm_epsilon,
-                             dtype=self.dtype)
+        f'A {h}x{w} token grid does not split into {window}x{window} '
+        'windows; choose an image size whose grid at every stage is a '
+        'multiple of the window (e.g. 224 with patch 4 and window 7).'
+      )
+    norm = functools.partial(
+      nn.LayerNorm, epsilon=self.layernorm_epsilon, dtype=self.dtype
+    )
     y = norm()(x)
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
-    mask = (jnp.asarray(shifted_window_mask(h, w, window, shift)) if shift
-            else None)
-    y = WindowAttention(self.num_heads, window, dtype=self.dtype,
-                        attention_dropout_rate=self.attention_dropout_rate,
-                        name='attention')(
-                            window_partition(y, window), mask,
-                            deterministic=deterministic)
+    mask = (
+      jnp.asarray(shifted_window_mask(h, w, window, shift)) if shift else None
+    )
+    y = WindowAttention(
+      self.num_heads,
+      window,
+      dtype=self.dtype,
+      attention_dropout_rate=self.attention_dropout_rate,
+      name='attention',
+    )(window_partition(y, window), mask, deterministic=deterministic)
     y = window_reverse(y, window, h, w)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
     x = x + y
-    y = vit.MlpBlock(mlp_dim=int(c * self.mlp_ratio), dtype=self.dtype,
-                     dropout_rate=self.dropout_rate, approximate_gelu=False,
-                     kernel_init=nn.initializers.truncated_normal(0.02),
-                     bias_init=nn.initializers.zeros)(
-                         norm()(x), deterministic=deterministic)
+    y = vit.MlpBlock(
+      mlp_dim=int(c * self.mlp_ratio),
+      dtype=self.dtype,
+      dropout_rate=self.dropout_rate,
+      approximate_gelu=False,
+      kernel_init=nn.initializers.truncated_normal(0.02),
+      bias_init=nn.initializers.zeros,
+    )(norm()(x), deterministic=deterministic)
     return (x + y).reshape(b, h, w, c)
 
 
@@ -211,11 +234,16 @@ class PatchMerging(nn.Module):
       raise ValueError(f'Patch merging needs an even grid, got {h}x{w}.')
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
     x = x.reshape(b, h // 2, w // 2, 4 * c)
-    x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
-                     name='norm')(x)
-    return nn.Dense(2 * c, use_bias=False, dtype=self.dtype,
-                    kernel_init=nn.initializers.truncated_normal(0.02),
-                    name='reduction')(x)
+    x = nn.LayerNorm(
+      epsilon=self.layernorm_epsilon, dtype=self.dtype, name='norm'
+    )(x)
+    return nn.Dense(
+      2 * c,
+      use_bias=False,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.truncated_normal(0.02),
+      name='reduction',
+    )(x)
 
 
 class SwinStage(nn.Module):
@@ -235,16 +263,23 @@ class SwinStage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     if self.downsample:
-      x = PatchMerging(dtype=self.dtype,
-                       layernorm_epsilon=self.layernorm_epsilon,
-                       name='downsample')(x)
+      x = PatchMerging(
+        dtype=self.dtype,
+        layernorm_epsilon=self.layernorm_epsilon,
+        name='downsample',
+      )(x)
     for block in range(self.depth):
-      x = SwinBlock(self.num_heads, self.window, shifted=block % 2 == 1,
-                    mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                    dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate,
-                    layernorm_epsilon=self.layernorm_epsilon,
-                    name=f'block_{block}')(x, deterministic=deterministic)
+      x = SwinBlock(
+        self.num_heads,
+        self.window,
+        shifted=block % 2 == 1,
+        mlp_ratio=self.mlp_ratio,
+        dtype=self.dtype,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        layernorm_epsilon=self.layernorm_epsilon,
+        name=f'block_{block}',
+      )(x, deterministic=deterministic)
     return x
 
 
@@ -286,28 +321,48 @@ class SwinTransformer(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     if inputs.ndim != 4:
-      raise ValueError(f'SwinTransformer expects images [batch, height, '
-                       f'width, channels], got shape {inputs.shape}.')
+      raise ValueError(
+        f'SwinTransformer expects images [batch, height, '
+        f'width, channels], got shape {inputs.shape}.'
+      )
     if len(self.depths) != len(self.num_heads):
-      raise ValueError(f'depths {tuple(self.depths)} and num_heads '
-                       f'{tuple(self.num_heads)} must have one entry per '
-                       'stage.')
+      raise ValueError(
+        f'depths {tuple(self.depths)} and num_heads '
+        f'{tuple(self.num_heads)} must have one entry per '
+        'stage.'
+      )
     patch = (self.patch_size, self.patch_size)
-    x = vit.PatchEmbedding(self.embed_dim, patch, dtype=self.dtype,
-                           name='embedding')(inputs)
-    x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
-                     name='embedding_norm')(x)
+    x = vit.PatchEmbedding(
+      self.embed_dim, patch, dtype=self.dtype, name='embedding'
+    )(inputs)
+    x = nn.LayerNorm(
+      epsilon=self.layernorm_epsilon, dtype=self.dtype, name='embedding_norm'
+    )(x)
     for stage, (depth, head_count) in enumerate(
-        zip(self.depths, self.num_heads)):
-      x = SwinStage(depth, head_count, self.window_size, downsample=stage > 0,
-                    mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                    dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate,
-                    layernorm_epsilon=self.layernorm_epsilon,
-                    name=f'stage_{stage}')(x, deterministic=not train)
-    x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
-                     name='encoder_norm')(x)
+      zip(self.depths, self.num_heads)
+    ):
+      x = SwinStage(
+        depth,
+        head_count,
+        self.window_size,
+        downsample=stage > 0,
+        mlp_ratio=self.mlp_ratio,
+        dtype=self.dtype,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        layernorm_epsilon=self.layernorm_epsilon,
+        name=f'stage_{stage}',
+      )(x, deterministic=not train)
+    x = nn.LayerNorm(
+      epsilon=self.layernorm_epsilon, dtype=self.dtype, name='encoder_norm'
+    )(x)
     x = jnp.mean(x, axis=(1, 2))
-    return heads.classifier_head(x, self.num_classes, self.head_mlp_dim,
-                                 self.head_dropout_rate, self.head_bias_init,
-                                 self.dtype, train)
+    return heads.classifier_head(
+      x,
+      self.num_classes,
+      self.head_mlp_dim,
+      self.head_dropout_rate,
+      self.head_bias_init,
+      self.dtype,
+      train,
+    )

@@ -49,8 +49,9 @@ class IdentityLayer(nn.Module):
     return x
 
 
-def sincos2d_embedding(height: int, width: int, dim: int,
-                       temperature: float = 10_000.) -> np.ndarray:
+def sincos2d_embedding(
+  height: int, width: int, dim: int, temperature: float = 10_000.0
+) -> np.ndarray:
   """Fixed 2-D sine-cosine position embeddings, shape `[height * width, dim]`.
 
   Token `p = r * width + c` (row `r`, column `c`) gets
@@ -70,21 +71,28 @@ def sincos2d_embedding(height: int, width: int, dim: int,
   """
   if dim % 4 or dim < 8:
     raise ValueError(
-        f'sincos2d position embeddings need a hidden size that is a multiple '
-        f'of 4 and at least 8, got {dim}; use posemb="learned" for this width.')
+      f'sincos2d position embeddings need a hidden size that is a multiple '
+      f'of 4 and at least 8, got {dim}; use posemb="learned" for this width.'
+    )
   quarter = dim // 4
-  omega = 1.0 / temperature**(np.arange(quarter) / (quarter - 1))
+  omega = 1.0 / temperature ** (np.arange(quarter) / (quarter - 1))
   rows, cols = np.mgrid[:height, :width]
   row_angles = rows.reshape(-1, 1) * omega[None, :]
   col_angles = cols.reshape(-1, 1) * omega[None, :]
-  return np.concatenate([
-      np.sin(col_angles), np.cos(col_angles),
-      np.sin(row_angles), np.cos(row_angles)
-  ], axis=1).astype(np.float32)
+  return np.concatenate(
+    [
+      np.sin(col_angles),
+      np.cos(col_angles),
+      np.sin(row_angles),
+      np.cos(row_angles),
+    ],
+    axis=1,
+  ).astype(np.float32)
 
 
-def fixed_position_table(posemb: str, grid: Tuple[int, int], num_prefix: int,
-                         dim: int) -> np.ndarray:
+def fixed_position_table(
+  posemb: str, grid: Tuple[int, int], num_prefix: int, dim: int
+) -> np.ndarray:
   """What a fixed position embedding adds, `[1, num_prefix + rows * cols,
   dim]`: zeros for the prefix (class) tokens, then `sincos2d_embedding`, or
   zeros throughout for 'none'. As a learned table, it computes the same
@@ -92,10 +100,14 @@ def fixed_position_table(posemb: str, grid: Tuple[int, int], num_prefix: int,
   if posemb not in ('sincos2d', 'none'):
     raise ValueError(f'posemb={posemb!r} is not a fixed position embedding.')
   rows, cols = grid
-  patches = (sincos2d_embedding(rows, cols, dim) if posemb == 'sincos2d'
-             else np.zeros((rows * cols, dim), np.float32))
-  return np.concatenate([np.zeros((num_prefix, dim), np.float32),
-                         patches])[None]
+  patches = (
+    sincos2d_embedding(rows, cols, dim)
+    if posemb == 'sincos2d'
+    else np.zeros((rows * cols, dim), np.float32)
+  )
+  return np.concatenate([np.zeros((num_prefix, dim), np.float32), patches])[
+    None
+  ]
 
 
 class PatchEmbedding(nn.Module):
@@ -124,20 +136,35 @@ class PatchEmbedding(nn.Module):
   def __call__(self, x: Array) -> Array:
     ph, pw = self.patch
     batch, height, width, channels = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (ph, pw, channels, self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                      jnp.float32)
+    kernel = self.param(
+      'kernel',
+      nn.initializers.lecun_normal(),
+      (ph, pw, channels, self.features),
+      jnp.float32,
+    )
+    bias = self.param(
+      'bias', nn.initializers.zeros, (self.features,), jnp.float32
+    )
     if self.padding == 'SAME':
       pad_h, pad_w = -height % ph, -width % pw
-      x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                      (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+      x = jnp.pad(
+        x,
+        (
+          (0, 0),
+          (pad_h // 2, pad_h - pad_h // 2),
+          (pad_w // 2, pad_w - pad_w // 2),
+          (0, 0),
+        ),
+      )
     elif self.padding != 'VALID':
       raise ValueError(f'padding={self.padding!r}; use "VALID" or "SAME".')
     rows, cols = x.shape[1] // ph, x.shape[2] // pw
-    x = x[:, :rows * ph, :cols * pw].astype(self.dtype)
-    patches = x.reshape(batch, rows, ph, cols, pw, channels).transpose(
-        0, 1, 3, 2, 4, 5).reshape(batch, rows, cols, ph * pw * channels)
+    x = x[:, : rows * ph, : cols * pw].astype(self.dtype)
+    patches = (
+      x.reshape(batch, rows, ph, cols, pw, channels)
+      .transpose(0, 1, 3, 2, 4, 5)
+      .reshape(batch, rows, cols, ph * pw * channels)
+    )
     flat_kernel = kernel.reshape(ph * pw * channels, self.features)
     return patches @ flat_kernel.astype(self.dtype) + bias.astype(self.dtype)
 
@@ -155,7 +182,8 @@ class AddPositionEmbs(nn.Module):
   def __call__(self, inputs: Array) -> Array:
     if inputs.ndim != 3:
       raise ValueError(
-          f'AddPositionEmbs expects [batch, seq, dim], got shape {inputs.shape}')
+        f'AddPositionEmbs expects [batch, seq, dim], got shape {inputs.shape}'
+      )
     shape = (1, inputs.shape[1], inputs.shape[2])
     table = self.param('pos_embedding', self.posemb_init, shape, jnp.float32)
     return inputs + table.astype(inputs.dtype)
@@ -187,8 +215,11 @@ class MlpBlock(nn.Module):
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
     out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
     dense = lambda features: nn.Dense(  # pylint: disable=g-long-lambda
-        features, dtype=self.dtype, kernel_init=self.kernel_init,
-        bias_init=self.bias_init)
+      features,
+      dtype=self.dtype,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+    )
     x = dense(self.mlp_dim)(inputs)
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -225,20 +256,29 @@ class MultiHeadSelfAttention(nn.Module):
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     width = x.shape[-1]
     if width % self.num_heads:
-      raise ValueError(f'Width {width} is not divisible by {self.num_heads} '
-                       'attention heads.')
+      raise ValueError(
+        f'Width {width} is not divisible by {self.num_heads} attention heads.'
+      )
     heads = (self.num_heads, width // self.num_heads)
     x = x.astype(self.dtype)
-    query, key, value = (nn.DenseGeneral(
-        heads, dtype=self.dtype, kernel_init=self.kernel_init,
-        name=name)(x).swapaxes(1, 2) for name in ('query', 'key', 'value'))
+    query, key, value = (
+      nn.DenseGeneral(
+        heads, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+      )(x).swapaxes(1, 2)
+      for name in ('query', 'key', 'value')
+    )
     out = self._attention(query, key, value, deterministic)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=self.kernel_init,
-                           name='out')(out.swapaxes(1, 2))
+    return nn.DenseGeneral(
+      width,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      kernel_init=self.kernel_init,
+      name='out',
+    )(out.swapaxes(1, 2))
 
-  def _attention(self, query: Array, key: Array, value: Array,
-                 deterministic: bool) -> Array:
+  def _attention(
+    self, query: Array, key: Array, value: Array, deterministic: bool
+  ) -> Array:
     """softmax(q k^T / sqrt(d)) v over `[batch, heads, tokens, head_dim]`
     (head-major: both matmuls need no transpose), the weights dropped out
     and/or sown."""
@@ -248,7 +288,8 @@ class MultiHeadSelfAttention(nn.Module):
     if self.sow_weights:
       self.sow('intermediates', 'attention_weights', weights)
     weights = nn.Dropout(rate=self.dropout_rate)(
-        weights.astype(self.dtype), deterministic=deterministic)
+      weights.astype(self.dtype), deterministic=deterministic
+    )
     return jnp.einsum('bhqk,bhkd->bhqd', weights, value)
 
 
@@ -282,22 +323,25 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
     if inputs.ndim != 3:
       raise ValueError(
-          f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}')
+        f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}'
+      )
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
     x = MultiHeadSelfAttention(
-        num_heads=self.num_heads,
-        dtype=self.dtype,
-        dropout_rate=self.attention_dropout_rate,
-        sow_weights=self.sow_attention_weights,
-        name='MultiHeadDotProductAttention_0',
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      dropout_rate=self.attention_dropout_rate,
+      sow_weights=self.sow_attention_weights,
+      name='MultiHeadDotProductAttention_0',
     )(x, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
 
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(x)
     y = MlpBlock(
-        mlp_dim=self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
-        approximate_gelu=self.approximate_gelu,
+      mlp_dim=self.mlp_dim,
+      dtype=self.dtype,
+      dropout_rate=self.dropout_rate,
+      approximate_gelu=self.approximate_gelu,
     )(y, deterministic=deterministic)
     return x + y
 
@@ -343,25 +387,27 @@ class Encoder(nn.Module):
       x = x + self._sincos2d_table(x.shape[1], x.shape[2]).astype(x.dtype)
     elif self.posemb != 'none':
       raise ValueError(
-          f'Unknown posemb={self.posemb!r}; expected one of '
-          f'{POSITION_EMBEDDINGS}.')
+        f'Unknown posemb={self.posemb!r}; expected one of '
+        f'{POSITION_EMBEDDINGS}.'
+      )
     if self.posemb != 'none':
       x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
     for layer in range(self.num_layers):
       x = Encoder1DBlock(
-          mlp_dim=self.mlp_dim,
-          num_heads=self.num_heads,
-          dtype=self.dtype,
-          dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          sow_attention_weights=self.sow_attention_weights,
-          approximate_gelu=self.approximate_gelu,
-          layernorm_epsilon=self.layernorm_epsilon,
-          name=f'encoderblock_{layer}',
+        mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        sow_attention_weights=self.sow_attention_weights,
+        approximate_gelu=self.approximate_gelu,
+        layernorm_epsilon=self.layernorm_epsilon,
+        name=f'encoderblock_{layer}',
       )(x, deterministic=not train)
-    return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype,
-                        name='encoder_norm')(x)
+    return nn.LayerNorm(
+      epsilon=self.layernorm_epsilon, dtype=self.dtype, name='encoder_norm'
+    )(x)
 
   def _sincos2d_table(self, seq_len: int, dim: int) -> Array:
     """The fixed table for `seq_len` tokens: zeros for prefix tokens."""
@@ -371,10 +417,12 @@ class Encoder(nn.Module):
     num_prefix = seq_len - rows * cols
     if num_prefix < 0:
       raise ValueError(
-          f'Sequence of {seq_len} tokens is shorter than the {rows}x{cols} '
-          'patch grid given in posemb_grid.')
-    return jnp.asarray(fixed_position_table('sincos2d', (rows, cols),
-                                            num_prefix, dim))
+        f'Sequence of {seq_len} tokens is shorter than the {rows}x{cols} '
+        'patch grid given in posemb_grid.'
+      )
+    return jnp.asarray(
+      fixed_position_table('sincos2d', (rows, cols), num_prefix, dim)
+    )
 
 
 class VisionTransformer(nn.Module):
@@ -414,9 +462,9 @@ class VisionTransformer(nn.Module):
   resnet: Optional[Any] = None
   representation_size: Optional[int] = None
   classifier: str = 'token'
-  head_bias_init: float = 0.
+  head_bias_init: float = 0.0
   head_mlp_dim: Optional[int] = None
-  head_dropout_rate: float = 0.
+  head_dropout_rate: float = 0.0
   encoder: Type[nn.Module] = Encoder
   model_name: Optional[str] = None
   posemb: str = 'learned'
@@ -429,18 +477,24 @@ class VisionTransformer(nn.Module):
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     if self.classifier not in CLASSIFIERS:
       raise ValueError(
-          f'Invalid classifier={self.classifier!r}; expected one of '
-          f'{CLASSIFIERS}.')
+        f'Invalid classifier={self.classifier!r}; expected one of '
+        f'{CLASSIFIERS}.'
+      )
     if inputs.ndim != 4:
       raise ValueError(
-          f'VisionTransformer expects images [batch, height, width, channels],'
-          f' got shape {inputs.shape}.')
+        f'VisionTransformer expects images [batch, height, width, channels],'
+        f' got shape {inputs.shape}.'
+      )
     x = inputs
     if self.resnet is not None:
       x = self._resnet_root(x)
 
-    x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']),
-                       dtype=self.dtype, name='embedding')(x)
+    x = PatchEmbedding(
+      self.hidden_size,
+      tuple(self.patches['size']),
+      dtype=self.dtype,
+      name='embedding',
+    )(x)
 
     if self.transformer is not None:
       n, h, w, c = x.shape
@@ -449,14 +503,15 @@ class VisionTransformer(nn.Module):
         cls = self.param('cls', nn.initializers.zeros, (1, 1, c), jnp.float32)
         x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], 1)
       x = self.encoder(
-          name='Transformer',
-          posemb=self.posemb,
-          posemb_grid=(h, w),
-          dtype=self.dtype,
-          sow_attention_weights=self.sow_attention_weights,
-          approximate_gelu=self.approximate_gelu,
-          layernorm_epsilon=self.layernorm_epsilon,
-          **self.transformer)(x, train=train)
+        name='Transformer',
+        posemb=self.posemb,
+        posemb_grid=(h, w),
+        dtype=self.dtype,
+        sow_attention_weights=self.sow_attention_weights,
+        approximate_gelu=self.approximate_gelu,
+        layernorm_epsilon=self.layernorm_epsilon,
+        **self.transformer,
+      )(x, train=train)
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -465,30 +520,42 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size is not None:
       x = nn.Dense(
-          self.representation_size, dtype=self.dtype, name='pre_logits')(x)
+        self.representation_size, dtype=self.dtype, name='pre_logits'
+      )(x)
       x = nn.tanh(x)
     else:
       x = IdentityLayer(name='pre_logits')(x)
 
-    return heads.classifier_head(x, self.num_classes, self.head_mlp_dim,
-                                 self.head_dropout_rate, self.head_bias_init,
-                                 self.dtype, train)
+    return heads.classifier_head(
+      x,
+      self.num_classes,
+      self.head_mlp_dim,
+      self.head_dropout_rate,
+      self.head_bias_init,
+      self.dtype,
+      train,
+    )
 
   def _resnet_root(self, x: Array) -> Array:
     """vit_jax's hybrid root: StdConv 7x7/2, GroupNorm, max-pool, stages."""
     width = int(64 * self.resnet['width_factor'])
     x = resnet.StdConv(
-        features=width, kernel_size=(7, 7), strides=(2, 2),
-        dtype=self.dtype, name='conv_root')(x)
+      features=width,
+      kernel_size=(7, 7),
+      strides=(2, 2),
+      dtype=self.dtype,
+      name='conv_root',
+    )(x)
     x = resnet.GroupNorm(dtype=self.dtype, name='gn_root')(x)
     x = nn.relu(x)
     x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
     stage_sizes: Sequence[int] = tuple(self.resnet['num_layers'])
     for i, block_size in enumerate(stage_sizes):
       x = resnet.ResNetStage(
-          block_size=block_size,
-          nout=width * 2**i,
-          first_stride=(1, 1) if i == 0 else (2, 2),
-          dtype=self.dtype,
-          name=f'block{i + 1}')(x)
+        block_size=block_size,
+        nout=width * 2**i,
+        first_stride=(1, 1) if i == 0 else (2, 2),
+        dtype=self.dtype,
+        name=f'block{i + 1}',
+      )(x)
     return x

@@ -12,5 +12,12 @@ from vit_jax.predict.classify import from_published
 from vit_jax.predict.classify import from_task
 from vit_jax.predict.classify import predict
 
-__all__ = ['Classifier', 'Prediction', 'format_prediction', 'from_checkpoint',
-           'from_published', 'from_task', 'predict']
+__all__ = [
+  'Classifier',
+  'Prediction',
+  'format_prediction',
+  'from_checkpoint',
+  'from_published',
+  'from_task',
+  'predict',
+]

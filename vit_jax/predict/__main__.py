@@ -27,15 +27,23 @@ from vit_jax import cli
 from vit_jax import predict
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config (model, pp.crop, dataset); not needed '
-    'with --task.', lock_config=True)
+  'config',
+  None,
+  'Experiment config (model, pp.crop, dataset); not needed with --task.',
+  lock_config=True,
+)
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Model checkpoint (.npz, .safetensors), or the base '
-    'checkpoint of --task.')
+  'checkpoint',
+  None,
+  'Model checkpoint (.npz, .safetensors), or the base checkpoint of --task.',
+)
 _TASK = flags.DEFINE_string('task', None, 'A task file written by the trainer.')
 _CLASS_NAMES = flags.DEFINE_string(
-    'class_names', None, 'A text file with one class name per line, in the '
-    "order of the model's outputs (with --config).")
+  'class_names',
+  None,
+  'A text file with one class name per line, in the '
+  "order of the model's outputs (with --config).",
+)
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Images per forward pass.')
 
@@ -54,15 +62,19 @@ def main(argv) -> None:
   elif _CHECKPOINT.value and os.path.isdir(_CHECKPOINT.value):
     classifier = predict.from_published(_CHECKPOINT.value)
   elif _CONFIG.value is None or not _CHECKPOINT.value:
-    raise app.UsageError('Give --config and --checkpoint, --task (with '
-                         '--checkpoint, its base, if it has one), or a '
-                         'published folder as --checkpoint.')
+    raise app.UsageError(
+      'Give --config and --checkpoint, --task (with '
+      '--checkpoint, its base, if it has one), or a '
+      'published folder as --checkpoint.'
+    )
   else:
     names = _CLASS_NAMES.value and _read_class_names(_CLASS_NAMES.value)
-    classifier = predict.from_checkpoint(_CONFIG.value, _CHECKPOINT.value,
-                                         names)
-  for prediction in predict.predict(classifier, images, _TOP_K.value,
-                                    _BATCH.value):
+    classifier = predict.from_checkpoint(
+      _CONFIG.value, _CHECKPOINT.value, names
+    )
+  for prediction in predict.predict(
+    classifier, images, _TOP_K.value, _BATCH.value
+  ):
     print(predict.format_prediction(prediction))
 
 

@@ -37,6 +37,7 @@ class Classifier:
     class_names: one name per output, or () where unknown (classes are then
       printed as their indices).
   """
+
   model: Any
   params: Any
   crop: int
@@ -44,9 +45,11 @@ class Classifier:
 
   @functools.cached_property
   def _probabilities(self) -> Callable[[Any, np.ndarray], jax.Array]:
-    return jax.jit(lambda params, x: jax.nn.softmax(
-        self.model.apply({'params': params}, x, train=False).astype(
-            np.float32)))
+    return jax.jit(
+      lambda params, x: jax.nn.softmax(
+        self.model.apply({'params': params}, x, train=False).astype(np.float32)
+      )
+    )
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     """Softmax of the logits, `[N, classes]`, for preprocessed images."""
@@ -59,56 +62,71 @@ class Classifier:
 @dataclasses.dataclass(frozen=True)
 class Prediction:
   """The `top` (class name, probability) pairs of one image, best first."""
+
   path: str
   top: Tuple[Tuple[str, float], ...]
 
 
-def _checked_names(names: Optional[Sequence[str]], outputs: int,
-                   source: str) -> Tuple[str, ...]:
+def _checked_names(
+  names: Optional[Sequence[str]], outputs: int, source: str
+) -> Tuple[str, ...]:
   """`names` if there is one per model output; otherwise an error."""
   if not names:
     return ()
   if len(names) != outputs:
     raise ValueError(
-        f'{source} names {len(names)} classes, but the model has {outputs} '
-        'outputs; give the class names of the data it was trained on (or '
-        'none: classes are then printed as indices).')
+      f'{source} names {len(names)} classes, but the model has {outputs} '
+      'outputs; give the class names of the data it was trained on (or '
+      'none: classes are then printed as indices).'
+    )
   return tuple(names)
 
 
 def _num_outputs(classifier: Classifier) -> int:
-  images = jax.ShapeDtypeStruct((1, classifier.crop, classifier.crop, 3),
-                                np.float32)
-  return int(jax.eval_shape(
+  images = jax.ShapeDtypeStruct(
+    (1, classifier.crop, classifier.crop, 3), np.float32
+  )
+  return int(
+    jax.eval_shape(
       lambda p, x: classifier.model.apply({'params': p}, x, train=False),
-      classifier.params, images).shape[-1])
+      classifier.params,
+      images,
+    ).shape[-1]
+  )
 
 
 def from_task(base: Optional[str], task_path: str) -> Classifier:
   """The model of a trainer's task file on its base checkpoint (None when
   the task file holds every parameter), with the class names it recorded."""
-  task, = serving.load_tasks(base, [task_path]).values()
+  (task,) = serving.load_tasks(base, [task_path]).values()
   return Classifier(task.model, task.params, task.crop, task.class_names)
 
 
-def from_checkpoint(config: ml_collections.ConfigDict, path: str,
-                    class_names: Optional[Sequence[str]] = None
-                    ) -> Classifier:
+def from_checkpoint(
+  config: ml_collections.ConfigDict,
+  path: str,
+  class_names: Optional[Sequence[str]] = None,
+) -> Classifier:
   """`config.model` with a checkpoint's weights at `config.pp.crop`.
 
   Class names: `class_names` if given, else those of `config.dataset` when
   its outputs match the checkpoint's head (e.g. not for a 21k-class
   checkpoint under a CIFAR-10 config); otherwise none.
   """
-  model, params = pretrained.model_from_checkpoint(config.model, path,
-                                                   config.pp.crop)
+  model, params = pretrained.model_from_checkpoint(
+    config.model, path, config.pp.crop
+  )
   classifier = Classifier(model, params, config.pp.crop)
   outputs = _num_outputs(classifier)
   if class_names:
     names = _checked_names(class_names, outputs, 'The class names file')
   else:
-    names = input_pipeline.class_names(
-        config.dataset, tfds_data_dir=config.tfds_data_dir) or ()
+    names = (
+      input_pipeline.class_names(
+        config.dataset, tfds_data_dir=config.tfds_data_dir
+      )
+      or ()
+    )
     names = names if len(names) == outputs else ()
   return dataclasses.replace(classifier, class_names=names)
 
@@ -117,16 +135,22 @@ def from_published(folder: str) -> Classifier:
   """The model of a folder written by `vit_jax.publish`."""
   summary = publish.read_summary(folder)
   model, params = pretrained.model_from_checkpoint(
-      summary['model'], os.path.join(folder, publish.NPZ_FILE),
-      summary['crop'])
+    summary['model'], os.path.join(folder, publish.NPZ_FILE), summary['crop']
+  )
   classifier = Classifier(model, params, summary['crop'])
-  return dataclasses.replace(classifier, class_names=_checked_names(
-      summary['class_names'], _num_outputs(classifier),
-      os.path.join(folder, publish.CONFIG_FILE)))
+  return dataclasses.replace(
+    classifier,
+    class_names=_checked_names(
+      summary['class_names'],
+      _num_outputs(classifier),
+      os.path.join(folder, publish.CONFIG_FILE),
+    ),
+  )
 
 
-def predict(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
-            batch: int = 64) -> Iterator[Prediction]:
+def predict(
+  classifier: Classifier, paths: Sequence[str], top_k: int = 5, batch: int = 64
+) -> Iterator[Prediction]:
   """The top `top_k` classes of each image file, `batch` files at a time.
 
   Every batch is padded to `batch` images, so the forward pass compiles
@@ -135,20 +159,22 @@ def predict(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
   if top_k < 1 or batch < 1:
     raise ValueError(f'top_k={top_k}, batch={batch}: both must be >= 1.')
   for start in range(0, len(paths), batch):
-    chunk = list(paths[start:start + batch])
+    chunk = list(paths[start : start + batch])
     images = input_pipeline.read_images(chunk, classifier.crop)
     padded = np.zeros((batch,) + images.shape[1:], images.dtype)
-    padded[:len(chunk)] = images
-    probabilities = classifier.probabilities(padded)[:len(chunk)]
+    padded[: len(chunk)] = images
+    probabilities = classifier.probabilities(padded)[: len(chunk)]
     for path, row in zip(chunk, probabilities):
       best = np.argsort(-row, kind='stable')[:top_k]
-      yield Prediction(path, tuple((classifier.name(int(i)), float(row[i]))
-                                   for i in best))
+      yield Prediction(
+        path, tuple((classifier.name(int(i)), float(row[i])) for i in best)
+      )
 
 
 def format_prediction(prediction: Prediction) -> str:
   """The file, then one `probability  class` line per class."""
   lines = [prediction.path]
-  lines += [f'  {probability:7.4f}  {name}'
-            for name, probability in prediction.top]
+  lines += [
+    f'  {probability:7.4f}  {name}' for name, probability in prediction.top
+  ]
   return '\n'.join(lines)
