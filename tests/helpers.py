@@ -192,6 +192,19 @@ def job_config(**overrides):
   return config
 
 
+def four_step_config():
+  """`job_config` cut to 4 steps of batch 16, evaluated and checkpointed at
+  the end: the fine-tuning runs of the tests."""
+  return job_config(
+    total_steps=4,
+    batch=16,
+    eval_every=4,
+    progress_every=2,
+    checkpoint_every=4,
+    base_lr=1e-2,
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What `train.train_and_evaluate` builds before its first step."""

@@ -39,14 +39,7 @@ LAYERS = 2  # Of helpers.micro_model_config().
 def ft_config(mode='full', method='ia3', **overrides):
   """`helpers.job_config` (two-layer ViT-Micro_4 at 8x8) in a fine-tuning
   mode, 4 steps."""
-  config = helpers.job_config(
-    total_steps=4,
-    batch=16,
-    eval_every=4,
-    progress_every=2,
-    checkpoint_every=4,
-    base_lr=1e-2,
-  )
+  config = helpers.four_step_config()
   config.finetune.mode = mode
   config.finetune.injection.method = method
   config.update(overrides)

@@ -175,14 +175,7 @@ def test_scratch_config_takes_a_small_resnet(dataset, short_name, crop):
 def job(mode: str):
   """Four steps of `micro_resnet_config` on mnist5k at 8x8, from scratch,
   in fine-tuning `mode`."""
-  config = helpers.job_config(
-    total_steps=4,
-    batch=16,
-    eval_every=4,
-    progress_every=2,
-    checkpoint_every=4,
-    base_lr=1e-2,
-  )
+  config = helpers.four_step_config()
   config.model = micro_resnet_config()
   config.finetune.mode = mode
   return config
