@@ -13,6 +13,7 @@ its traceback; see `vit_jax.cli`).
 import os
 import shlex
 import sys
+from typing import Mapping, Optional
 
 from absl import app
 from absl import flags
@@ -39,6 +40,61 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 TRAINERS = ('train', 'inference_time')
+
+# Where `config.distributed` finds the cluster outside TPU VMs, SLURM and
+# Open MPI (which JAX detects itself). JAX reads the address variable itself.
+COORDINATOR_ADDRESS_ENV = 'JAX_COORDINATOR_ADDRESS'
+NUM_PROCESSES_ENV = 'JAX_NUM_PROCESSES'
+PROCESS_ID_ENV = 'JAX_PROCESS_ID'
+
+
+def _int_from_env(environ: Mapping[str, str], name: str) -> Optional[int]:
+  """The integer in `environ[name]`, None if unset; a ConfigError naming
+  the variable if it is not an integer."""
+  value = environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(
+      f'{name}={value!r} is not an integer (for config.distributed: '
+      f'{NUM_PROCESSES_ENV} is the number of processes, {PROCESS_ID_ENV} '
+      "this one's index from 0)."
+    ) from None
+
+
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
+  """Connects this process to the others of a multi-host run.
+
+  On a Cloud TPU VM, under SLURM or Open MPI, JAX finds the coordinator,
+  the number of processes and this process's index itself. Elsewhere (e.g.
+  two GPU machines) every process is started with the same
+  `JAX_COORDINATOR_ADDRESS=HOST:PORT` (process 0's machine, a free port) and
+  `JAX_NUM_PROCESSES`, and its own `JAX_PROCESS_ID`; set variables take
+  precedence over what JAX detects. Must run before any other JAX call.
+
+  Raises:
+    ConfigError: if neither the environment nor a detected cluster says how
+      to connect, or the values are inconsistent.
+  """
+  num_processes = _int_from_env(environ, NUM_PROCESSES_ENV)
+  process_id = _int_from_env(environ, PROCESS_ID_ENV)
+  try:
+    jax.distributed.initialize(
+      coordinator_address=environ.get(COORDINATOR_ADDRESS_ENV),
+      num_processes=num_processes,
+      process_id=process_id,
+    )
+  except ValueError as e:  # JAX's message for a missing or bad value.
+    raise ConfigError(
+      'config.distributed=True, but JAX cannot set up the processes: '
+      f'{str(e).rstrip(".")}. Outside a TPU VM, SLURM or Open MPI job (which '
+      'JAX detects), start every process '
+      f"with {COORDINATOR_ADDRESS_ENV}=HOST:PORT (process 0's machine) and "
+      f'{NUM_PROCESSES_ENV}=N, and {PROCESS_ID_ENV}=0..N-1 on each; or drop '
+      'config.distributed for a single-host run.'
+    ) from e
 
 
 def check_workdir(workdir: str) -> None:
@@ -71,7 +127,7 @@ def main(argv) -> None:
     )
   check_workdir(_WORKDIR.value)
   if config.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   logging.info(
     'JAX process %d of %d, %d local / %d total devices (%s)',
     jax.process_index(),

@@ -20,10 +20,15 @@ it writes a `commit_success.txt` marker instead). A crash mid-write thus leaves
 an unfinished directory that `latest_step` and `restore` never consider; it is
 deleted when the next `TrainCheckpointer` opens the directory.
 
-Multi-host: every process must call `save` and `restore` with the same steps.
-Each process writes the shards of the arrays it holds, and only process 0
-(Orbax's default primary host) creates and renames directories, writes the
-metadata and deletes old steps, so nothing is written twice.
+Multi-host: every process must call `save` and `restore` with the same steps
+(Orbax synchronises the processes inside them; a process that skips a call
+leaves the others waiting). Only process 0 (Orbax's default primary host)
+creates and renames directories, writes the metadata and deletes old steps.
+A data-parallel state is replicated: each process holds whole copies on its
+own devices, which Orbax refuses to write as `jax.Array`s (it cannot tell
+them from shards of a global array), so `save` hands it host copies, written
+once by process 0; arrays sharded over all processes are written shard by
+shard by their holders.
 """
 
 import os
@@ -46,6 +51,21 @@ _ITEM = 'default'
 def _shape(leaf: Any) -> tuple:
   """Shape of an array, `jax.ShapeDtypeStruct`, Orbax metadata or scalar."""
   return tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+
+
+def _host_local_to_numpy(tree: PyTree) -> PyTree:
+  """`tree` with the whole-on-this-host `jax.Array`s of a multi-host run as
+  NumPy arrays, the form Orbax writes for them; as is with one process."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(
+    lambda leaf: (
+      np.asarray(leaf)
+      if isinstance(leaf, jax.Array) and leaf.is_fully_addressable
+      else leaf
+    ),
+    tree,
+  )
 
 
 def _path_shapes(tree: PyTree) -> dict:
@@ -124,7 +144,9 @@ class TrainCheckpointer:
       Whether a checkpoint was written: False if `step` is not larger than the
       latest saved step.
     """
-    return self._manager.save(step, args=ocp.args.StandardSave(state))
+    return self._manager.save(
+      step, args=ocp.args.StandardSave(_host_local_to_numpy(state))
+    )
 
   def restore(
     self, target: PyTree, step: Optional[int] = None
