@@ -66,6 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1_000
   # Number of batches to prefetch to the devices.
   config.prefetch = 2
+  # A restart in a workdir holding a run stops if the config differs from
+  # the one recorded in WORKDIR/config.json in any key but those of
+  # `vit_jax.results.RESUMABLE_KEYS` (total_steps, eval/checkpoint intervals,
+  # ...). True: continue that run's checkpoint with this config anyway.
+  config.resume_anyway = False
 
   # 'sgd' (momentum 0.9, vit_jax's fine-tuning optimizer) or 'adamw' (for
   # training from scratch).
@@ -83,8 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What `vit_jax.main` runs: 'train' or 'inference_time'.
   config.trainer = 'train'
-  # Call `jax.distributed.initialize()` first (multi-host: TPU pods, several
-  # GPU machines); every host runs the same command.
+  # Join the other hosts first (`vit_jax.main.initialize_distributed`):
+  # detected on TPU VMs, SLURM and Open MPI, otherwise read from
+  # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   config.distributed = False
 
   # What trains (see `vit_jax.finetune`):

@@ -255,13 +255,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   monkeypatch.setattr(
     train_lib.metrics_lib.MetricWriter, 'write', crash_at_step_4
   )
-  with pytest.raises(KeyboardInterrupt):
+  # Ctrl-C saves the step it stopped at (3 was saved on its interval).
+  with pytest.raises(
+    train_lib.Interrupted, match='saved a checkpoint of step 4 in'
+  ):
     train_lib.train_and_evaluate(config, crash_dir)
   monkeypatch.undo()
   with train_state.TrainCheckpointer(crash_dir) as checkpointer:
-    assert checkpointer.all_steps() == [3]
+    assert checkpointer.all_steps() == [3, 4]
   results = train_lib.train_and_evaluate(config, crash_dir)
-  assert results['resumed_from_step'] == 3
+  assert results['resumed_from_step'] == 4
 
   (step_a, straight), (step_b, resumed) = (
     final_state(config, str(tmp_path / 'straight')),

@@ -4,7 +4,8 @@ Only process 0 writes (every process may call the methods). TensorBoard
 event files are written with `tf.summary` (TensorFlow already runs the input
 pipeline); `metrics.jsonl` has one JSON object per line, e.g.
 `{"step": 100, "train/loss": 0.41, "learning_rate": 0.03, ...}`, for
-scripts and notebooks.
+scripts and notebooks. A resumed run first drops the lines of the steps it
+runs again, so the file holds each step once.
 """
 
 import json
@@ -16,18 +17,25 @@ from absl import logging
 import jax
 import tensorflow as tf
 
+from vit_jax.checkpoint import files
+
 METRICS_FILE = 'metrics.jsonl'
 
 
 class MetricWriter:
   """Writes scalars to `workdir` as TensorBoard events and JSON lines."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
+    """Opens the writers of a run that goes on from `start_step` (0: from
+    scratch, else the restored step): the lines of `metrics.jsonl` after
+    `start_step`, left by the interrupted run, are dropped first."""
     self._enabled = jax.process_index() == 0
     if self._enabled:
       os.makedirs(workdir, exist_ok=True)
       self._summary = tf.summary.create_file_writer(workdir)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+      path = os.path.join(workdir, METRICS_FILE)
+      truncate_jsonl(path, start_step)
+      self._jsonl = open(path, 'a')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -44,6 +52,36 @@ class MetricWriter:
     if self._enabled:
       self._summary.close()
       self._jsonl.close()
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drops the lines of the metrics file `path` with a step after
+  `last_step`, and a last line cut short by a crash; rewrites the file
+  atomically (a crash meanwhile leaves it whole), and only if a line goes."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = [line for line in lines if _step_of(line, last_step + 1) <= last_step]
+  if len(kept) == len(lines):
+    return
+  logging.info(
+    'Dropped %d lines after step %d from %s (the run resumes at that step).',
+    len(lines) - len(kept),
+    last_step,
+    path,
+  )
+  with files.atomic_path(path) as temporary:
+    with open(temporary, 'w') as f:
+      f.writelines(kept)
+
+
+def _step_of(line: str, default: int) -> int:
+  """The `step` of a metrics line; `default` for a line cut short."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return default
 
 
 def format_duration(seconds: float) -> str:

@@ -1,15 +1,49 @@
-"""What a finished run leaves in its workdir, for the tools that read it.
+"""What a run leaves in its workdir, for the tools that read it.
 
 `results.json` (written by `train.train_and_evaluate`) records the test
 metrics, the run's config and command line; publishing, the comparison
 scripts and the model card read it back through `finished_results`.
+`config.json` records the config the workdir's checkpoints were trained
+with, so that a restart with another config is caught (`config_changes`).
 """
 
 import json
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from vit_jax.checkpoint import files
 
 RESULTS_FILE = 'results.json'
+CONFIG_FILE = 'config.json'
+
+# The config keys a restart may change and still continue the run: they set
+# how long it runs, how often it reports, and how it uses memory and finds
+# its data, not what the steps compute. Any other change (model, dataset,
+# preprocessing, fine-tuning setup, optimizer, seed, batch...) would mix two
+# runs in one set of checkpoints and overwrite the first run's outputs.
+RESUMABLE_KEYS = frozenset(
+  {
+    # Extends or shortens the run; from the restored step on, the learning
+    # rate follows the schedule of the new total.
+    'total_steps',
+    # When to evaluate, log and checkpoint.
+    'eval_every',
+    'progress_every',
+    'checkpoint_every',
+    # Memory and throughput: micro-batches give the update of the whole
+    # batch; evaluation scores every example whatever its batch.
+    'accum_steps',
+    'batch_eval',
+    'prefetch',
+    # Where tfds finds (or may download) the same dataset.
+    'tfds_data_dir',
+    'tfds_manual_dir',
+    'tfds_download',
+    # The override of this check itself (`configs/common.py`).
+    'resume_anyway',
+  }
+)
+_ABSENT = '(absent)'
 
 
 def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
@@ -32,3 +66,49 @@ def pretrained_path(config: Mapping[str, Any]) -> Optional[str]:
       config['pretrained_dir'], f'{config["model"]["model_name"]}.npz'
     )
   return None
+
+
+def config_record(config: Any) -> Dict[str, Any]:
+  """`config` (a ConfigDict) as flat `{'model.hidden_size': 768, ...}` JSON
+  values: tuples become lists, as they do once written and read back, so a
+  config equals its own record."""
+  return _flatten(json.loads(config.to_json_best_effort()))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping) and value:
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def write_config_record(workdir: str, config: Any) -> None:
+  """Writes `config`'s record to `workdir/config.json` (atomically)."""
+  files.write_json(os.path.join(workdir, CONFIG_FILE), config_record(config))
+
+
+def read_config_record(workdir: str) -> Optional[Dict[str, Any]]:
+  """The record in `workdir/config.json`, or None if there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def config_changes(
+  recorded: Mapping[str, Any], config: Any
+) -> List[Tuple[str, Any, Any]]:
+  """`(key, recorded value, new value)` for every key outside
+  `RESUMABLE_KEYS` where `config` differs from the `recorded` record, sorted
+  by key; a key only one side has shows as '(absent)' on the other."""
+  current = config_record(config)
+  return [
+    (key, recorded.get(key, _ABSENT), current.get(key, _ABSENT))
+    for key in sorted(set(recorded) | set(current))
+    if key not in RESUMABLE_KEYS
+    and recorded.get(key, _ABSENT) != current.get(key, _ABSENT)
+  ]

@@ -7,6 +7,12 @@ checkpoints every `config.checkpoint_every` steps and at the end, and
 resumes from the latest checkpoint in `workdir`. Process 0 writes
 `results.json` and what was trained (`config.finetune.task_file`).
 
+Lifecycle: the config is recorded in `workdir/config.json`, and a restart
+whose config changes more than `results.RESUMABLE_KEYS` stops before it
+touches the workdir (`check_restart`). SIGTERM (a preempted TPU VM) or
+Ctrl-C stops the loop at the end of the current step, saves that step and
+raises `Interrupted`, whose message says where (`StopSignals`).
+
 The experiment config is unpacked here and only here; the functions called
 take explicit arguments. A batch goes: `input_pipeline.train_dataset`
 (read, decode, augment, batch per device) → `device_prefetch` → `train_step`
@@ -17,14 +23,18 @@ with respect to the trainable leaves, the optimizer update).
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import finetune
 from vit_jax import input_pipeline
 from vit_jax import losses
@@ -40,6 +50,10 @@ from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
 
 
+class Interrupted(errors.Error):
+  """SIGTERM or Ctrl-C stopped training; the message says what was saved."""
+
+
 def check_batch_sizes(
   config: ml_collections.ConfigDict, hosts: input_pipeline.Hosts
 ) -> None:
@@ -53,6 +67,127 @@ def check_batch_sizes(
       'make the batch a multiple of devices x accum_steps '
       f'({hosts.process_count * hosts.local_devices * config.accum_steps}).'
     )
+
+
+def check_restart(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A ConfigError naming every changed key if `workdir` holds a run (a
+  checkpoint or results.json) recorded with another config, beyond
+  `results.RESUMABLE_KEYS`; `config.resume_anyway` logs the keys instead."""
+  recorded = results_lib.read_config_record(workdir)
+  changes = recorded and results_lib.config_changes(recorded, config)
+  if not changes:
+    return
+  checkpoints = os.path.join(workdir, train_state.CHECKPOINT_SUBDIR)
+  saved = results_lib.finished_results(workdir) is not None or (
+    os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+  )
+  listed = '; '.join(f'{k}: {old!r} -> {new!r}' for k, old, new in changes)
+  resumable = sorted(results_lib.RESUMABLE_KEYS - {'resume_anyway'})
+  if not saved:  # Nothing to mix with: the earlier attempt saved nothing.
+    logging.info('Starting over in %s with a new config: %s', workdir, listed)
+  elif config.resume_anyway:
+    logging.warning(
+      'config.resume_anyway: continuing the run in %s with %s', workdir, listed
+    )
+  else:
+    raise ConfigError(
+      f'{workdir} holds a run with another config '
+      f'({os.path.join(workdir, results_lib.CONFIG_FILE)}): {listed}. '
+      'Resuming would mix the two runs and overwrite its results; use a new '
+      '--workdir, or --config.resume_anyway=True to continue it with this '
+      f'config. Changes that resume: {", ".join(resumable)}.'
+    )
+
+
+class StopSignals:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop, while active.
+
+  The training loop polls `requested` after each step but the last (which
+  then finishes the run), so a signal never cuts a step, whose input
+  buffers are donated, in half. A second signal raises KeyboardInterrupt at
+  once. The context suppresses KeyboardInterrupt (raised by that second
+  signal, or by code) and records it as the reason too. Outside the main
+  thread, the only one Python delivers signals to, no handler is installed.
+  The previous handlers are restored on exit.
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.reason: Optional[str] = None
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.reason is not None:
+      raise KeyboardInterrupt
+    self.reason = signal.Signals(signum).name
+
+  def requested(self, poll_other_hosts: bool) -> bool:
+    """Whether to stop now. With several processes, all must stop at the
+    same step (their checkpoints are saved together), so they agree on it
+    only when `poll_other_hosts` (a step where every process checks);
+    otherwise they carry on."""
+    if jax.process_count() == 1:
+      return self.reason is not None
+    if not poll_other_hosts:
+      return False
+    stop = multihost_utils.process_allgather(np.int32(self.reason is not None))
+    if stop.any() and self.reason is None:
+      self.reason = 'a signal on another host'
+    return bool(stop.any())
+
+  def __enter__(self) -> 'StopSignals':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {
+        s: signal.signal(s, self._handle) for s in self._SIGNALS
+      }
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> bool:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    if exc_type is KeyboardInterrupt:
+      self.reason = self.reason or 'KeyboardInterrupt'
+      return True
+    return False
+
+
+def save_on_stop(
+  checkpointer: train_state.TrainCheckpointer,
+  replicated: steps.TrainState,
+  step: int,
+  reason: str,
+  checkpoint_every: int,
+) -> Interrupted:
+  """Saves the state of `step` (the last one done) unless it is saved
+  already; the `Interrupted` error saying where it is."""
+  checkpointer.wait_until_finished()
+  directory = checkpointer.directory
+  intact = not any(
+    leaf.is_deleted()
+    for leaf in jax.tree.leaves(replicated)
+    if isinstance(leaf, jax.Array)
+  )
+  if not checkpoint_every:
+    saved = 'config.checkpoint_every=0, so no checkpoint was saved'
+  elif checkpointer.latest_step() == step:
+    saved = f'the checkpoint of step {step} is in {directory}'
+  elif intact and step > 0:
+    checkpointer.save(step, steps.unreplicate(replicated))
+    checkpointer.wait_until_finished()
+    saved = f'saved a checkpoint of step {step} in {directory}'
+  elif checkpointer.latest_step() is not None:
+    saved = (
+      f'the step was cut short; the latest checkpoint is step '
+      f'{checkpointer.latest_step()} in {directory}'
+    )
+  else:
+    saved = f'no checkpoint was saved yet (in {directory})'
+  return Interrupted(
+    f'Training stopped by {reason} after step {step}; {saved}. Run the same '
+    'command again to resume.'
+  )
 
 
 def first_non_finite(
@@ -130,7 +265,11 @@ def train_and_evaluate(
   hosts = input_pipeline.Hosts.from_jax()
   check_batch_sizes(config, hosts)
   os.makedirs(workdir, exist_ok=True)
-  writer = metrics_lib.MetricWriter(workdir)
+  check_restart(config, workdir)
+  if hosts.process_count > 1:  # Every process checked the old record.
+    multihost_utils.sync_global_devices('vit_jax: config checked')
+  if is_writer:
+    results_lib.write_config_record(workdir, config)
 
   # Data: the source of `config.dataset`, and the test split. ------------
   source = input_pipeline.get_source(
@@ -183,6 +322,7 @@ def train_and_evaluate(
         'Resuming from step %d in %s', int(state.step), checkpointer.directory
       )
     start_step = int(state.step)
+    writer = metrics_lib.MetricWriter(workdir, start_step)
 
     # Step functions, mapped over the local devices. ----------------------
     train_step = steps.data_parallel(
@@ -219,63 +359,83 @@ def train_and_evaluate(
     )
     replicated = steps.replicate(state)
     history, test, step_times = [], None, []
-    for step in range(start_step + 1, config.total_steps + 1):
-      if step == start_step + 1:
-        logging.info(
-          'Compiling the train step (the first step waits for it)...'
+    done_step = start_step  # The step whose state `replicated` holds.
+    finished = False
+    with StopSignals() as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        if step == start_step + 1:
+          logging.info(
+            'Compiling the train step (the first step waits for it)...'
+          )
+        replicated, step_metrics = train_step(replicated, next(batches))
+        done_step = step
+        history.append((step, step_metrics))
+        is_last = step == config.total_steps
+        do_eval = is_last or step % config.eval_every == 0
+        do_save = config.checkpoint_every and (
+          is_last or step % config.checkpoint_every == 0
         )
-      replicated, step_metrics = train_step(replicated, next(batches))
-      history.append((step, step_metrics))
-      is_last = step == config.total_steps
-      do_eval = is_last or step % config.eval_every == 0
-      do_save = config.checkpoint_every and (
-        is_last or step % config.checkpoint_every == 0
+        reports = (
+          is_last or do_eval or do_save or step % config.progress_every == 0
+        )
+        if reports:
+          bad_step, scalars = first_non_finite(history)
+          history = []
+          if bad_step is not None:
+            checkpointer.wait_until_finished()
+            raise divergence_error(
+              bad_step,
+              scalars,
+              checkpointer.latest_step(),
+              checkpointer.directory,
+              config.dtype,
+            )
+          scalars.update(
+            progress.report(
+              step, {'loss': scalars['loss'], 'lr': scalars['learning_rate']}
+            )
+          )
+          step_times.append(scalars.pop('seconds_per_step'))
+          writer.write(
+            step,
+            {
+              f'train/{k}' if k in ('loss', 'grad_norm') else k: v
+              for k, v in scalars.items()
+            },
+          )
+
+        # Evaluation: every test example once, across hosts. --------------
+        if do_eval:
+          test = evaluate(
+            eval_step, replicated.params, eval_data, config.prefetch
+          )
+          logging.info(
+            'step %d: test accuracy %.4f over %d examples',
+            step,
+            test['accuracy'],
+            test['examples'],
+          )
+          writer.write(
+            step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
+          )
+        if do_save:
+          checkpointer.save(step, steps.unreplicate(replicated))
+        if do_eval or do_save:
+          progress.restart_clock()
+        if not is_last and stop.requested(poll_other_hosts=reports):
+          break
+      else:
+        finished = True  # Not stopped by a signal or KeyboardInterrupt.
+
+    if not finished:  # SIGTERM, Ctrl-C: save, say where, stop.
+      writer.close()
+      raise save_on_stop(
+        checkpointer,
+        replicated,
+        done_step,
+        stop.reason,
+        config.checkpoint_every,
       )
-      if is_last or do_eval or do_save or step % config.progress_every == 0:
-        bad_step, scalars = first_non_finite(history)
-        history = []
-        if bad_step is not None:
-          checkpointer.wait_until_finished()
-          raise divergence_error(
-            bad_step,
-            scalars,
-            checkpointer.latest_step(),
-            checkpointer.directory,
-            config.dtype,
-          )
-        scalars.update(
-          progress.report(
-            step, {'loss': scalars['loss'], 'lr': scalars['learning_rate']}
-          )
-        )
-        step_times.append(scalars.pop('seconds_per_step'))
-        writer.write(
-          step,
-          {
-            f'train/{k}' if k in ('loss', 'grad_norm') else k: v
-            for k, v in scalars.items()
-          },
-        )
-
-      # Evaluation: every test example once, across hosts. ----------------
-      if do_eval:
-        test = evaluate(
-          eval_step, replicated.params, eval_data, config.prefetch
-        )
-        logging.info(
-          'step %d: test accuracy %.4f over %d examples',
-          step,
-          test['accuracy'],
-          test['examples'],
-        )
-        writer.write(
-          step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
-        )
-      if do_save:
-        checkpointer.save(step, steps.unreplicate(replicated))
-      if do_eval or do_save:
-        progress.restart_clock()
-
     if test is None:  # Resumed a run that had already finished.
       test = evaluate(eval_step, replicated.params, eval_data, config.prefetch)
   writer.close()
