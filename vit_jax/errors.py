@@ -31,3 +31,11 @@ class DatasetError(Error):
   Messages name the dataset, split, directory or file at fault, and the
   command or setting that fixes the problem.
   """
+
+
+class Interrupted(Error):
+  """SIGTERM or Ctrl-C stopped training.
+
+  The message says which step was saved and where, so the same command
+  resumes from it.
+  """

@@ -34,7 +34,6 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from vit_jax import errors
 from vit_jax import finetune
 from vit_jax import input_pipeline
 from vit_jax import losses
@@ -48,10 +47,7 @@ from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
-
-
-class Interrupted(errors.Error):
-  """SIGTERM or Ctrl-C stopped training; the message says what was saved."""
+from vit_jax.errors import Interrupted
 
 
 def check_batch_sizes(
