@@ -6,6 +6,8 @@ TEST_REQUIRES = [
   'pytest>=8',
   'pytest-xdist>=3.5',
   'chex>=0.1.90',
+  # A local GCS API for the gs:// tests (tests/gcs_emulator.py).
+  'gcp-storage-emulator>=2026.7',  # Its routes are patched there.
   'pillow>=10',
   'ruff>=0.17,<0.18',
 ]
@@ -23,6 +25,10 @@ setuptools.setup(
   packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
   install_requires=[
     'absl-py>=2.1',
+    # Every path, local or gs://, goes through etils.epath (vit_jax/paths.py);
+    # gcsfs is its gs:// backend.
+    'etils[epath]>=1.7',
+    'gcsfs>=2024.2',
     'flax>=0.12,<0.13',
     'jax>=0.10,<0.11',
     'matplotlib>=3.8',  # Attention-map figures.

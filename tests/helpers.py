@@ -2,6 +2,10 @@
 
 import dataclasses
 import functools
+import signal
+import socket
+import subprocess
+import threading
 from typing import Any, Callable
 
 import jax
@@ -19,6 +23,32 @@ from vit_jax.checkpoint import pretrained
 
 _QKV = ('query', 'key', 'value')
 _POOL_SIZE = 1 << 20
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def signal_on_line(
+  process: subprocess.Popen, marker: str, signum: signal.Signals
+) -> str:
+  """Reads `process`'s stderr (text) to its end, sending `signum` when a
+  line holds `marker`; kills it after 300 s. Returns the stderr."""
+  watchdog = threading.Timer(300, process.kill)
+  watchdog.start()
+  lines = []
+  try:
+    for line in process.stderr:
+      lines.append(line)
+      if marker in line:
+        process.send_signal(signum)
+    process.wait()
+  finally:
+    watchdog.cancel()
+  return ''.join(lines)
 
 
 @functools.lru_cache(maxsize=None)

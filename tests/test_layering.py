@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'vit_jax'
 
 # Lowest first. A new unit is placed here when it is added.
 LAYERS = (
-  ('errors',),
+  ('errors', 'paths'),
   (
     'cli',
     'trainable',

@@ -214,18 +214,10 @@ def test_main_stopped_by_sigterm_says_where_in_one_line(tmp_path):
     stderr=subprocess.PIPE,
     text=True,
   )
-  watchdog = threading.Timer(300, process.kill)
-  watchdog.start()
-  lines = []
-  try:
-    for line in process.stderr:
-      lines.append(line)
-      if 'Compiling the train step' in line:  # The loop's handler is set.
-        process.send_signal(signal.SIGTERM)
-    process.wait()
-  finally:
-    watchdog.cancel()
-  stderr = ''.join(lines)
+  # Once the train step compiles, the loop's handler is set.
+  stderr = helpers.signal_on_line(
+    process, 'Compiling the train step', signal.SIGTERM
+  )
   assert process.returncode == 1, stderr[-3000:]
   assert 'Traceback' not in stderr
   errors = [line for line in stderr.splitlines() if line.startswith('error:')]

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,12 +42,6 @@ _CLUSTER_ENV = re.compile(r'^(SLURM_|OMPI_|PMI_|TPU_|KUBERNETES_|JAX_)')
 _DEVICE_COUNT_FLAG = re.compile(r'--xla_force_host_platform_device_count=\d+')
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _clean_env(local_devices: int) -> dict:
   """This environment without cluster variables, on `local_devices` CPU
   devices."""
@@ -74,7 +67,7 @@ def run_processes(workdir: str, total_steps: int, out_dir: str) -> list:
   Both processes are killed as soon as one fails or the time is up (a
   process whose peer died would wait for it for minutes).
   """
-  port = _free_port()
+  port = helpers.free_port()
   processes, logs = [], []
   for index in range(PROCESSES):
     env = _clean_env(LOCAL_DEVICES)

@@ -333,8 +333,8 @@ def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
   def disk_full(*unused_args):
     raise OSError('No space left on device')
 
-  monkeypatch.setattr(publish.files, 'write_json', disk_full)
+  monkeypatch.setattr(publish.paths, 'write_json', disk_full)
   with pytest.raises(OSError, match='No space'):
     publish.publish(workdir, str(tmp_path / 'broken'))
   assert not os.path.exists(tmp_path / 'broken')
-  assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp-publish')]
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp-')]

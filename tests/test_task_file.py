@@ -185,14 +185,12 @@ def test_writes_atomically_without_leftovers(saved, monkeypatch):
   task_file.save_task_params(saved, fine_tuned(base_params()), TRAINABLE)
   assert os.listdir(os.path.dirname(saved)) == ['task.npz']
 
-  def crash(file, **arrays):
-    with open(file, 'wb') as f:
-      f.write(b'partial')
-    raise OSError(f'simulated crash writing {len(arrays)} arrays')
+  def crash(unused_fd):  # The bytes are in the temporary file by now.
+    raise OSError('simulated crash before the data reached the disk')
 
   with open(saved, 'rb') as f:
     before = f.read()
-  monkeypatch.setattr(np, 'savez', crash)
+  monkeypatch.setattr(os, 'fsync', crash)
   with pytest.raises(OSError, match='simulated crash'):
     task_file.save_task_params(saved, base_params(), trainable_lib.is_head)
   assert os.listdir(os.path.dirname(saved)) == ['task.npz']

@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax import paths
 from vit_jax import train
 from vit_jax.benchmarks import inference_time
 from vit_jax.errors import ConfigError
@@ -99,7 +100,10 @@ def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
 
 def check_workdir(workdir: str) -> None:
   """Creates `workdir` if needed; a ConfigError naming it if it cannot hold
-  the run's files (a file, or not writable)."""
+  the run's files (a file, or not writable). A bucket (`gs://...`) is
+  checked by the first write, which names the object."""
+  if paths.is_remote(workdir):
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(
       f'--workdir={workdir} is a file; give a directory (it '

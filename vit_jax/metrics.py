@@ -6,18 +6,22 @@ pipeline); `metrics.jsonl` has one JSON object per line, e.g.
 `{"step": 100, "train/loss": 0.41, "learning_rate": 0.03, ...}`, for
 scripts and notebooks. A resumed run first drops the lines of the steps it
 runs again, so the file holds each step once.
+
+In a bucket (a `gs://` workdir) nothing can be appended to: both files are
+written locally and uploaded whole after every write, through `paths`.
 """
 
 import json
 import os
+import tempfile
 import time
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 from absl import logging
 import jax
 import tensorflow as tf
 
-from vit_jax.checkpoint import files
+from vit_jax import paths
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -30,12 +34,18 @@ class MetricWriter:
     scratch, else the restored step): the lines of `metrics.jsonl` after
     `start_step`, left by the interrupted run, are dropped first."""
     self._enabled = jax.process_index() == 0
-    if self._enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._summary = tf.summary.create_file_writer(workdir)
-      path = os.path.join(workdir, METRICS_FILE)
-      truncate_jsonl(path, start_step)
-      self._jsonl = open(path, 'a')
+    if not self._enabled:
+      return
+    self._workdir = workdir
+    self._remote = paths.is_remote(workdir)
+    paths.makedirs(workdir)
+    # For a bucket, TensorBoard writes here and the files are uploaded.
+    self._events_dir = tempfile.mkdtemp() if self._remote else workdir
+    self._summary = tf.summary.create_file_writer(self._events_dir)
+    self._path = paths.join(workdir, METRICS_FILE)
+    self._lines = truncate_jsonl(self._path, start_step)
+    if not self._remote:
+      self._jsonl = open(self._path, 'a')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -45,35 +55,52 @@ class MetricWriter:
       for name, value in scalars.items():
         tf.summary.scalar(name, value, step=step)
     self._summary.flush()
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': step, **scalars}) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      paths.write_text(self._path, ''.join(self._lines))
+      self._upload_events()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+
+  def _upload_events(self) -> None:
+    """Copies the local TensorBoard files of a bucket workdir into it."""
+    for name in os.listdir(self._events_dir):
+      paths.copy_file(
+        os.path.join(self._events_dir, name), paths.join(self._workdir, name)
+      )
 
   def close(self) -> None:
-    if self._enabled:
-      self._summary.close()
+    if not self._enabled:
+      return
+    self._summary.close()
+    if self._remote:
+      self._upload_events()
+      paths.remove_tree(self._events_dir)
+    else:
       self._jsonl.close()
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
+def truncate_jsonl(path: str, last_step: int) -> List[str]:
   """Drops the lines of the metrics file `path` with a step after
   `last_step`, and a last line cut short by a crash; rewrites the file
-  atomically (a crash meanwhile leaves it whole), and only if a line goes."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.read().splitlines(keepends=True)
+  atomically (a crash meanwhile leaves it whole), and only if a line goes.
+  Returns the lines kept."""
+  if not paths.exists(path):
+    return []
+  lines = paths.read_text(path).splitlines(keepends=True)
   kept = [line for line in lines if _step_of(line, last_step + 1) <= last_step]
   if len(kept) == len(lines):
-    return
+    return kept
   logging.info(
     'Dropped %d lines after step %d from %s (the run resumes at that step).',
     len(lines) - len(kept),
     last_step,
     path,
   )
-  with files.atomic_path(path) as temporary:
-    with open(temporary, 'w') as f:
-      f.writelines(kept)
+  paths.write_text(path, ''.join(kept))
+  return kept
 
 
 def _step_of(line: str, default: int) -> int:

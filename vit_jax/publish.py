@@ -28,8 +28,6 @@ the card says why. Nothing here touches the network.
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -39,8 +37,8 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import models
+from vit_jax import paths
 from vit_jax import results as results_lib
-from vit_jax.checkpoint import files
 from vit_jax.errors import CheckpointError
 from vit_jax.errors import ConfigError
 from vit_jax.finetune import serving
@@ -62,7 +60,7 @@ def _read_results(workdir: str) -> Dict[str, Any]:
   results = results_lib.finished_results(workdir)
   if results is None:
     raise ConfigError(
-      f'{os.path.join(workdir, results_lib.RESULTS_FILE)}: no such file; '
+      f'{paths.join(workdir, results_lib.RESULTS_FILE)}: no such file; '
       f'{workdir} is not the workdir of a finished run of python -m '
       'vit_jax.main.'
     )
@@ -77,8 +75,8 @@ def _task_path(workdir: str, results: Mapping[str, Any]) -> str:
       "(config.finetune.task_file=''); train with the default "
       "'task_params.npz' to publish it."
     )
-  if not os.path.exists(path):  # The workdir was moved since.
-    path = os.path.join(workdir, os.path.basename(path))
+  if not paths.exists(path):  # The workdir was moved since.
+    path = paths.join(workdir, paths.name(path))
   return path
 
 
@@ -180,14 +178,13 @@ def timm_config(
 def read_summary(folder: str) -> Dict[str, Any]:
   """The `vit_jax` section of a published folder's config.json: the model
   config, crop, class names and what the run was."""
-  path = os.path.join(folder, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(folder, CONFIG_FILE)
+  if not paths.exists(path):
     raise CheckpointError(
       f'{path}: no such file; {folder} is not a folder written by '
       '`python -m vit_jax.publish`.'
     )
-  with open(path) as f:
-    return json.load(f)['vit_jax']
+  return paths.read_json(path)['vit_jax']
 
 
 def _describe_model(
@@ -219,7 +216,7 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
     ConfigError: `out` exists, or `workdir` holds no finished run with a
       task file.
   """
-  if os.path.exists(out):
+  if paths.exists(out):
     raise ConfigError(f'{out} exists; remove it or choose another folder.')
   results = _read_results(workdir)
   task_path = _task_path(workdir, results)
@@ -245,32 +242,26 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
     'trained_posemb': task.metadata['model'].get('posemb', 'learned'),
     **_describe_model(model_config, task.crop, num_classes),
   }
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.tmp-publish-', dir=parent)
-  try:
+  # Readers open config.json first; in a bucket it is uploaded last.
+  with paths.staged_folder(out, last=CONFIG_FILE) as staging:
     checkpoint.save(os.path.join(staging, NPZ_FILE), params)
     if hub_config is not None:
       checkpoint.save(
         os.path.join(staging, SAFETENSORS_FILE), params, num_heads=heads
       )
-    files.write_json(
+    paths.write_json(
       os.path.join(staging, CONFIG_FILE),
       {**(hub_config or {}), 'vit_jax': summary},
     )
-    with open(os.path.join(staging, CLASS_NAMES_FILE), 'w') as f:
-      f.writelines(f'{name}\n' for name in task.class_names)
-    files.write_json(os.path.join(staging, results_lib.RESULTS_FILE), results)
-    with open(os.path.join(staging, CARD_FILE), 'w') as f:
-      f.write(
-        model_card(
-          os.path.basename(os.path.normpath(out)), summary, results, no_timm
-        )
-      )
-    os.rename(staging, out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+    paths.write_text(
+      os.path.join(staging, CLASS_NAMES_FILE),
+      ''.join(f'{name}\n' for name in task.class_names),
+    )
+    paths.write_json(os.path.join(staging, results_lib.RESULTS_FILE), results)
+    paths.write_text(
+      os.path.join(staging, CARD_FILE),
+      model_card(paths.name(out), summary, results, no_timm),
+    )
   return out
 
 
@@ -442,9 +433,9 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
   """Publishes `args.workdir` as `args.out`, then lists its files."""
   out = publish(args.workdir, args.out, args.base)
-  for name in sorted(os.listdir(out)):
-    path = os.path.join(out, name)
-    print(f'{path}: {os.path.getsize(path):,} bytes')
+  for name in paths.listdir(out):
+    path = paths.join(out, name)
+    print(f'{path}: {paths.size(path):,} bytes')
 
 
 if __name__ == '__main__':

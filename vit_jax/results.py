@@ -8,10 +8,9 @@ with, so that a restart with another config is caught (`config_changes`).
 """
 
 import json
-import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from vit_jax.checkpoint import files
+from vit_jax import paths
 
 RESULTS_FILE = 'results.json'
 CONFIG_FILE = 'config.json'
@@ -48,11 +47,10 @@ _ABSENT = '(absent)'
 
 def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
   """The `results.json` of a run that finished in `workdir`, else None."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, RESULTS_FILE)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def pretrained_path(config: Mapping[str, Any]) -> Optional[str]:
@@ -62,7 +60,7 @@ def pretrained_path(config: Mapping[str, Any]) -> Optional[str]:
   if config.get('pretrained_path'):
     return config['pretrained_path']
   if config.get('pretrained_dir'):
-    return os.path.join(
+    return paths.join(
       config['pretrained_dir'], f'{config["model"]["model_name"]}.npz'
     )
   return None
@@ -87,16 +85,15 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
 
 def write_config_record(workdir: str, config: Any) -> None:
   """Writes `config`'s record to `workdir/config.json` (atomically)."""
-  files.write_json(os.path.join(workdir, CONFIG_FILE), config_record(config))
+  paths.write_json(paths.join(workdir, CONFIG_FILE), config_record(config))
 
 
 def read_config_record(workdir: str) -> Optional[Dict[str, Any]]:
   """The record in `workdir/config.json`, or None if there is none."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def config_changes(

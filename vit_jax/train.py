@@ -22,7 +22,6 @@ with respect to the trainable leaves, the optimizer update).
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -39,10 +38,10 @@ from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import metrics as metrics_lib
 from vit_jax import optim
+from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax import steps
 from vit_jax import trainable as trainable_lib
-from vit_jax.checkpoint import files
 from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
@@ -73,9 +72,9 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str) -> None:
   changes = recorded and results_lib.config_changes(recorded, config)
   if not changes:
     return
-  checkpoints = os.path.join(workdir, train_state.CHECKPOINT_SUBDIR)
-  saved = results_lib.finished_results(workdir) is not None or (
-    os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+  checkpoints = paths.join(workdir, train_state.CHECKPOINT_SUBDIR)
+  saved = results_lib.finished_results(workdir) is not None or bool(
+    paths.listdir(checkpoints)
   )
   listed = '; '.join(f'{k}: {old!r} -> {new!r}' for k, old, new in changes)
   resumable = sorted(results_lib.RESUMABLE_KEYS - {'resume_anyway'})
@@ -88,7 +87,7 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str) -> None:
   else:
     raise ConfigError(
       f'{workdir} holds a run with another config '
-      f'({os.path.join(workdir, results_lib.CONFIG_FILE)}): {listed}. '
+      f'({paths.join(workdir, results_lib.CONFIG_FILE)}): {listed}. '
       'Resuming would mix the two runs and overwrite its results; use a new '
       '--workdir, or --config.resume_anyway=True to continue it with this '
       f'config. Changes that resume: {", ".join(resumable)}.'
@@ -260,7 +259,7 @@ def train_and_evaluate(
   # Setup: hosts and devices, batch sizes, the workdir. ------------------
   hosts = input_pipeline.Hosts.from_jax()
   check_batch_sizes(config, hosts)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   check_restart(config, workdir)
   if hosts.process_count > 1:  # Every process checked the old record.
     multihost_utils.sync_global_devices('vit_jax: config checked')
@@ -438,7 +437,7 @@ def train_and_evaluate(
 
   # Outputs: the task file (what was trained) and results.json. ----------
   params = steps.unreplicate(replicated).params
-  task_path = config.finetune.task_file and os.path.join(
+  task_path = config.finetune.task_file and paths.join(
     workdir, config.finetune.task_file
   )
   if task_path and is_writer:
@@ -461,7 +460,7 @@ def train_and_evaluate(
     logging.info(
       'Wrote the trained parameters to %s (%d bytes).',
       task_path,
-      os.path.getsize(task_path),
+      paths.size(task_path),
     )
   results = {
     'test_accuracy': test['accuracy'],
@@ -479,9 +478,7 @@ def train_and_evaluate(
     'total_params': trainable_lib.count(params),
     'task_file': task_path or None,
     'task_file_bytes': (
-      os.path.getsize(task_path)
-      if task_path and os.path.exists(task_path)
-      else None
+      paths.size(task_path) if task_path and paths.exists(task_path) else None
     ),
     'devices': jax.device_count(),
     'device_kind': jax.devices()[0].device_kind,
@@ -489,8 +486,8 @@ def train_and_evaluate(
     'config': json.loads(config.to_json_best_effort()),
   }
   if is_writer:
-    results_path = os.path.join(workdir, results_lib.RESULTS_FILE)
-    files.write_json(results_path, results)
+    results_path = paths.join(workdir, results_lib.RESULTS_FILE)
+    paths.write_json(results_path, results)
     print(
       f'test accuracy {test["accuracy"]:.3f} on {test["examples"]:,} '
       f'images, {metrics_lib.format_duration(results["wall_time_s"])}; '

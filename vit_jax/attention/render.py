@@ -9,6 +9,7 @@ N layers × H heads always has the same shape, and files are written
 atomically (temporary file, then rename).
 """
 
+import io
 import os
 from typing import Any, List, Sequence
 
@@ -20,8 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from vit_jax import input_pipeline
+from vit_jax import paths
 from vit_jax.attention import maps
-from vit_jax.checkpoint import files
 
 DPI = 100
 PANEL_INCHES = 3.0  # Overlay panels.
@@ -45,9 +46,11 @@ def upsample(heat: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def _save(fig, path: str) -> None:
-  with files.atomic_path(path) as temporary:
-    fig.savefig(temporary, dpi=DPI, format='png')
+  """Writes `fig` as a PNG to `path` (local or gs://), atomically."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=DPI, format='png')
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def overlay_png(
@@ -110,18 +113,18 @@ def write_pngs(
     maps.rollout(weights, head_fusion), model.classifier, grid
   )
   per_head = maps.token_map(weights, model.classifier, grid)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   written = []
   for index, path in enumerate(image_paths):
-    name = os.path.splitext(os.path.basename(path))[0]
-    rollout_path = os.path.join(out_dir, f'{name}_rollout.png')
+    name = os.path.splitext(paths.name(path))[0]
+    rollout_path = paths.join(out_dir, f'{name}_rollout.png')
     overlay_png(
       rollout_path,
       images[index],
       np.asarray(heat[index]),
       f'rollout ({head_fusion} of heads)',
     )
-    heads_path = os.path.join(out_dir, f'{name}_heads.png')
+    heads_path = paths.join(out_dir, f'{name}_heads.png')
     heads_png(
       heads_path,
       np.asarray(per_head[:, index]),

@@ -8,7 +8,6 @@ achieved, and writes `WORKDIR/inference_time.json`. `scripts/benchmark.py`
 times many models, training too, against the machine's matmul peak.
 """
 
-import os
 import statistics
 from typing import Any, Dict
 
@@ -18,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import models
+from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax.benchmarks import timing
-from vit_jax.checkpoint import files
 from vit_jax.checkpoint import pretrained
 
 WARMUP_RUNS = 3
@@ -76,6 +75,5 @@ def inference_time(
     results['achieved_gflops_per_s'],
   )
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    files.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    paths.write_json(paths.join(workdir, RESULTS_FILE), results)
   return results

@@ -2,16 +2,15 @@
 
 Readers return flat `{name: array}` dicts and raise a `CheckpointError`
 naming the file, and saying what to do, for a missing, truncated or foreign
-file. Every writer goes through `atomic_path`, so a crash (or a full disk)
+file. Paths may be local or `gs://`; every writer serialises the archive in
+memory and hands it to `paths.write_bytes`, so a crash (or a full disk)
 while writing leaves the previous file intact: a reader sees the old file or
 the new one, never half.
 """
 
-import contextlib
-import json
+import io
 import os
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
-import uuid
+from typing import Any, Dict, Mapping, Optional, Union
 import zipfile
 import zlib
 
@@ -19,6 +18,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from vit_jax import paths
 from vit_jax.errors import CheckpointError
 
 PathLike = Union[str, os.PathLike]
@@ -33,27 +33,6 @@ _NPZ_ERRORS = (
   KeyError,
 )
 _HALF_PRECISION = ('float16', 'bfloat16')
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`; renames it over `path` on success.
-
-  The temporary file lives in the same directory (so the rename stays on one
-  file system) and ends with `path`'s own name (so writers that append an
-  extension, like `np.savez`, leave it alone). It is flushed to disk before
-  the rename and removed if the body raises.
-  """
-  directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-  temporary = os.path.join(directory, f'.tmp-{uuid.uuid4().hex[:12]}-{name}')
-  try:
-    yield temporary
-    with open(temporary, 'rb') as f:
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def read_npz(path: PathLike, *, float32: bool = False) -> Dict[str, np.ndarray]:
@@ -75,14 +54,28 @@ def read_npz(path: PathLike, *, float32: bool = False) -> Dict[str, np.ndarray]:
     f'{path}: not a readable .npz archive; it is truncated '
     '(write or download it again) or not a checkpoint.'
   )
-  try:
-    archive = np.load(path, allow_pickle=False)
-  except _NPZ_ERRORS as e:  # numpy's text (of pickles, say) would mislead.
-    raise CheckpointError(not_readable) from e
-  if not isinstance(archive, np.lib.npyio.NpzFile):
-    raise CheckpointError(
-      f'{path}: holds a single array, not an .npz archive of named arrays.'
-    )
+  with paths.open_file(path) as f:
+    try:
+      archive = np.load(f, allow_pickle=False)
+    except _NPZ_ERRORS as e:  # numpy's text (of pickles, say) would mislead.
+      raise CheckpointError(not_readable) from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+      raise CheckpointError(
+        f'{path}: holds a single array, not an .npz archive of named arrays.'
+      )
+    arrays = _read_arrays(path, archive, not_readable)
+  if not arrays:
+    raise CheckpointError(f'{path}: the archive holds no arrays.')
+  if float32:
+    arrays = {key: _as_float32(value) for key, value in arrays.items()}
+  return arrays
+
+
+def _read_arrays(
+  path: str, archive: np.lib.npyio.NpzFile, not_readable: str
+) -> Dict[str, np.ndarray]:
+  """Every array of an open archive; a CheckpointError for a pickle or a
+  damaged member."""
   arrays = {}
   with archive:
     for key in archive.files:
@@ -95,18 +88,14 @@ def read_npz(path: PathLike, *, float32: bool = False) -> Dict[str, np.ndarray]:
             'only numeric arrays are read (pickles can run code).'
           ) from e
         raise CheckpointError(not_readable) from e
-  if not arrays:
-    raise CheckpointError(f'{path}: the archive holds no arrays.')
-  if float32:
-    arrays = {key: _as_float32(value) for key, value in arrays.items()}
   return arrays
 
 
 def _check_is_file(path: str) -> None:
   """A CheckpointError naming `path` if it is missing or a folder."""
-  if os.path.isdir(path):
+  if paths.is_dir(path):
     raise CheckpointError(f'{path}: is a folder, not a checkpoint file.')
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise CheckpointError(f'{path}: no such file; check the path.')
 
 
@@ -119,15 +108,9 @@ def _as_float32(value: np.ndarray) -> np.ndarray:
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   """`np.savez(path, **arrays)`, atomically."""
-  with atomic_path(path) as temporary:
-    np.savez(temporary, **arrays)
-
-
-def write_json(path: str, value: Any) -> None:
-  """Writes `value` as indented JSON, atomically (results, reports)."""
-  with atomic_path(path) as temporary:
-    with open(temporary, 'w') as f:
-      json.dump(value, f, indent=2)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def read_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
@@ -142,7 +125,9 @@ def read_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
   path = os.fspath(path)
   _check_is_file(path)
   try:
-    flat = safetensors.numpy.load_file(path)
+    # load_file, unlike load(bytes), reads bfloat16 (through ml_dtypes).
+    with paths.local_file(path) as local:
+      flat = safetensors.numpy.load_file(local)
   except (safetensors.SafetensorError, OSError) as e:
     raise CheckpointError(
       f'{path}: not a readable safetensors file ({e}). It may be truncated '
@@ -162,7 +147,7 @@ def write_safetensors(
   flat: Mapping[str, Any],
   metadata: Optional[Mapping[str, str]] = None,
 ) -> None:
-  """Writes `flat` to `path` atomically (see `atomic_path`).
+  """Writes `flat` to `path` atomically (see `paths.write_bytes`).
 
   Args:
     path: destination file.
@@ -175,10 +160,10 @@ def write_safetensors(
   path = os.fspath(path)
   tensors = {key: np.ascontiguousarray(value) for key, value in flat.items()}
   metadata = None if metadata is None else dict(metadata)
-  with atomic_path(path) as temporary:
-    try:
-      safetensors.numpy.save_file(tensors, temporary, metadata=metadata)
-    except safetensors.SafetensorError as e:
-      raise CheckpointError(
-        f'{path}: cannot write it ({e}); pass numeric arrays only.'
-      ) from e
+  try:
+    data = safetensors.numpy.save(tensors, metadata=metadata)
+  except safetensors.SafetensorError as e:
+    raise CheckpointError(
+      f'{path}: cannot write it ({e}); pass numeric arrays only.'
+    ) from e
+  paths.write_bytes(path, data)

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax import paths
 from vit_jax.checkpoint import inspect
 from vit_jax.errors import CheckpointError
 
@@ -104,7 +105,7 @@ class TrainCheckpointer:
     """
     if keep < 1:
       raise ValueError(f'keep must be at least 1, got {keep}.')
-    self._directory = os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+    self._directory = paths.join(workdir, CHECKPOINT_SUBDIR)
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_ITEM, ocp.args.StandardSave)
     registry.add(_ITEM, ocp.args.StandardRestore)
@@ -177,7 +178,7 @@ class TrainCheckpointer:
         f'saved steps are {self.all_steps()}. Pass one of them, or None for '
         f'the latest.'
       )
-    step_dir = os.path.join(self._directory, str(step))
+    step_dir = paths.join(self._directory, str(step))
     self._check_fits(step, step_dir, target)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(target))

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import paths
 from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
@@ -123,9 +124,9 @@ def _base_for(
 def task_name(path: str) -> str:
   """The file's name without extension; for the trainer's default file name,
   the name of its workdir (`runs/digits_ia3/task_params.npz` → digits_ia3)."""
-  stem = os.path.splitext(os.path.basename(path))[0]
+  stem = os.path.splitext(paths.name(path))[0]
   if stem == DEFAULT_TASK_FILE_STEM:
-    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return paths.name(os.path.dirname(paths.absolute(path)))
   return stem
 
 

@@ -8,16 +8,21 @@ truncated or corrupt files, empty class directories, test classes without a
 train directory) in one `DatasetError` naming each path, so a broken file
 stops the run before training rather than as an anonymous decode error
 mid-run.
+
+The folder may be local or in a bucket (`gs://...`). Local images are read
+again by path in the input pipeline; a bucket's are kept, encoded, from the
+check (one download each), since tf.data would read a `gs://` path with
+TensorFlow's own GCS client rather than the project's path layer.
 """
 
 import concurrent.futures
-import os
 import re
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import paths as paths_lib
 from vit_jax.errors import DatasetError
 from vit_jax.input_pipeline import preprocess
 from vit_jax.input_pipeline import sources
@@ -46,17 +51,25 @@ def _op_message(error: tf.errors.OpError) -> str:
   return message.strip().rstrip('.')
 
 
+def read_file(path: str) -> bytes:
+  """The bytes of image file `path`; a DatasetError naming it if unreadable."""
+  try:
+    return paths_lib.read_bytes(path)
+  except OSError as e:
+    raise DatasetError(f'Cannot read image {path}: {e}.') from e
+
+
 def decode_file(path: str) -> tf.Tensor:
   """The image in file `path` as uint8 [H, W, 3].
 
   Raises DatasetError naming `path` when it cannot be read, is not a JPEG
   or PNG, or does not decode (truncated or corrupt).
   """
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    raise DatasetError(f'Cannot read image {path}: {e}.') from e
+  return decode_checked(path, read_file(path))
+
+
+def decode_checked(path: str, data: bytes) -> tf.Tensor:
+  """`data`, the bytes of file `path`, decoded as in `decode_file`."""
   if not data.startswith(_SIGNATURES):
     raise DatasetError(
       f'{path} is not a JPEG or PNG image (its first bytes are '
@@ -71,28 +84,33 @@ def decode_file(path: str) -> tf.Tensor:
     ) from e
 
 
-def _file_problem(path: str) -> Optional[str]:
-  """What is wrong with image file `path`, or None if it decodes."""
+def _checked_file(path: str) -> Tuple[Optional[bytes], Optional[str]]:
+  """The bytes of image file `path` and None, or None and what is wrong."""
   try:
-    decode_file(path)
+    data = read_file(path)
+    decode_checked(path, data)
   except DatasetError as e:
-    return str(e)
-  return None
+    return None, str(e)
+  return data, None
 
 
-def _file_problems(paths: Sequence[str]) -> List[str]:
-  """The problems of all `paths`, in their order; decoded in parallel (the
-  decoding runs in TensorFlow's kernels, outside Python's lock)."""
+def _check_files(
+  paths: Sequence[str],
+) -> Tuple[List[Optional[bytes]], List[str]]:
+  """The bytes of all `paths` and their problems, in their order; read and
+  decoded in parallel (decoding runs in TensorFlow's kernels, outside
+  Python's lock)."""
   with concurrent.futures.ThreadPoolExecutor() as pool:
-    return [p for p in pool.map(_file_problem, paths) if p]
+    checked = list(pool.map(_checked_file, paths))
+  return [data for data, _ in checked], [p for _, p in checked if p]
 
 
 def _class_dirs(split_dir: str) -> List[str]:
-  return sorted(
+  return [
     n
-    for n in os.listdir(split_dir)
-    if os.path.isdir(os.path.join(split_dir, n))
-  )
+    for n in paths_lib.listdir(split_dir)
+    if paths_lib.is_dir(paths_lib.join(split_dir, n))
+  ]
 
 
 def _no_classes(split_dir: str) -> str:
@@ -103,9 +121,11 @@ def _no_classes(split_dir: str) -> str:
 
 
 def _image_names(class_dir: str) -> List[str]:
-  return sorted(
-    n for n in os.listdir(class_dir) if n.lower().endswith(IMAGE_EXTENSIONS)
-  )
+  return [
+    n
+    for n in paths_lib.listdir(class_dir)
+    if n.lower().endswith(IMAGE_EXTENSIONS)
+  ]
 
 
 def _report(root: str, problems: Sequence[str]) -> DatasetError:
@@ -121,13 +141,15 @@ def _report(root: str, problems: Sequence[str]) -> DatasetError:
 
 def class_names(root: str) -> List[str]:
   """The sorted class directories of `root/train`, the dataset's labels."""
-  missing = [s for s in SPLIT_DIRS if not os.path.isdir(os.path.join(root, s))]
+  missing = [
+    s for s in SPLIT_DIRS if not paths_lib.is_dir(paths_lib.join(root, s))
+  ]
   if missing:
     raise DatasetError(
       f'Image folder {root} lacks {", ".join(missing)} sub-directories; '
       f'expected {root}/{{train,test}}/<class_name>/<image>.'
     )
-  train_dir = os.path.join(root, SPLIT_DIRS[0])
+  train_dir = paths_lib.join(root, SPLIT_DIRS[0])
   names = _class_dirs(train_dir)
   if not names:
     raise DatasetError(_no_classes(train_dir))
@@ -156,17 +178,17 @@ def load_folder(root: str) -> sources.InMemorySource:
   classes = {name: label for label, name in enumerate(names)}
   problems, paths, labels, sizes = [], [], [], {}
   for split in SPLIT_DIRS:
-    split_dir = os.path.join(root, split)
+    split_dir = paths_lib.join(root, split)
     split_classes = _class_dirs(split_dir)
     if not split_classes:
       problems.append(_no_classes(split_dir))
     sizes[split] = 0
     for name in split_classes:
-      class_dir = os.path.join(split_dir, name)
+      class_dir = paths_lib.join(split_dir, name)
       if name not in classes:
         problems.append(
           f'Class {name!r} of {split_dir} has no directory in '
-          f'{os.path.join(root, SPLIT_DIRS[0])}; both splits need the same '
+          f'{paths_lib.join(root, SPLIT_DIRS[0])}; both splits need the same '
           f'classes ({names}).'
         )
         continue
@@ -177,15 +199,18 @@ def load_folder(root: str) -> sources.InMemorySource:
           f'{"/".join(IMAGE_EXTENSIONS)} images. Add images or remove the '
           'directory.'
         )
-      paths += [os.path.join(class_dir, image) for image in images]
+      paths += [paths_lib.join(class_dir, image) for image in images]
       labels += [classes[name]] * len(images)
       sizes[split] += len(images)
-  problems += _file_problems(paths)
+  contents, file_problems = _check_files(paths)
+  problems += file_problems
   if problems:
     raise _report(root, problems)
-  info = sources.DatasetInfo(
-    os.path.basename(os.path.normpath(root)), tuple(names), sizes
-  )
+  info = sources.DatasetInfo(paths_lib.name(root), tuple(names), sizes)
+  if paths_lib.is_remote(root):
+    return sources.InMemorySource(
+      info, np.array(contents, dtype=object), np.array(labels), _decode_bytes
+    )
   return sources.InMemorySource(
     info, np.array(paths), np.array(labels), decode=_decode_path
   )

@@ -29,7 +29,6 @@ each test example exactly once.
 
 import dataclasses
 import math
-import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import flax.jax_utils
@@ -38,6 +37,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import paths
 from vit_jax.errors import ConfigError
 from vit_jax.errors import DatasetError
 from vit_jax.input_pipeline import embedded
@@ -106,7 +106,7 @@ def get_source(
     )
   if name in embedded.EMBEDDED:
     return embedded.EMBEDDED[name]()
-  if os.path.isdir(name):
+  if paths.is_dir(name):
     return folder.load_folder(name)
   return tfds_source.TfdsSource(
     name, tfds_data_dir, tfds_manual_dir, tfds_download
@@ -122,7 +122,7 @@ def class_names(
     return None
   if name in embedded.EMBEDDED:
     return embedded.EMBEDDED[name]().info.class_names
-  if os.path.isdir(name):
+  if paths.is_dir(name):
     return tuple(folder.class_names(name))
   return tfds_source.label_names(name, tfds_data_dir)
 

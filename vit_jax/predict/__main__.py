@@ -17,13 +17,12 @@ which holds every parameter). A --checkpoint that is a folder written by
 `python -m vit_jax.publish` needs nothing else.
 """
 
-import os
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax import paths
 from vit_jax import predict
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,8 +48,8 @@ _BATCH = flags.DEFINE_integer('batch', 64, 'Images per forward pass.')
 
 
 def _read_class_names(path: str):
-  with open(path, encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
+  lines = paths.read_text(path).splitlines()
+  return [line.strip() for line in lines if line.strip()]
 
 
 def main(argv) -> None:
@@ -59,7 +58,7 @@ def main(argv) -> None:
     raise app.UsageError('Give image files (JPEG/PNG) after the flags.')
   if _TASK.value:
     classifier = predict.from_task(_CHECKPOINT.value, _TASK.value)
-  elif _CHECKPOINT.value and os.path.isdir(_CHECKPOINT.value):
+  elif _CHECKPOINT.value and paths.is_dir(_CHECKPOINT.value):
     classifier = predict.from_published(_CHECKPOINT.value)
   elif _CONFIG.value is None or not _CHECKPOINT.value:
     raise app.UsageError(

@@ -13,7 +13,6 @@ serves any number of files.
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import jax
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import input_pipeline
+from vit_jax import paths
 from vit_jax import publish
 from vit_jax.checkpoint import pretrained
 from vit_jax.finetune import serving
@@ -135,7 +135,7 @@ def from_published(folder: str) -> Classifier:
   """The model of a folder written by `vit_jax.publish`."""
   summary = publish.read_summary(folder)
   model, params = pretrained.model_from_checkpoint(
-    summary['model'], os.path.join(folder, publish.NPZ_FILE), summary['crop']
+    summary['model'], paths.join(folder, publish.NPZ_FILE), summary['crop']
   )
   classifier = Classifier(model, params, summary['crop'])
   return dataclasses.replace(
@@ -143,7 +143,7 @@ def from_published(folder: str) -> Classifier:
     class_names=_checked_names(
       summary['class_names'],
       _num_outputs(classifier),
-      os.path.join(folder, publish.CONFIG_FILE),
+      paths.join(folder, publish.CONFIG_FILE),
     ),
   )
 
