@@ -129,8 +129,12 @@ def get_config() -> ml_collections.ConfigDict:
   #   train, test: split strings in tfds syntax ('train[:98%]');
   #   crop: image side fed to the model;
   #   augment: 'inception_crop' (vit_jax), 'pad_and_crop' (random shift of
-  #     up to `pad` pixels, for small images) or 'none';
-  #   pad: padding of 'pad_and_crop', in pixels at `crop` size;
+  #     up to `pad` pixels, for small images), 'affine' (random rotation,
+  #     zoom, shear and shift, for small images) or 'none';
+  #   pad: the largest shift of 'pad_and_crop' and 'affine', in pixels at
+  #     `crop` size;
+  #   rotate, scale, shear: the largest rotation (degrees), relative zoom
+  #     and shear (degrees) of 'affine';
   #   flip: random horizontal flips during training.
   config.pp = None
 
@@ -157,6 +161,9 @@ def _preset(
         'crop': crop,
         'augment': augment,
         'pad': pad,
+        'rotate': 0.0,
+        'scale': 0.0,
+        'shear': 0.0,
         'flip': flip,
       },
     }

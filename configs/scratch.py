@@ -33,7 +33,9 @@ def get_config(arg: str = 'mnist5k'):
   config.optim_dtype = 'float32'
   config.base_lr = 1e-3
   config.weight_decay = 0.05
-  config.warmup_steps = 50
+  # A sixteenth of the steps (50 of 800), following --config.total_steps
+  # unless --config.warmup_steps is given.
+  config.warmup_steps = config.get_ref('total_steps') // 16
   config.label_smoothing = 0.1
   config.batch = 128
   config.batch_eval = 256

@@ -6,6 +6,10 @@ DATASET is a preset of `configs/common.py` or any tfds name / image folder.
 
   python -m vit_jax.main --config=configs/vit.py:b16,cifar10 \
       --workdir=/tmp/vit --config.pretrained_dir=DIR
+
+The pretrained checkpoint is `DIR/MODEL_NAME.npz` (default DIR: `.`, as in
+vit_jax); without it the run stops, unless `--config.pretrained_dir=` asks
+for training from scratch.
 """
 
 from configs import common
@@ -22,6 +26,9 @@ def get_config(model_dataset: str = 'b16,cifar10'):
     )
   config = common.with_dataset(common.get_config(), dataset)
   config.model = registry.get_config(model)
+  # vit_jax's default: fine-tune ./MODEL_NAME.npz. A missing file stops the
+  # run; `--config.pretrained_dir=` (empty) trains from scratch instead.
+  config.pretrained_dir = '.'
   if (model, dataset) == ('b16', 'cifar10'):
     config.base_lr = 0.01  # vit_jax's tuned value for this pair.
   return config

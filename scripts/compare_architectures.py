@@ -19,9 +19,9 @@ from typing import Any, Dict, List
 
 from configs import scratch
 from vit_jax import models
+from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax import train as train_lib
-from vit_jax.checkpoint import files
 from vit_jax.models import table
 
 NUM_CLASSES = 10  # Both datasets of configs/scratch.py are digits.
@@ -90,10 +90,8 @@ def main() -> None:
     for model in args.models.split(',')
   ]
   text = results_table(rows)
-  files.write_json(os.path.join(args.out, 'results.json'), rows)
-  with files.atomic_path(os.path.join(args.out, 'results.md')) as path:
-    with open(path, 'w') as f:
-      f.write(text + '\n')
+  paths.write_json(os.path.join(args.out, 'results.json'), rows)
+  paths.write_text(os.path.join(args.out, 'results.md'), text + '\n')
   print(text)
 
 

@@ -36,9 +36,9 @@ from configs import scratch
 from configs import vit as vit_configs
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
+from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax import train
-from vit_jax.checkpoint import files
 from vit_jax.checkpoint import task_file
 from vit_jax.finetune import modes
 from vit_jax.finetune import serving
@@ -211,10 +211,8 @@ def main() -> None:
     )
   text = table(rows)
   print(text)
-  with files.atomic_path(os.path.join(args.out, 'results.md')) as path:
-    with open(path, 'w') as f:
-      f.write(text + '\n')
-  files.write_json(
+  paths.write_text(os.path.join(args.out, 'results.md'), text + '\n')
+  paths.write_json(
     os.path.join(args.out, 'results.json'),
     {
       'rows': rows,

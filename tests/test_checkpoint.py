@@ -1,5 +1,6 @@
 """Google .npz loading, inspection, adaptation for fine-tuning, the CLI."""
 
+import json
 import subprocess
 import sys
 
@@ -377,6 +378,46 @@ def test_timm_file_needs_num_heads(tmp_path, small_params):
     match='timm.safetensors: a timm checkpoint.*num_heads',
   ):
     checkpoint.load(path)
+
+
+def _width_128_params(num_heads: int):
+  """Random params of a one-layer ViT of width 128."""
+  config = models.MODEL_CONFIGS['testing'].copy_and_resolve_references()
+  config.hidden_size = 128
+  config.transformer.num_heads = num_heads
+  model = models.build_model(config, num_classes=5)
+  images = jnp.ones((1, 32, 32, 3))
+  return jax.tree.map(
+    np.asarray, helpers.random_variables(model, images)['params']
+  )
+
+
+def test_timm_file_without_heads_assumes_64_wide_heads(tmp_path):
+  """Width 128 and no config.json: 2 heads, as in published ViTs."""
+  params = _width_128_params(num_heads=2)
+  path = str(tmp_path / 'model.safetensors')
+  checkpoint.save(path, params, num_heads=2)
+  chex.assert_trees_all_equal(checkpoint.load(path), params)
+
+
+@pytest.mark.parametrize(
+  'config',
+  [
+    {'architecture': 'vit_base_patch16_224', 'model_args': {'num_heads': 4}},
+    {'num_heads': 4},
+    {'model_type': 'vit', 'num_attention_heads': 4},  # Hugging Face.
+  ],
+)
+def test_timm_file_takes_heads_from_the_config_json_beside_it(tmp_path, config):
+  """4 heads of 32 channels (not the default 2 of 64), from config.json."""
+  params = _width_128_params(num_heads=4)
+  path = str(tmp_path / 'model.safetensors')
+  checkpoint.save(path, params, num_heads=4)
+  assert checkpoint.read(path).params['Transformer']['encoderblock_0'][
+    'MultiHeadDotProductAttention_0'
+  ]['query']['kernel'].shape == (128, 2, 64)  # The default, without it.
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  chex.assert_trees_all_equal(checkpoint.load(path), params)
 
 
 def test_load_pretrained_requires_the_sources_gelu(tmp_path, small_params):

@@ -98,6 +98,25 @@ def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag, expected):
   assert 'allow_pickle' not in line and 'pickled data' not in line
 
 
+def test_a_fine_tuning_config_without_its_checkpoint_stops(tmp_path):
+  """As vit_jax, configs/vit.py fine-tunes ./MODEL_NAME.npz by default; a
+  missing file stops the run before anything is written in its workdir."""
+  workdir = tmp_path / 'run'
+  line = error_line(
+    *run_module(
+      'vit_jax.main',
+      '--config=configs/vit.py:micro4,mnist5k',
+      f'--workdir={workdir}',
+    )
+  )
+  assert line.startswith(
+    f'error: {REPO / "ViT-Micro_4.npz"}: no such file, and the config '
+    'fine-tunes it.'
+  )
+  assert '--config.pretrained_dir= trains from scratch' in line
+  assert not workdir.exists() or not list(workdir.iterdir())
+
+
 def test_verbose_shows_the_traceback(tmp_path):
   returncode, stderr = run_module(
     'vit_jax.main',

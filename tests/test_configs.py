@@ -11,6 +11,7 @@ from configs import common
 from vit_jax import finetune
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import results
 from vit_jax.models import registry
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ def test_vit_b16_cifar10():
     'crop': 384,
     'augment': 'inception_crop',
     'pad': 0,
+    'rotate': 0.0,
+    'scale': 0.0,
+    'shear': 0.0,
     'flip': True,
   }
   assert config.total_steps == 10_000
@@ -120,8 +124,24 @@ def test_optional_paths_can_be_set_from_the_command_line():
   )
   assert config.pretrained_dir == '/models'
   assert config.pretrained_path == '/models/x.safetensors'
+
+
+def test_fine_tuning_starts_from_model_name_npz_unless_told_otherwise():
+  """vit_jax's default pretrained_dir is '.'; an empty one (the explicit
+  way to train from scratch) means no checkpoint."""
+  config = parse(f'--config={REPO}/configs/vit.py:ti16,digits')
+  assert results.pretrained_path(config) == 'ViT-Ti_16.npz'
+  scratch = parse(
+    f'--config={REPO}/configs/vit.py:ti16,digits', '--config.pretrained_dir='
+  )
+  assert results.pretrained_path(scratch) is None
+  elsewhere = parse(
+    f'--config={REPO}/configs/vit.py:ti16,digits',
+    '--config.pretrained_dir=gs://b/m',
+  )
+  assert results.pretrained_path(elsewhere) == 'gs://b/m/ViT-Ti_16.npz'
   assert (
-    parse(f'--config={REPO}/configs/vit.py:ti16,digits').pretrained_dir is None
+    parse(f'--config={REPO}/configs/scratch.py:digits').pretrained_dir is None
   )
 
 
@@ -166,3 +186,22 @@ def test_fine_tuning_mode_is_switched_from_the_command_line():
     parse(f'--config={REPO}/configs/vit.py:ti16,digits').finetune
   )
   assert (default.mode, default.injection) == ('full', None)
+
+
+@pytest.mark.parametrize('dataset', ['mnist5k', 'digits'])
+def test_scratch_warm_up_follows_total_steps_unless_set(dataset):
+  """A shorter run (--config.total_steps=40) warms up for a sixteenth of
+  its steps and builds its schedule; an explicit warm-up is kept."""
+  config = parse(f'--config={REPO}/configs/scratch.py:{dataset}')
+  assert config.warmup_steps == config.total_steps // 16
+  short = parse(
+    f'--config={REPO}/configs/scratch.py:{dataset}', '--config.total_steps=40'
+  )
+  assert short.warmup_steps == 2
+  optim.from_config(short)  # Raises ConfigError for a warm-up too long.
+  explicit = parse(
+    f'--config={REPO}/configs/scratch.py:{dataset}',
+    '--config.total_steps=40',
+    '--config.warmup_steps=7',
+  )
+  assert (explicit.total_steps, explicit.warmup_steps) == (40, 7)

@@ -521,6 +521,67 @@ def test_pad_and_crop_shifts_by_at_most_pad():
   np.testing.assert_array_equal(images.max((1, 2)), 1.0)  # Dot kept.
 
 
+def _dot_positions(images: np.ndarray) -> np.ndarray:
+  """The brightness-weighted centre (row, col) of each image's dot."""
+  weights = (images + 1) / 2  # Black 0, white 1.
+  side = images.shape[1]
+  grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing='ij'))
+  return np.einsum('nij,cij->nc', weights, grid) / weights.sum((1, 2))[:, None]
+
+
+def test_affine_rotates_zooms_and_shears_about_the_centre():
+  """A dot at the centre of a 15-pixel image stays there, whatever the
+  rotation, zoom and shear."""
+  image = np.zeros([1, 15, 15, 1], np.uint8)
+  image[0, 7, 7] = 255
+  info = input_pipeline.DatasetInfo('dot', ('dot',), {'train': 1, 'test': 0})
+  config = make_config(
+    batch=32,
+    crop=15,
+    augment='affine',
+    pad=0,
+    rotate=40.0,
+    scale=0.3,
+    shear=15.0,
+    flip=False,
+  )
+  source = sources.InMemorySource(info, image, np.zeros(1))
+  images = first_batches(train_of(source, config, Hosts(0, 1, 1)), 1)[0]
+  images = images['image'][0, ..., 0]
+  np.testing.assert_allclose(images[:, 7, 7], 1.0, atol=1e-5)
+  np.testing.assert_allclose(_dot_positions(images), 7.0, atol=1e-4)
+
+
+def test_affine_rotation_keeps_distances_and_shift_is_at_most_pad():
+  """A dot 4 pixels right of the centre moves on the circle of radius 4
+  under rotation alone, to varied angles; a shift alone moves it by at most
+  `pad` pixels along each axis."""
+  image = np.zeros([1, 15, 15, 1], np.uint8)
+  image[0, 7, 11] = 255
+  info = input_pipeline.DatasetInfo('dot', ('dot',), {'train': 1, 'test': 0})
+  source = sources.InMemorySource(info, image, np.zeros(1))
+
+  def dots(**pp):
+    config = make_config(batch=64, crop=15, augment='affine', flip=False, **pp)
+    batch = first_batches(train_of(source, config, Hosts(0, 1, 1)), 1)[0]
+    return _dot_positions(batch['image'][0, ..., 0])
+
+  offsets = dots(pad=0, rotate=60.0) - 7.0
+  # Bilinear interpolation moves the centre of a lone dot by < 0.15 px.
+  np.testing.assert_allclose(np.hypot(*offsets.T), 4.0, atol=0.15)
+  angles = np.degrees(np.arctan2(offsets[:, 0], offsets[:, 1]))
+  assert np.abs(angles).max() <= 60.5 and angles.std() > 15
+  moved = dots(pad=2) - [7.0, 11.0]
+  assert np.abs(moved).max() <= 2.01 and moved.std() > 0.5
+
+
+def test_affine_limits_out_of_range_are_config_errors():
+  with pytest.raises(ConfigError, match=r'config.pp.rotate=200'):
+    preprocess.check_pp(make_config(augment='affine', rotate=200.0).pp)
+  with pytest.raises(ConfigError, match=r'config.pp.scale=1.5'):
+    preprocess.check_pp(make_config(augment='affine', scale=1.5).pp)
+
+
 def test_eval_preprocessing_maps_pixels_to_minus_one_one():
   source = data_helpers.id_source(num_train=1, num_test=255, side=8)
   config = make_config(batch=8, crop=12)

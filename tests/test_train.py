@@ -46,7 +46,7 @@ def schedule(
   [
     # step: 0, 5 (mid warm-up), 10 (peak), 60 (half-way), 110 (end)
     ('cosine', [0.0, 0.25, 0.5, 0.25, 0.0]),
-    ('linear', [0.0, 0.25, 0.5, 0.25, 0.0]),
+    ('linear', [0.0, 0.25, 0.5, 0.25 + 0.5e-5, 1e-5]),  # Ends at 1e-5.
     ('constant', [0.0, 0.25, 0.5, 0.5, 0.5]),
   ],
 )
@@ -61,6 +61,16 @@ def test_cosine_matches_vit_jax_formula():
     progress = (step - 10) / 100
     expected = 0.5 * 0.5 * (1 + np.cos(np.pi * progress))
     np.testing.assert_allclose(float(cosine(step)), expected, rtol=1e-6)
+
+
+def test_linear_matches_vit_jax_formula():
+  """vit_jax: linear_end + (base - linear_end) * (1 - progress), with
+  linear_end=1e-5, times the warm-up ramp min(1, step / warmup)."""
+  linear = schedule('linear')
+  for step in (4, 13, 37, 81, 110, 150):
+    progress = np.clip((step - 10) / 100, 0.0, 1.0)
+    expected = (1e-5 + (0.5 - 1e-5) * (1 - progress)) * min(1.0, step / 10)
+    np.testing.assert_allclose(float(linear(step)), expected, rtol=1e-5)
 
 
 def test_schedule_rejects_bad_settings():

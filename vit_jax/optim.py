@@ -21,6 +21,9 @@ import optax
 from vit_jax.errors import ConfigError
 
 DECAY_TYPES = ('cosine', 'linear', 'constant')
+# Where vit_jax's linear decay ends (`linear_end` of its
+# `create_learning_rate_schedule`), whatever base_lr is.
+LINEAR_END = 1e-5
 OPTIMIZERS = ('sgd', 'adamw')
 
 
@@ -31,7 +34,8 @@ def learning_rate_schedule(
   warmup_steps: int,
   decay_type: str = 'cosine',
 ) -> optax.Schedule:
-  """0 at step 0, `base_lr` after `warmup_steps`, decayed to 0 at the end."""
+  """0 at step 0, `base_lr` after `warmup_steps`, then decayed: to 0 at the
+  end (cosine), to `LINEAR_END` (linear), or not at all (constant)."""
   if decay_type not in DECAY_TYPES:
     raise ConfigError(
       f'config.decay_type={decay_type!r}; choose one of {DECAY_TYPES}.'
@@ -44,7 +48,7 @@ def learning_rate_schedule(
   decay_steps = total_steps - warmup_steps
   decay = {
     'cosine': optax.cosine_decay_schedule(base_lr, decay_steps),
-    'linear': optax.linear_schedule(base_lr, 0.0, decay_steps),
+    'linear': optax.linear_schedule(base_lr, LINEAR_END, decay_steps),
     'constant': optax.constant_schedule(base_lr),
   }[decay_type]
   if not warmup_steps:

@@ -256,9 +256,11 @@ def train_and_evaluate(
   start_time = time.perf_counter()
   is_writer = jax.process_index() == 0
 
-  # Setup: hosts and devices, batch sizes, the workdir. ------------------
+  # Setup: hosts, batch sizes, the checkpoint to start from, the workdir.
   hosts = input_pipeline.Hosts.from_jax()
   check_batch_sizes(config, hosts)
+  pretrained_path = results_lib.pretrained_path(config)
+  pretrained.check_exists(pretrained_path)
   paths.makedirs(workdir)
   check_restart(config, workdir)
   if hosts.process_count > 1:  # Every process checked the old record.
@@ -280,7 +282,6 @@ def train_and_evaluate(
   # Model and initial params: fresh, then the pretrained checkpoint. -----
   fine = finetune.from_config(config.finetune)
   model = finetune.build_model(config, source.info.num_classes, fine)
-  pretrained_path = results_lib.pretrained_path(config)
   params = pretrained.init_params(
     model,
     config.pp.crop,

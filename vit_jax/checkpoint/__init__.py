@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from vit_jax import paths
 from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import google_npz
@@ -79,8 +80,9 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
 
   Args:
     path: an `.npz` or `.safetensors` file.
-    num_heads: attention heads; needed for timm/HF files, whose fused or
-      per-projection matrices do not record how they split into heads.
+    num_heads: attention heads of a timm/HF file, whose fused or
+      per-projection matrices do not record how they split into heads. If
+      None: the `config.json` beside the file, else width / 64.
   """
   arrays = _read_arrays(path)
   if swin_names.is_timm_swin(arrays):
@@ -109,6 +111,78 @@ def _read_google(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
   return Checkpoint(path, 'google', inspect.unflatten(flat), {})
 
 
+# The width of an attention head in every published ViT (Ti 192 / 3,
+# S 384 / 6, B 768 / 12, L 1024 / 16, H 1280 / 16).
+PUBLISHED_HEAD_WIDTH = 64
+# Where the config.json of a timm (`model_args`) or Hugging Face folder keeps
+# the head count.
+_CONFIG_HEAD_KEYS = (
+  ('num_attention_heads',),
+  ('num_heads',),
+  ('model_args', 'num_heads'),
+)
+_PATCH_WEIGHTS = (
+  'patch_embed.proj.weight',
+  'embeddings.patch_embeddings.projection.weight',
+)
+
+
+def _heads_in_config_beside(path: str) -> Optional[int]:
+  """The head count in the `config.json` next to `path`, if any."""
+  config_path = paths.join(os.path.dirname(path) or '.', 'config.json')
+  if not paths.exists(config_path):
+    return None
+  try:
+    config = paths.read_json(config_path)
+  except ValueError as e:
+    raise CheckpointError(f'{config_path}: not valid JSON ({e}).') from e
+  for keys in _CONFIG_HEAD_KEYS:
+    value = config
+    for key in keys:
+      value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, int) and value > 0:
+      logging.info('%s: %d attention heads, from %s', path, value, config_path)
+      return value
+  return None
+
+
+def _width(arrays: Mapping[str, np.ndarray]) -> Optional[int]:
+  """The hidden size of a timm / HF ViT state dict (its patch embedding's
+  output channels)."""
+  for key, value in arrays.items():
+    if key.endswith(_PATCH_WEIGHTS):
+      return int(value.shape[0])
+  return None
+
+
+def _torch_heads(
+  path: str, arrays: Mapping[str, np.ndarray], source: str
+) -> int:
+  """The head count of a state dict that does not record it: from the
+  `config.json` beside it (timm and Hugging Face Hub folders have one),
+  else one head per 64 channels, as in every published ViT."""
+  heads = _heads_in_config_beside(path)
+  if heads is not None:
+    return heads
+  width = _width(arrays)
+  if not width or width % PUBLISHED_HEAD_WIDTH:
+    raise CheckpointError(
+      f'{path}: a {source} checkpoint does not record its number of '
+      'attention heads, and there is no config.json beside it that does; '
+      'pass num_heads (--num_heads; e.g. 12 for ViT-B).'
+    )
+  heads = width // PUBLISHED_HEAD_WIDTH
+  logging.warning(
+    '%s: no num_heads given and no config.json beside it; assuming %d heads '
+    '(width %d / %d, as in every published ViT).',
+    path,
+    heads,
+    width,
+    PUBLISHED_HEAD_WIDTH,
+  )
+  return heads
+
+
 def _read_torch(
   path: str,
   arrays: Mapping[str, np.ndarray],
@@ -117,10 +191,7 @@ def _read_torch(
 ) -> Checkpoint:
   """A timm or Hugging Face state dict, with the options of its source."""
   if num_heads is None:
-    raise CheckpointError(
-      f'{path}: a {source} checkpoint does not record its number of '
-      'attention heads; pass num_heads (e.g. 12 for ViT-B).'
-    )
+    num_heads = _torch_heads(path, arrays, source)
   convert = torch_names.from_timm if source == 'timm' else torch_names.from_hf
   try:
     params, architecture = convert(arrays, num_heads=num_heads)

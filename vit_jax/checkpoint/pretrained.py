@@ -10,12 +10,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import models
+from vit_jax import paths
 from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import load_pretrained
 from vit_jax.checkpoint import read
+from vit_jax.errors import CheckpointError
 from vit_jax.models import table
 
 PyTree = Any
+
+
+def check_exists(pretrained_path: Optional[str]) -> None:
+  """A CheckpointError, before any data is read or anything compiles, when
+  the configured checkpoint is missing (a fine-tuning config never trains
+  from scratch by accident)."""
+  if pretrained_path is None or paths.exists(pretrained_path):
+    return
+  raise CheckpointError(
+    f'{paths.absolute(pretrained_path)}: no such file, and the config '
+    'fine-tunes it. Put the '
+    "checkpoint there (Google's are in gs://vit_models/imagenet21k/ and "
+    'gs://vit_models/augreg/), or point --config.pretrained_dir=DIR (DIR/'
+    'MODEL_NAME.npz) or --config.pretrained_path=FILE at it; '
+    '--config.pretrained_dir= trains from scratch.'
+  )
 
 
 def init_params(

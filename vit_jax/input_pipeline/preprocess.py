@@ -7,6 +7,11 @@ augmentations.
 * Training, `augment='pad_and_crop'` (small images, e.g. digits): resize to
   `crop`, pad `pad` black pixels on every side, take a random `crop` window
   (a random shift of up to `pad` pixels).
+* Training, `augment='affine'` (small images, e.g. digits): resize to
+  `crop`, then one random affine map about the centre: a rotation of up to
+  `rotate` degrees, a zoom by a factor in [1 - `scale`, 1 + `scale`], a
+  shear of up to `shear` degrees and a shift of up to `pad` pixels, each
+  uniform; pixels from outside the image are black.
 * Training, `augment='none'`: as evaluation.
 * `flip`: random horizontal flip after any training augmentation (off for
   digits, where a mirrored 2 is not a 2).
@@ -17,6 +22,7 @@ in [-1, 1]. Training randomness comes from stateless ops seeded by
 however many threads tf.data uses.
 """
 
+import math
 from typing import Callable, Dict
 
 import ml_collections
@@ -24,7 +30,7 @@ import tensorflow as tf
 
 from vit_jax.errors import ConfigError
 
-AUGMENTATIONS = ('inception_crop', 'pad_and_crop', 'none')
+AUGMENTATIONS = ('inception_crop', 'pad_and_crop', 'affine', 'none')
 INCEPTION_AREA_RANGE = (0.05, 1.0)
 
 Example = Dict[str, tf.Tensor]
@@ -40,6 +46,11 @@ def check_pp(pp: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f'config.pp.crop={pp.crop} must be > 0 and config.pp.pad={pp.pad} >= 0.'
     )
+  for key, top in (('rotate', 180), ('scale', 1), ('shear', 90)):
+    if pp.augment == 'affine' and not 0 <= pp[key] < top:
+      raise ConfigError(
+        f'config.pp.{key}={pp[key]} must be in [0, {top}) (augment=affine).'
+      )
 
 
 def _rgb_float(image: tf.Tensor) -> tf.Tensor:
@@ -83,6 +94,38 @@ def _pad_and_crop(
   return tf.image.stateless_random_crop(image, [crop, crop, 3], seed=seed)
 
 
+def _affine(
+  image: tf.Tensor, pp: ml_collections.ConfigDict, seed: tf.Tensor
+) -> tf.Tensor:
+  """`image` resized to `pp.crop`, then rotated, zoomed, sheared and
+  shifted about its centre by random amounts within `pp`'s limits."""
+  image = _resize(image, pp.crop)
+  uniform = tf.random.stateless_uniform([5], seed, minval=-1.0, maxval=1.0)
+  angle = uniform[0] * pp.rotate * math.pi / 180
+  zoom = 1.0 + uniform[1] * pp.scale
+  shear = tf.tan(uniform[2] * pp.shear * math.pi / 180)
+  shift = uniform[3:] * pp.pad
+  # The map sends an input pixel p to zoom * rotation @ shearing @ (p - c)
+  # + c + shift; the op wants its inverse, from output pixels to input ones.
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  inverse = (
+    tf.stack([[cos - shear * sin, sin + shear * cos], [-sin, cos]]) / zoom
+  )
+  centre = tf.constant([(pp.crop - 1) / 2] * 2, tf.float32)
+  offset = centre - tf.linalg.matvec(inverse, centre + shift)
+  transform = tf.concat(
+    [inverse[0], offset[:1], inverse[1], offset[1:], tf.zeros([2])], axis=0
+  )
+  return tf.raw_ops.ImageProjectiveTransformV3(
+    images=image[None],
+    transforms=transform[None],
+    output_shape=[pp.crop, pp.crop],
+    fill_value=0.0,
+    interpolation='BILINEAR',
+    fill_mode='CONSTANT',
+  )[0]
+
+
 def eval_fn(crop: int) -> Callable[[Example], Example]:
   """The evaluation preprocessing of one example: resized to `crop`."""
 
@@ -110,6 +153,8 @@ def train_fn(
       image = _inception_crop(image, pp.crop, crop_seed)
     elif pp.augment == 'pad_and_crop':
       image = _pad_and_crop(image, pp.crop, pp.pad, crop_seed)
+    elif pp.augment == 'affine':
+      image = _affine(image, pp, crop_seed)
     else:
       image = _resize(image, pp.crop)
     if pp.flip:

@@ -1,0 +1,123 @@
+"""The sweep behind `configs/scratch.py:mnist5k`: candidates scored on a
+held-out slice of the training split, never on the test split.
+
+Each trial is `configs/scratch.py:mnist5k` with a few keys changed, trained
+by the project's training job on `train[:3500]` and evaluated once, at the
+end, on the other 500 training images (`train[3500:]`). Prints and writes
+`OUT/results.md` (trial, changes, held-out accuracy, wall time of training
+and evaluation) and `OUT/results.json`; trials that finished in an earlier
+invocation with the same OUT are not trained again.
+
+  PYTHONPATH=. python scripts/sweep_scratch.py --out=/tmp/sweep
+  PYTHONPATH=. python scripts/sweep_scratch.py --out=/tmp/sweep --trials=shift,affine
+"""
+
+import argparse
+import os
+from typing import Any, Dict, List
+
+from configs import scratch
+from vit_jax import paths
+from vit_jax import results as results_lib
+from vit_jax import train as train_lib
+
+HELD_OUT = {'pp.train': 'train[:3500]', 'pp.test': 'train[3500:]'}
+
+_AFFINE = {
+  'pp.augment': 'affine',
+  'pp.rotate': 15.0,
+  'pp.scale': 0.15,
+  'pp.shear': 10.0,
+}
+_MLP256 = {'model.transformer.mlp_dim': 256}
+
+# name: the keys each trial changes in configs/scratch.py:mnist5k.
+TRIALS: Dict[str, Dict[str, Any]] = {
+  'shift': {'pp.augment': 'pad_and_crop', 'total_steps': 800},
+  'affine': {**_AFFINE, 'total_steps': 800},
+  'affine_mlp256': {**_AFFINE, **_MLP256, 'total_steps': 800},
+  'affine_mlp256_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 800,
+    'base_lr': 2e-3,
+  },
+  'affine_mlp256_1400': {**_AFFINE, **_MLP256, 'total_steps': 1400},
+  'affine_mlp256_1400_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 1400,
+    'base_lr': 2e-3,
+  },
+  'affine_mlp256_1400_nols': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 1400,
+    'label_smoothing': 0.0,
+  },
+}
+
+
+def trial_config(changes: Dict[str, Any]):
+  """`configs/scratch.py:mnist5k` with `changes`, on the held-out slice,
+  evaluated and checkpointed at the end only."""
+  config = scratch.get_config('mnist5k')
+  config.update_from_flattened_dict({**changes, **HELD_OUT})
+  config.eval_every = config.total_steps
+  config.checkpoint_every = config.total_steps
+  return config
+
+
+def run_trial(name: str, out: str) -> Dict[str, Any]:
+  """One row: trains trial `name` unless it finished in `out` before."""
+  workdir = os.path.join(out, name)
+  results = results_lib.finished_results(
+    workdir
+  ) or train_lib.train_and_evaluate(trial_config(TRIALS[name]), workdir)
+  return {
+    'trial': name,
+    'changes': TRIALS[name],
+    'held_out_accuracy': results['test_accuracy'],
+    'held_out_examples': results['test_examples'],
+    'wall_time_s': results['wall_time_s'],
+  }
+
+
+def results_table(rows: List[Dict[str, Any]]) -> str:
+  """The Markdown table of the rows."""
+  lines = [
+    '| trial | changes to configs/scratch.py:mnist5k | held-out accuracy '
+    '| train + eval time |',
+    '|---|---|---:|---:|',
+  ]
+  for r in rows:
+    changes = ', '.join(f'`{k}={v}`' for k, v in r['changes'].items())
+    lines.append(
+      f'| {r["trial"]} | {changes} | {100 * r["held_out_accuracy"]:.1f}% '
+      f'of {r["held_out_examples"]} | {r["wall_time_s"]:.0f} s |'
+    )
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True)
+  parser.add_argument(
+    '--trials', default=','.join(TRIALS), help=f'some of {list(TRIALS)}'
+  )
+  args = parser.parse_args()
+  names = args.trials.split(',')
+  unknown = sorted(set(names) - set(TRIALS))
+  if unknown:
+    parser.error(f'unknown trials {unknown}; choose from {list(TRIALS)}')
+  rows = []
+  for name in names:
+    rows.append(run_trial(name, args.out))
+    text = results_table(rows)
+    paths.write_json(os.path.join(args.out, 'results.json'), rows)
+    paths.write_text(os.path.join(args.out, 'results.md'), text + '\n')
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
