@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A pre-trained checkpoint file in any format `vit_jax.checkpoint` reads
   # (Google .npz, timm/HF safetensors); overrides `pretrained_dir`.
   config.pretrained_path = config_dict.placeholder(str)
+  # An AugReg model name ('B_16': its best ImageNet-21k checkpoint in
+  # `pretrained_dir`/index.csv) or filename, as vit_jax's; set by
+  # `configs/augreg.py`.
+  config.model_or_filename = config_dict.placeholder(str)
   # A tfds dataset name, an embedded dataset ('digits', 'mnist5k'), or a
   # directory laid out as `{train,test}/<class_name>/<image>`.
   # Set through `with_dataset()`.

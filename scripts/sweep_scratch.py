@@ -2,8 +2,8 @@
 held-out slice of the training split, never on the test split.
 
 Each trial is `configs/scratch.py:mnist5k` with a few keys changed, trained
-by the project's training job on `train[:3500]` and evaluated once, at the
-end, on the other 500 training images (`train[3500:]`). Prints and writes
+by the project's training job on 350 training images of each digit and
+evaluated once, at the end, on the other 50 of each (500 held-out images). Prints and writes
 `OUT/results.md` (trial, changes, held-out accuracy, wall time of training
 and evaluation) and `OUT/results.json`; trials that finished in an earlier
 invocation with the same OUT are not trained again.
@@ -21,7 +21,18 @@ from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax import train as train_lib
 
-HELD_OUT = {'pp.train': 'train[:3500]', 'pp.test': 'train[3500:]'}
+# mnist5k's train split holds 400 images of each digit in turn; the last 50
+# of each digit are held out, 500 in all, with the split syntax of tfds.
+_PER_DIGIT, _HELD_OUT_PER_DIGIT = 400, 50
+_FIT = _PER_DIGIT - _HELD_OUT_PER_DIGIT
+HELD_OUT = {
+  'pp.train': '+'.join(
+    f'train[{d * _PER_DIGIT}:{d * _PER_DIGIT + _FIT}]' for d in range(10)
+  ),
+  'pp.test': '+'.join(
+    f'train[{d * _PER_DIGIT + _FIT}:{(d + 1) * _PER_DIGIT}]' for d in range(10)
+  ),
+}
 
 _AFFINE = {
   'pp.augment': 'affine',
@@ -30,30 +41,31 @@ _AFFINE = {
   'pp.shear': 10.0,
 }
 _MLP256 = {'model.transformer.mlp_dim': 256}
+_PATCH4 = {'model.patches.size': (4, 4), 'model.model_name': 'ViT-Mini_4'}
 
 # name: the keys each trial changes in configs/scratch.py:mnist5k.
 TRIALS: Dict[str, Dict[str, Any]] = {
-  'shift': {'pp.augment': 'pad_and_crop', 'total_steps': 800},
-  'affine': {**_AFFINE, 'total_steps': 800},
-  'affine_mlp256': {**_AFFINE, **_MLP256, 'total_steps': 800},
-  'affine_mlp256_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 800,
-    'base_lr': 2e-3,
-  },
+  'shift_800': {'pp.augment': 'pad_and_crop', 'total_steps': 800},
+  'affine_800': {**_AFFINE, 'total_steps': 800},
   'affine_mlp256_1400': {**_AFFINE, **_MLP256, 'total_steps': 1400},
-  'affine_mlp256_1400_lr2e-3': {
+  'affine_mlp256_2000': {**_AFFINE, **_MLP256, 'total_steps': 2000},
+  'affine_mlp256_2000_lr2e-3': {
     **_AFFINE,
     **_MLP256,
-    'total_steps': 1400,
+    'total_steps': 2000,
     'base_lr': 2e-3,
   },
-  'affine_mlp256_1400_nols': {
+  'affine_mlp256_2000_nols': {
     **_AFFINE,
     **_MLP256,
-    'total_steps': 1400,
+    'total_steps': 2000,
     'label_smoothing': 0.0,
+  },
+  'patch4_affine_mlp256_700': {
+    **_AFFINE,
+    **_PATCH4,
+    **_MLP256,
+    'total_steps': 700,
   },
 }
 

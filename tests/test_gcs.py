@@ -18,14 +18,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import augreg as augreg_config
 from tests import gcs_emulator
 from tests import helpers
+from tests import test_augreg
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import paths
 from vit_jax import predict
 from vit_jax import publish
+from vit_jax import results
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import CheckpointError
 
@@ -88,6 +91,20 @@ def test_checkpoint_files_in_the_bucket(emulator, micro_params):
   paths.write_bytes(f'{BUCKET}/files/cut.npz', b'PK\x03\x04 cut short')
   with pytest.raises(CheckpointError, match='not a readable .npz archive'):
     checkpoint.load(f'{BUCKET}/files/cut.npz')
+
+
+def test_augreg_index_in_the_bucket_selects_the_checkpoint(emulator, tmp_path):
+  """configs/augreg.py's default pretrained_dir is a bucket: its index.csv
+  is read from there."""
+  del emulator
+  test_augreg.write_index(tmp_path)
+  directory = f'{BUCKET}/augreg'
+  paths.copy_file(str(tmp_path / 'index.csv'), f'{directory}/index.csv')
+  config = augreg_config.get_config('B_16,digits')
+  config.pretrained_dir = directory
+  assert results.pretrained_path(config) == (
+    f'{directory}/{test_augreg.B16_BEST}.npz'
+  )
 
 
 def _upload_tree(local_root: str, remote_root: str) -> None:

@@ -24,7 +24,7 @@ LAYERS = (
     'input_pipeline',
   ),
   ('checkpoint',),
-  ('finetune', 'steps', 'results', 'metrics'),
+  ('finetune', 'steps', 'results', 'metrics', 'utils'),
   ('publish', 'benchmarks'),
   ('predict', 'attention'),
   ('train',),

@@ -33,9 +33,10 @@ def learning_rate_schedule(
   total_steps: int,
   warmup_steps: int,
   decay_type: str = 'cosine',
+  linear_end: float = LINEAR_END,
 ) -> optax.Schedule:
   """0 at step 0, `base_lr` after `warmup_steps`, then decayed: to 0 at the
-  end (cosine), to `LINEAR_END` (linear), or not at all (constant)."""
+  end (cosine), to `linear_end` (linear), or not at all (constant)."""
   if decay_type not in DECAY_TYPES:
     raise ConfigError(
       f'config.decay_type={decay_type!r}; choose one of {DECAY_TYPES}.'
@@ -48,7 +49,7 @@ def learning_rate_schedule(
   decay_steps = total_steps - warmup_steps
   decay = {
     'cosine': optax.cosine_decay_schedule(base_lr, decay_steps),
-    'linear': optax.linear_schedule(base_lr, LINEAR_END, decay_steps),
+    'linear': optax.linear_schedule(base_lr, linear_end, decay_steps),
     'constant': optax.constant_schedule(base_lr),
   }[decay_type]
   if not warmup_steps:

@@ -11,6 +11,7 @@ import json
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from vit_jax import paths
+from vit_jax.checkpoint import augreg
 
 RESULTS_FILE = 'results.json'
 CONFIG_FILE = 'config.json'
@@ -55,15 +56,19 @@ def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
 
 def pretrained_path(config: Mapping[str, Any]) -> Optional[str]:
   """The checkpoint a run starts from: `config.pretrained_path`, else
-  `{config.pretrained_dir}/{config.model.model_name}.npz` (vit_jax's
-  convention), else None (from scratch)."""
+  `{config.pretrained_dir}/{name}.npz` with the AugReg checkpoint of
+  `config.model_or_filename` (`configs/augreg.py`) or, by vit_jax's
+  convention, `config.model.model_name` as name; else None (from scratch)."""
   if config.get('pretrained_path'):
     return config['pretrained_path']
-  if config.get('pretrained_dir'):
-    return paths.join(
-      config['pretrained_dir'], f'{config["model"]["model_name"]}.npz'
-    )
-  return None
+  directory = config.get('pretrained_dir')
+  if not directory:
+    return None
+  if config.get('model_or_filename'):
+    name = augreg.filename(directory, config['model_or_filename'])
+  else:
+    name = config['model']['model_name']
+  return paths.join(directory, f'{name}.npz')
 
 
 def config_record(config: Any) -> Dict[str, Any]:

@@ -242,6 +242,32 @@ def eval_dataset(
   )
 
 
+def get_datasets(
+  config: ml_collections.ConfigDict,
+) -> Tuple[tf.data.Dataset, tf.data.Dataset]:
+  """vit_jax's entry point: `(ds_train, ds_test)` of `config.dataset`, as
+  the training job builds them (`train_dataset`, `eval_dataset`).
+
+  Unlike vit_jax's, labels are class indices, not one-hot, and the test
+  batches cover every example once, padded, with a `mask`.
+  """
+  source = get_source(
+    config.dataset,
+    tfds_data_dir=config.get('tfds_data_dir'),
+    tfds_manual_dir=config.get('tfds_manual_dir'),
+    tfds_download=config.get('tfds_download', True),
+  )
+  ds_train = train_dataset(
+    source,
+    config.pp,
+    batch_size=config.batch,
+    seed=config.seed,
+    shuffle_buffer=config.shuffle_buffer,
+  )
+  ds_test = eval_dataset(source, config.pp, batch_size=config.batch_eval)
+  return ds_train, ds_test.dataset
+
+
 def device_prefetch(
   dataset: tf.data.Dataset, size: int
 ) -> Iterator[Dict[str, Any]]:
