@@ -22,7 +22,12 @@ setuptools.setup(
   long_description=open('README.md').read(),
   long_description_content_type='text/markdown',
   python_requires='>=3.10',
-  packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+  # `configs` (the experiment configs, `from configs import common` as in
+  # the repository): `--config=configs/vit.py:...` finds the installed copy
+  # outside the repository root (vit_jax.cli.with_installed_configs).
+  packages=setuptools.find_packages(
+    include=['vit_jax', 'vit_jax.*', 'configs']
+  ),
   install_requires=[
     'absl-py>=2.1',
     # Every path, local or gs://, goes through etils.epath (vit_jax/paths.py);

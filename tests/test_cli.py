@@ -20,14 +20,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRATCH = '--config=configs/scratch.py:mnist5k'
 
 
-def run_module(module, *args, xla_flags=None):
-  """`python -m module args` from the repo root on CPU: (exit code, stderr)."""
+def run_module(module, *args, xla_flags=None, cwd=REPO):
+  """`python -m module args` from `cwd` (the repo root) on CPU: (exit code,
+  stderr)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   if xla_flags is not None:
     env['XLA_FLAGS'] = xla_flags
   process = subprocess.run(
     [sys.executable, '-m', module, *args],
-    cwd=REPO,
+    cwd=cwd,
     env=env,
     capture_output=True,
     text=True,
@@ -115,6 +116,33 @@ def test_a_fine_tuning_config_without_its_checkpoint_stops(tmp_path):
   )
   assert '--config.pretrained_dir= trains from scratch' in line
   assert not workdir.exists() or not list(workdir.iterdir())
+
+
+def test_repository_config_paths_work_from_any_directory(tmp_path, monkeypatch):
+  """Outside the repository root, `--config=configs/vit.py:...` loads the
+  installed config (here it then stops for the missing ./ViT-Micro_4.npz
+  of the working directory)."""
+  line = error_line(
+    *run_module(
+      'vit_jax.main',
+      '--config=configs/vit.py:micro4,mnist5k',
+      f'--workdir={tmp_path / "run"}',
+      cwd=tmp_path,
+    )
+  )
+  assert line.startswith(f'error: {tmp_path / "ViT-Micro_4.npz"}: no such file')
+  monkeypatch.chdir(tmp_path)
+  argv = ['prog', '--config', 'configs/scratch.py', '--other=configs/vit.py']
+  assert cli.with_installed_configs(argv, names=['config']) == [
+    'prog',
+    '--config',
+    str(REPO / 'configs' / 'scratch.py'),
+    '--other=configs/vit.py',
+  ]
+  (tmp_path / 'configs').mkdir()  # A local configs/ folder wins.
+  (tmp_path / 'configs' / 'vit.py').write_text('')
+  local = ['prog', '--config=configs/vit.py:b16,cifar10']
+  assert cli.with_installed_configs(local, names=['config']) == local
 
 
 def test_verbose_shows_the_traceback(tmp_path):

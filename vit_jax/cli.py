@@ -17,6 +17,7 @@ A misspelt `--config.KEY` is reported against the config's keys:
 
 import argparse
 import difflib
+import importlib.util
 import logging
 import os
 import re
@@ -143,8 +144,55 @@ def _verbose_in(argv: Sequence[str]) -> bool:
   return values.verbose
 
 
+CONFIGS_PREFIX = 'configs/'
+
+
+def _installed_config(path: str) -> Optional[str]:
+  """For `configs/FILE.py` missing in the working directory, the same file
+  of the importable `configs` package (installed with vit_jax), if any."""
+  if not path.startswith(CONFIGS_PREFIX) or os.path.exists(path):
+    return None
+  spec = importlib.util.find_spec('configs')
+  for folder in (spec and spec.submodule_search_locations) or ():
+    candidate = os.path.join(folder, path[len(CONFIGS_PREFIX) :])
+    if os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def with_installed_configs(
+  argv: Sequence[str], names: Optional[Sequence[str]] = None
+) -> List[str]:
+  """`argv` with `--config=configs/FILE.py[:ARGS]` pointing at the installed
+  config when run outside the repository root, so the repository's commands
+  work from any directory once vit_jax is installed. `names`: the config
+  flags (default: every config flag defined)."""
+  if names is None:
+    names = [
+      n for n in flags.FLAGS if config_flags_lib.is_config_flag(flags.FLAGS[n])
+    ]
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    for name in names:
+      prefix = next(
+        (p for p in (f'--{name}=', f'-{name}=') if arg.startswith(p)), None
+      )
+      if prefix is not None:
+        value, index = arg[len(prefix) :], i
+      elif arg in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+        prefix, value, index = '', argv[i + 1], i + 1
+      else:
+        continue
+      path, sep, args = value.partition(':')
+      installed = _installed_config(path)
+      if installed:
+        argv[index] = f'{prefix}{installed}{sep}{args}'
+  return argv
+
+
 def _parse_flags(argv: List[str]) -> List[str]:
   """absl's flag parsing, its errors and unknown config keys in one line."""
+  argv = with_installed_configs(argv)
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:
