@@ -365,6 +365,15 @@ def get_mini7_config() -> ml_collections.ConfigDict:
   return _small_vit('ViT-Mini_7', 7, hidden=128, mlp=512, heads=4, layers=6)
 
 
+@_register(resolution=28)
+def get_mini7_mlp256_config() -> ml_collections.ConfigDict:
+  """ViT-Mini_7 with an MLP twice (not four times) its width: faster per
+  step, so more epochs fit the from-scratch recipe (configs/scratch.py)."""
+  return _small_vit(
+    'ViT-Mini_7-mlp256', 7, hidden=128, mlp=256, heads=4, layers=6
+  )
+
+
 @_register(resolution=32)
 def get_ti4_config() -> ml_collections.ConfigDict:
   """ViT-Ti dimensions (width 192, 12 layers) with patch 4."""
