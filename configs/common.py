@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_eval = 512
   # Shuffle buffer size of the training input pipeline.
   config.shuffle_buffer = 50_000
-  # Evaluate on the test split every so many steps (and at the end).
+  # Evaluate on the test split every so many steps and at the end (0: only
+  # at the end).
   config.eval_every = 100
   # Log training metrics every so many steps.
   config.progress_every = 10

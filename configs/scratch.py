@@ -62,7 +62,7 @@ def get_config(arg: str = 'mnist5k'):
   config.accum_steps = 1
   config.shuffle_buffer = 5_000
   # Evaluated once, at the end (a run of a few minutes).
-  config.eval_every = config.get_ref('total_steps')
+  config.eval_every = 0
   config.progress_every = 100
   config.checkpoint_every = 500
   return config

@@ -106,7 +106,6 @@ def trial_config(changes: Dict[str, Any]):
   checkpointed at the end only."""
   config = scratch.get_config('mnist5k')
   config.update_from_flattened_dict({**BEFORE, **changes, **HELD_OUT})
-  config.eval_every = config.total_steps
   config.checkpoint_every = config.total_steps
   return config
 

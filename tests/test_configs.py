@@ -205,3 +205,4 @@ def test_scratch_warm_up_follows_total_steps_unless_set(dataset):
     '--config.warmup_steps=7',
   )
   assert (explicit.total_steps, explicit.warmup_steps) == (40, 7)
+  assert explicit.eval_every == 0  # Only at the end, whatever the steps.

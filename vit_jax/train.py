@@ -367,7 +367,9 @@ def train_and_evaluate(
         done_step = step
         history.append((step, step_metrics))
         is_last = step == config.total_steps
-        do_eval = is_last or step % config.eval_every == 0
+        do_eval = is_last or (
+          config.eval_every > 0 and step % config.eval_every == 0
+        )
         do_save = config.checkpoint_every and (
           is_last or step % config.checkpoint_every == 0
         )
