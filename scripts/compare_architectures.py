@@ -17,11 +17,10 @@ import argparse
 import os
 from typing import Any, Dict, List
 
+import runs
+
 from configs import scratch
 from vit_jax import models
-from vit_jax import paths
-from vit_jax import results as results_lib
-from vit_jax import train as train_lib
 from vit_jax.models import table
 
 NUM_CLASSES = 10  # Both datasets of configs/scratch.py are digits.
@@ -33,9 +32,7 @@ def train(dataset: str, model: str, steps: int, out: str) -> Dict[str, Any]:
   if steps:
     config.total_steps = steps
   workdir = os.path.join(out, model)
-  results = results_lib.finished_results(
-    workdir
-  ) or train_lib.train_and_evaluate(config, workdir)
+  results = runs.finished_or_trained(config, workdir)
   name = config.model.model_name
   net = models.build_model(config.model, num_classes=NUM_CLASSES)
   variables = table.abstract_variables(net, config.pp.crop)
@@ -90,8 +87,7 @@ def main() -> None:
     for model in args.models.split(',')
   ]
   text = results_table(rows)
-  paths.write_json(os.path.join(args.out, 'results.json'), rows)
-  paths.write_text(os.path.join(args.out, 'results.md'), text + '\n')
+  runs.write_table(args.out, text, rows)
   print(text)
 
 

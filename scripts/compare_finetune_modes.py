@@ -31,13 +31,13 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+import runs as runs_lib
 
 from configs import scratch
 from configs import vit as vit_configs
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import paths
-from vit_jax import results as results_lib
 from vit_jax import train
 from vit_jax.checkpoint import task_file
 from vit_jax.finetune import modes
@@ -177,8 +177,7 @@ def main() -> None:
     runs[row] = {
       'config': config,
       'workdir': workdir,
-      'results': results_lib.finished_results(workdir)
-      or train.train_and_evaluate(config, workdir),
+      'results': runs_lib.finished_or_trained(config, workdir),
     }
   served = serve_accuracy(upstream, runs)
   rows = []

@@ -17,10 +17,9 @@ import argparse
 import os
 from typing import Any, Dict, List
 
+import runs
+
 from configs import scratch
-from vit_jax import paths
-from vit_jax import results as results_lib
-from vit_jax import train as train_lib
 
 # mnist5k's train split holds 400 images of each digit in turn; the last 50
 # of each digit are held out, 500 in all, with the split syntax of tfds.
@@ -113,9 +112,7 @@ def trial_config(changes: Dict[str, Any]):
 def run_trial(name: str, out: str) -> Dict[str, Any]:
   """One row: trains trial `name` unless it finished in `out` before."""
   workdir = os.path.join(out, name)
-  results = results_lib.finished_results(
-    workdir
-  ) or train_lib.train_and_evaluate(trial_config(TRIALS[name]), workdir)
+  results = runs.finished_or_trained(trial_config(TRIALS[name]), workdir)
   return {
     'trial': name,
     'changes': TRIALS[name],
@@ -156,8 +153,7 @@ def main() -> None:
   for name in names:
     rows.append(run_trial(name, args.out))
     text = results_table(rows)
-    paths.write_json(os.path.join(args.out, 'results.json'), rows)
-    paths.write_text(os.path.join(args.out, 'results.md'), text + '\n')
+    runs.write_table(args.out, text, rows)
   print(text)
 
 
