@@ -84,24 +84,28 @@ def decode_checked(path: str, data: bytes) -> tf.Tensor:
     ) from e
 
 
-def _checked_file(path: str) -> Tuple[Optional[bytes], Optional[str]]:
-  """The bytes of image file `path` and None, or None and what is wrong."""
+def _checked_file(
+  path: str, keep: bool
+) -> Tuple[Optional[bytes], Optional[str]]:
+  """The bytes of image file `path` (if `keep`) and None, or None and what
+  is wrong with it."""
   try:
     data = read_file(path)
     decode_checked(path, data)
   except DatasetError as e:
     return None, str(e)
-  return data, None
+  return (data if keep else None), None
 
 
 def _check_files(
-  paths: Sequence[str],
+  paths: Sequence[str], keep: bool
 ) -> Tuple[List[Optional[bytes]], List[str]]:
-  """The bytes of all `paths` and their problems, in their order; read and
-  decoded in parallel (decoding runs in TensorFlow's kernels, outside
-  Python's lock)."""
+  """The bytes of all `paths` (only if `keep`: a local folder's are read
+  again by path, so they are not held in memory) and their problems, in
+  their order; read and decoded in parallel (decoding runs in TensorFlow's
+  kernels, outside Python's lock)."""
   with concurrent.futures.ThreadPoolExecutor() as pool:
-    checked = list(pool.map(_checked_file, paths))
+    checked = list(pool.map(lambda p: _checked_file(p, keep), paths))
   return [data for data, _ in checked], [p for _, p in checked if p]
 
 
@@ -202,12 +206,13 @@ def load_folder(root: str) -> sources.InMemorySource:
       paths += [paths_lib.join(class_dir, image) for image in images]
       labels += [classes[name]] * len(images)
       sizes[split] += len(images)
-  contents, file_problems = _check_files(paths)
+  remote = paths_lib.is_remote(root)
+  contents, file_problems = _check_files(paths, keep=remote)
   problems += file_problems
   if problems:
     raise _report(root, problems)
   info = sources.DatasetInfo(paths_lib.name(root), tuple(names), sizes)
-  if paths_lib.is_remote(root):
+  if remote:
     return sources.InMemorySource(
       info, np.array(contents, dtype=object), np.array(labels), _decode_bytes
     )
