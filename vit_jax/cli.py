@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -89,17 +89,25 @@ def unknown_key(config: Any, path: str, name: str = 'config') -> Optional[str]:
   return None
 
 
+def _flag_position(argv: Sequence[str], name: str) -> Optional[Tuple[int, str]]:
+  """Where the value of `--name=VALUE` or `--name VALUE` is in `argv`:
+  `(index, prefix)` with `argv[index] == prefix + VALUE`; None if absent."""
+  for i, arg in enumerate(argv):
+    match = re.fullmatch(rf'(--?{re.escape(name)})(=.*)?', arg)
+    if match:
+      if match.group(2) is not None:
+        return i, f'{match.group(1)}='
+      return (i + 1, '') if i + 1 < len(argv) else None
+  return None
+
+
 def _flag_argument(argv: Sequence[str], name: str) -> Optional[str]:
   """The value of `--name=VALUE` or `--name VALUE` in `argv`, if given."""
-  for i, arg in enumerate(argv):
-    match = re.fullmatch(rf'--?{re.escape(name)}(=(.*))?', arg)
-    if match:
-      return (
-        match.group(2)
-        if match.group(1)
-        else (argv[i + 1] if i + 1 < len(argv) else None)
-      )
-  return None
+  position = _flag_position(argv, name)
+  if position is None:
+    return None
+  index, prefix = position
+  return argv[index][len(prefix) :]
 
 
 def _unknown_override(argv: Sequence[str]) -> Optional[str]:
@@ -172,21 +180,15 @@ def with_installed_configs(
       n for n in flags.FLAGS if config_flags_lib.is_config_flag(flags.FLAGS[n])
     ]
   argv = list(argv)
-  for i, arg in enumerate(argv):
-    for name in names:
-      prefix = next(
-        (p for p in (f'--{name}=', f'-{name}=') if arg.startswith(p)), None
-      )
-      if prefix is not None:
-        value, index = arg[len(prefix) :], i
-      elif arg in (f'--{name}', f'-{name}') and i + 1 < len(argv):
-        prefix, value, index = '', argv[i + 1], i + 1
-      else:
-        continue
-      path, sep, args = value.partition(':')
-      installed = _installed_config(path)
-      if installed:
-        argv[index] = f'{prefix}{installed}{sep}{args}'
+  for name in names:
+    position = _flag_position(argv, name)
+    if position is None:
+      continue
+    index, prefix = position
+    path, sep, args = argv[index][len(prefix) :].partition(':')
+    installed = _installed_config(path)
+    if installed:
+      argv[index] = f'{prefix}{installed}{sep}{args}'
   return argv
 
 
