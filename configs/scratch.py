@@ -1,7 +1,7 @@
 """Train a small ViT from scratch on an embedded data set (no download).
 
 `--config=configs/scratch.py:DATASET[,MODEL]`: DATASET is `mnist5k` or
-`digits`; MODEL a registry short name (default: mini7_mlp256 for mnist5k,
+`digits`; MODEL a registry short name (default: mini_c3 for mnist5k,
 micro4 for digits; resnet_mini and resnet_micro are ResNet baselines).
 
   python -m vit_jax.main --config=configs/scratch.py:mnist5k --workdir=/tmp/mnist5k
@@ -16,7 +16,7 @@ from vit_jax.models import registry
 # What each data set sets; the rest is common to both.
 SETUPS = {
   'mnist5k': {
-    'model': 'mini7_mlp256',
+    'model': 'mini_c3',
     'total_steps': 2000,
     'base_lr': 2e-3,
     'pp': {

@@ -72,7 +72,7 @@ def main() -> None:
   )
   parser.add_argument(
     '--models',
-    default='mini7,swin_mini2,resnet_mini',
+    default='mini_c3,swin_mini2_w56,resnet_mini_222',
     help='registry short names (vit_jax/models/registry.py)',
   )
   parser.add_argument(

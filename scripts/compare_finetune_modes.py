@@ -4,11 +4,14 @@
    learned position embeddings so that a new resolution resizes them) and
    exports its parameters to `OUT/upstream.npz`, unless `--upstream` gives a
    checkpoint file (any format `vit_jax.checkpoint` reads).
-2. Downstream: for each fine-tuning preset (`vit_jax.finetune.modes.presets`:
-   full, head, head with an MLP head, one row per injection method) runs the
-   training job on DOWNSTREAM at `--crop` from that checkpoint, in
-   `OUT/<row>/`.
-3. Serving: reads the upstream checkpoint once and evaluates every run's task
+2. Learning rate: each fine-tuning preset (`vit_jax.finetune.modes.presets`:
+   full, head, head with an MLP head, one row per injection method) is
+   trained with each rate of `--full_lrs` (full) or `--frozen_lrs` (the
+   others) on the first 80% of DOWNSTREAM's train split and scored on the
+   other 20%, in `OUT/lr_sweep/<row>_<lr>/`; the best rate is the row's.
+3. Downstream: each row is trained with its rate on the whole train split
+   at `--crop` and scored on the test split, in `OUT/<row>/`.
+4. Serving: reads the upstream checkpoint once and evaluates every run's task
    file on it (`vit_jax.finetune.serving`), a check that the small files
    reproduce the trained models.
 
@@ -45,8 +48,8 @@ from vit_jax.finetune import serving
 
 UPSTREAM_FILE = 'upstream.npz'
 ROWS = modes.presets()
-# The small downstream setup's learning rate: frozen modes take a larger one.
-FULL_LR, FROZEN_LR = 1e-3, 1e-2
+# Held-out slice of the lr sweep (tfds split syntax): never the test split.
+SWEEP_SPLITS = {'pp.train': 'train[:80%]', 'pp.test': 'train[80%:]'}
 
 
 def upstream_checkpoint(args, out: str) -> str:
@@ -68,9 +71,9 @@ def upstream_checkpoint(args, out: str) -> str:
 
 
 def downstream_config(
-  args, upstream: str, row: str
+  args, upstream: str, row: str, base_lr: float
 ) -> ml_collections.ConfigDict:
-  """The downstream run of `row`, starting from `upstream`."""
+  """The downstream run of `row` at `base_lr`, starting from `upstream`."""
   if args.config:
     config = vit_configs.get_config(args.config)
   else:
@@ -79,10 +82,26 @@ def downstream_config(
     config.model.posemb = 'learned'
     config.pp.update({'crop': args.crop, 'pad': 2})
     config.total_steps = args.steps
-    config.base_lr = FULL_LR if row == 'full' else FROZEN_LR
+  config.base_lr = base_lr
   config.pretrained_path = upstream
   config.finetune.update(ROWS[row])  # Merges the nested keys.
   return config
+
+
+def swept_learning_rate(args, upstream: str, row: str) -> Dict[str, Any]:
+  """The rate of `row` with the best held-out accuracy (the lower rate on a
+  tie), and every rate's held-out accuracy."""
+  rates = args.full_lrs if row == 'full' else args.frozen_lrs
+  held_out = {}
+  for lr in rates:
+    config = downstream_config(args, upstream, row, lr)
+    config.update_from_flattened_dict(SWEEP_SPLITS)
+    config.checkpoint_every = config.total_steps
+    workdir = os.path.join(args.out, 'lr_sweep', f'{row}_{lr:g}')
+    results = runs_lib.finished_or_trained(config, workdir)
+    held_out[lr] = results['test_accuracy']
+  best = max(sorted(held_out), key=lambda lr: held_out[lr])
+  return {'base_lr': best, 'held_out': held_out}
 
 
 def serve_accuracy(upstream: str, runs: Dict[str, Any]) -> Dict[str, float]:
@@ -121,19 +140,34 @@ def serve_accuracy(upstream: str, runs: Dict[str, Any]) -> Dict[str, float]:
 def table(rows: List[Dict[str, Any]]) -> str:
   """The markdown results table."""
   lines = [
-    '| mode | method | trainable params | % of total | test accuracy '
-    '| from task file | train time | step time | saved file |',
-    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+    '| mode | method | learning rate (held-out accuracy) | trainable params '
+    '| % of total | test accuracy | from task file | train time | step time '
+    '| saved file |',
+    '|---|---|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in rows:
+    swept = (
+      ', '.join(
+        f'**{lr:g}**' if lr == r['base_lr'] else f'{lr:g}'
+        for lr in r['held_out']
+      )
+      + ' ('
+      + ', '.join(f'{100 * acc:.1f}%' for acc in r['held_out'].values())
+      + ')'
+    )
     lines.append(
-      f'| {r["mode"]} | {r["method"]} | {r["trainable_params"]:,} | '
+      f'| {r["mode"]} | {r["method"]} | {swept} | {r["trainable_params"]:,} | '
       f'{100 * r["trainable_params"] / r["total_params"]:.2f}% | '
       f'{100 * r["test_accuracy"]:.1f}% | {100 * r["served_accuracy"]:.1f}% '
       f'| {r["wall_time_s"]:.0f} s | {1000 * r["step_time_s"]:.0f} ms | '
       f'{r["task_file_bytes"] / 1024:,.0f} KiB |'
     )
   return '\n'.join(lines)
+
+
+def _rates(text: str) -> List[float]:
+  """'1e-3,3e-3' -> [0.001, 0.003]."""
+  return [float(x) for x in text.split(',')]
 
 
 def main() -> None:
@@ -154,6 +188,18 @@ def main() -> None:
   )
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument(
+    '--full_lrs',
+    type=_rates,
+    default='3e-4,1e-3,3e-3',
+    help='learning rates swept for full fine-tuning (one: no sweep)',
+  )
+  parser.add_argument(
+    '--frozen_lrs',
+    type=_rates,
+    default='3e-3,1e-2,3e-2',
+    help='learning rates swept for the modes with a frozen encoder',
+  )
+  parser.add_argument(
     '--config',
     help='a configs/vit.py argument (e.g. '
     'b16,cifar10) for the real case instead of the small '
@@ -172,9 +218,11 @@ def main() -> None:
   )
   runs = {}
   for row in args.rows.split(','):
-    config = downstream_config(args, upstream, row)
+    sweep = swept_learning_rate(args, upstream, row)
+    config = downstream_config(args, upstream, row, sweep['base_lr'])
     workdir = os.path.join(args.out, row)
     runs[row] = {
+      'sweep': sweep,
       'config': config,
       'workdir': workdir,
       'results': runs_lib.finished_or_trained(config, workdir),
@@ -195,6 +243,7 @@ def main() -> None:
         'method': (fine.injection.method if fine.mode == 'injection' else '-'),
         'served_accuracy': served[row],
         'base_lr': run['config'].base_lr,
+        'held_out': run['sweep']['held_out'],
         **{
           k: r[k]
           for k in (

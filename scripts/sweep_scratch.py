@@ -37,9 +37,8 @@ HELD_OUT = {
 # The recipe before the sweep: ViT-Mini_7 (MLP 512), a random shift of up
 # to 2 px, AdamW at 1e-3, 800 steps. Every trial starts from it, whatever
 # configs/scratch.py holds now, so the table can be regenerated.
+BEFORE_MODEL = 'mini7'
 BEFORE = {
-  'model.model_name': 'ViT-Mini_7',
-  'model.transformer.mlp_dim': 512,
   'pp.augment': 'pad_and_crop',
   'total_steps': 800,
   'base_lr': 1e-3,
@@ -54,6 +53,9 @@ _MLP256 = {
   'model.model_name': 'ViT-Mini_7-mlp256',
   'model.transformer.mlp_dim': 256,
 }
+# ViT_C: 3x3 stride-2 convolutions instead of the 7x7 patches (the same
+# 4x4 grid at 28x28 with three of them).
+_STEM = {'model.conv_stem': (16, 32, 64), 'model.patches.size': (1, 1)}
 _PATCH4 = {
   'model.model_name': 'ViT-Mini_4-mlp256',
   'model.patches.size': (4, 4),
@@ -90,6 +92,60 @@ TRIALS: Dict[str, Dict[str, Any]] = {
     'total_steps': 3600,
     'base_lr': 2e-3,
   },
+  'stem32-64-128_affine_mlp256_2000_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 2000,
+    'base_lr': 2e-3,
+    **_STEM,
+    'model.conv_stem': (32, 64, 128),
+  },
+  'stem16-32-64_affine_mlp256_2000_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 2000,
+    'base_lr': 2e-3,
+    **_STEM,
+  },
+  'stem16-32-64_affine_mlp256_2000_lr2e-3_seed1': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 2000,
+    'base_lr': 2e-3,
+    **_STEM,
+    'seed': 1,
+  },
+  'stem16-32-64_affine_mlp256_2000_lr3e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 2000,
+    'base_lr': 3e-3,
+    **_STEM,
+  },
+  'stem16-32-64_affine_mlp256_2300_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 2300,
+    'base_lr': 2e-3,
+    **_STEM,
+  },
+  'stem16-32-64_depth4_affine_mlp256_3000_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 3000,
+    'base_lr': 2e-3,
+    **_STEM,
+    'model.transformer.num_layers': 4,
+  },
+  'stem32-64_patch2same_affine_mlp256_2000_lr2e-3': {
+    **_AFFINE,
+    **_MLP256,
+    'total_steps': 2000,
+    'base_lr': 2e-3,
+    'model.conv_stem': (32, 64),
+    'model.patches.size': (2, 2),
+    'model.patches.padding': 'SAME',
+  },
   'patch4_affine_mlp256_700': {**_AFFINE, **_PATCH4, 'total_steps': 700},
   'patch4_affine_mlp256_700_lr3e-3': {
     **_AFFINE,
@@ -102,9 +158,11 @@ TRIALS: Dict[str, Dict[str, Any]] = {
 
 def trial_config(changes: Dict[str, Any]):
   """`BEFORE` with `changes`, on the held-out slice, evaluated and
-  checkpointed at the end only."""
-  config = scratch.get_config('mnist5k')
-  config.update_from_flattened_dict({**BEFORE, **changes, **HELD_OUT})
+  checkpointed at the end only. A change may add a model option (e.g.
+  `model.conv_stem`) that the model config does not list."""
+  config = scratch.get_config(f'mnist5k,{BEFORE_MODEL}')
+  with config.unlocked():
+    config.update_from_flattened_dict({**BEFORE, **changes, **HELD_OUT})
   config.checkpoint_every = config.total_steps
   return config
 

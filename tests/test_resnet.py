@@ -22,6 +22,7 @@ MATCHED_VITS = {
   'ResNet-S': ('ViT-S_16', 224, 1000),
   'ResNet-Micro': ('ViT-Micro_4', 32, 10),
   'ResNet-Mini': ('ViT-Mini_7', 28, 10),
+  'ResNet-Mini-222': ('ViT-Mini_C3', 28, 10),
 }
 
 

@@ -37,6 +37,21 @@ def test_parameter_counts_are_the_published_ones(name, count):
   assert table.count_params(table.abstract_variables(model, 224)) == count
 
 
+@pytest.mark.parametrize(
+  'swin_name, vit_name',
+  [('Swin-Mini_2', 'ViT-Mini_7'), ('Swin-Mini_2-w56', 'ViT-Mini_C3')],
+)
+def test_small_swins_match_their_vit_within_seven_percent(swin_name, vit_name):
+  """The architecture comparison's pairs, at 28 px with 10 classes."""
+  counts = [
+    table.count_params(
+      table.abstract_variables(models.get_model(n, num_classes=10), 28)
+    )
+    for n in (swin_name, vit_name)
+  ]
+  assert abs(counts[0] / counts[1] - 1) < 0.07
+
+
 def test_output_shapes_with_and_without_head():
   model = models.build_model(TINY, num_classes=10)
   images = test_finetune.images(3)

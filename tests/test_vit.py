@@ -63,6 +63,72 @@ def test_hybrid_root_names_match_vit_jax():
   assert shapes['Transformer/posembed_input/pos_embedding'] == (1, 197, 768)
 
 
+def stem_vit(**options) -> vit.VisionTransformer:
+  """A width-16, one-layer ViT that returns every token's logits."""
+  return vit.VisionTransformer(
+    num_classes=10,
+    hidden_size=16,
+    transformer={'num_layers': 1, 'mlp_dim': 16, 'num_heads': 2},
+    classifier='unpooled',
+    posemb='sincos2d',
+    **options,
+  )
+
+
+@pytest.mark.parametrize(
+  'options, size, grid',
+  [
+    ({'patches': {'size': (1, 1)}, 'conv_stem': (4, 8, 12)}, 28, (4, 4)),
+    ({'patches': {'size': (1, 1)}, 'conv_stem': (4, 8, 12)}, 21, (3, 3)),
+    (
+      {'patches': {'size': (2, 2), 'padding': 'SAME'}, 'conv_stem': (4, 8)},
+      28,
+      (4, 4),
+    ),
+    ({'patches': {'size': (2, 2)}, 'conv_stem': (4, 8)}, 28, (3, 3)),
+    ({'patches': {'size': (7, 7)}}, 28, (4, 4)),
+  ],
+)
+def test_conv_stem_token_grid_and_names(options, size, grid):
+  """Each stem conv halves the grid (rounding up); `token_grid` predicts the
+  tokens the model makes, which attention maps and published files use."""
+  model = stem_vit(**options)
+  images = jnp.ones((1, size, size, 3))
+  logits = model.apply(
+    helpers.random_variables(model, images), images, train=False
+  )
+  assert vit.token_grid((size, size), model.patches, model.conv_stem) == grid
+  chex.assert_shape(logits, (1, grid[0] * grid[1], 10))
+  shapes = param_shapes(model, size)
+  widths = (3, *(options.get('conv_stem') or ()))
+  for i, (fan_in, width) in enumerate(zip(widths, widths[1:])):
+    assert shapes[f'stem_conv{i}/kernel'] == (3, 3, fan_in, width)
+    assert shapes[f'stem_norm{i}/scale'] == (width,)
+  assert f'stem_conv{len(widths) - 1}/kernel' not in shapes
+  patch = options['patches']['size']
+  assert shapes['embedding/kernel'] == (*patch, widths[-1], 16)
+
+
+def test_conv_stem_sees_every_pixel_and_is_trained():
+  """A change in the image's last row and column reaches the tokens (SAME
+  padding drops nothing), and every stem parameter gets a gradient."""
+  model = stem_vit(patches={'size': (1, 1)}, conv_stem=(4, 8, 12))
+  images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  variables = helpers.random_variables(model, images)
+  corner = images.at[:, -1, -1].add(1.0)
+  assert not np.allclose(
+    model.apply(variables, images, train=False),
+    model.apply(variables, corner, train=False),
+  )
+  grads = jax.grad(
+    lambda p: (model.apply({'params': p}, images, train=False) ** 2).sum()
+  )(variables['params'])
+  for name in ('stem_conv0', 'stem_conv1', 'stem_conv2', 'stem_norm2'):
+    assert all(
+      float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[name])
+    ), name
+
+
 def test_mixer_names_match_vit_jax():
   shapes = param_shapes(models.get_model('Mixer-B_16', num_classes=10), 224)
   assert shapes['stem/kernel'] == (16, 16, 3, 768)

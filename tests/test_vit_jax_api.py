@@ -1,18 +1,21 @@
 """The entry points of Google's vit_jax that its users call, under their
 names: `utils.create_learning_rate_schedule`, `input_pipeline.get_datasets`,
-`models.VisionTransformer(**config)` (`checkpoint.load_pretrained` is tested
-in test_checkpoint.py)."""
+`models.VisionTransformer(**config)`, `train.make_update_fn`
+(`checkpoint.load_pretrained` is tested in test_checkpoint.py)."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import common
 from tests import helpers
 from vit_jax import input_pipeline
 from vit_jax import models
+from vit_jax import steps
+from vit_jax import train
 from vit_jax import utils
 
 
@@ -69,3 +72,44 @@ def test_vision_transformer_from_a_model_config(name, size):
   assert sum(x.size for x in jax.tree.leaves(variables)) == size
   out = model.apply(variables, images, train=False)
   chex.assert_shape(out, (2, 196, 1000) if 'unpooled' in name else (2, 1000))
+
+
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_make_update_fn_is_one_sgd_step_on_the_whole_batch(accum_steps):
+  """vit_jax's pmapped update over every local device, with one-hot labels
+  and gradient accumulation, equals plain SGD on the whole batch at once."""
+  model = models.get_model('testing', num_classes=10)
+  model = model.clone(transformer={**model.transformer, 'dropout_rate': 0.0})
+  devices = jax.local_device_count()
+  per_device = 4
+  images = jax.random.normal(
+    jax.random.key(1), (devices * per_device, 32, 32, 3)
+  )
+  labels = jax.nn.one_hot(jnp.arange(devices * per_device) % 10, 10)
+  params = helpers.random_variables(model, images[:1])['params']
+  tx = optax.sgd(0.5)
+  update_fn = train.make_update_fn(
+    apply_fn=model.apply, accum_steps=accum_steps, tx=tx
+  )
+  batch = {
+    'image': images.reshape(devices, per_device, 32, 32, 3),
+    'label': labels.reshape(devices, per_device, 10),
+  }
+  new_params, _, loss, rng = update_fn(
+    steps.replicate(params),
+    steps.replicate(tx.init(params)),
+    batch,
+    steps.replicate(jax.random.PRNGKey(0)),  # vit_jax's raw uint32 key
+  )
+
+  def whole_batch_loss(p):
+    logits = model.apply({'params': p}, images, train=False)
+    return optax.softmax_cross_entropy(logits, labels).mean()
+
+  expected_loss, grads = jax.value_and_grad(whole_batch_loss)(params)
+  expected = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+  chex.assert_trees_all_close(
+    steps.unreplicate(new_params), expected, rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(loss, np.full(devices, expected_loss), rtol=1e-5)
+  assert not np.array_equal(steps.unreplicate(rng), jax.random.PRNGKey(0))

@@ -10,10 +10,14 @@ import optax
 def cross_entropy(
   logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
 ) -> jnp.ndarray:
-  """Mean softmax cross-entropy against (optionally smoothed) one-hot labels."""
-  targets = optax.smooth_labels(
-    jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
-  )
+  """Mean softmax cross-entropy against (optionally smoothed) targets.
+
+  `labels` are class indices `[B]`, or targets `[B, classes]` (one-hot, as
+  vit_jax's input pipeline gives, or soft).
+  """
+  if labels.ndim < logits.ndim:
+    labels = jax.nn.one_hot(labels, logits.shape[-1])
+  targets = optax.smooth_labels(labels.astype(jnp.float32), label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
 
 

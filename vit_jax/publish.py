@@ -89,10 +89,11 @@ def plain_vit(
   posemb = model_config.get('posemb', 'learned')
   if posemb == 'learned':
     return model_config, params
-  patch = model_config['patches']['size']
   table_values = vit.fixed_position_table(
     posemb,
-    (crop // patch[0], crop // patch[1]),
+    vit.token_grid(
+      (crop, crop), model_config['patches'], model_config.get('conv_stem')
+    ),
     int('cls' in params),
     model_config['hidden_size'],
   )
@@ -120,6 +121,8 @@ def timm_config(
     )
   if model_config.get('resnet'):
     return None, "a hybrid (ResNet root): timm's ViT has no slot for it"
+  if model_config.get('conv_stem'):
+    return None, "a convolutional stem: timm's ViT has no slot for it"
   if model_config.get('representation_size'):
     return None, "a pre_logits layer: timm's ViT has no slot for it"
   if 'kernel' not in params['head']:
@@ -277,9 +280,15 @@ def _architecture(model_config: Mapping[str, Any]) -> str:
     return f'{model_config["model_name"]}: {options}'
   patch = model_config['patches']['size']
   transformer = model_config['transformer']
+  stem = model_config.get('conv_stem')
+  stem_text = (
+    f'a stem of 3x3 stride-2 convolutions {tuple(stem)} wide, then '
+    if stem
+    else ''
+  )
   return (
-    f'{model_config.get("model_name", "ViT")}: {patch[0]}x{patch[1]} '
-    f'patches, width {model_config["hidden_size"]}, '
+    f'{model_config.get("model_name", "ViT")}: {stem_text}'
+    f'{patch[0]}x{patch[1]} patches, width {model_config["hidden_size"]}, '
     f'{transformer["num_layers"]} layers, {transformer["num_heads"]} '
     f'heads, MLP {transformer["mlp_dim"]}, classifier '
     f'`{model_config.get("classifier", "token")}`'

@@ -84,36 +84,12 @@ def make_train_step(
       jax.lax.axis_index(AXIS),
     )
     params, frozen = trainable_lib.partition(state.params, trainable)
-
-    def accumulate(grad_sum, inputs):
-      images, labels, index = inputs
-      loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(
-          trainable_lib.combine(p, frozen),
-          images,
-          labels,
-          jax.random.fold_in(key, index),
-        )
-      )(params)
-      return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    if accum_steps == 1:
-      # No loop: inside a while loop XLA's CPU backend ran ResNet-Mini's
-      # convolutions 15x slower.
-      grad_sum, loss = accumulate(zeros, (batch['image'], batch['label'], 0))
-      micro_losses = loss[None]
-    else:
-      micro = jax.tree.map(
-        lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch
-      )
-      grad_sum, micro_losses = jax.lax.scan(
-        accumulate,
-        zeros,
-        (micro['image'], micro['label'], jnp.arange(accum_steps)),
-      )
-    grads = jax.lax.pmean(
-      jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS
+    loss, grads = mean_gradients(
+      lambda p, *args: loss_fn(trainable_lib.combine(p, frozen), *args),
+      params,
+      batch,
+      key,
+      accum_steps,
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -121,7 +97,7 @@ def make_train_step(
       jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)])
     )
     metrics = {
-      'loss': jax.lax.pmean(micro_losses.mean(), AXIS),
+      'loss': loss,
       'grad_norm': optax.tree.norm(grads),
       'learning_rate': schedule(state.step),
       # 1 while the updated params are all finite (NaN guard).
@@ -135,6 +111,46 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def mean_gradients(
+  loss_fn: losses.LossFn,
+  params: Any,
+  batch: Batch,
+  key: jax.Array,
+  accum_steps: int = 1,
+) -> Tuple[jnp.ndarray, Any]:
+  """The loss and its gradient w.r.t. `params` on one device's batch,
+  both averaged over `accum_steps` micro-batches and then over `AXIS`.
+
+  The micro-batches run in a `lax.scan`, so memory is that of one
+  micro-batch; micro-batch `i` draws dropout from `fold_in(key, i)`.
+  """
+
+  def accumulate(grad_sum, inputs):
+    images, labels, index = inputs
+    loss, grads = jax.value_and_grad(loss_fn)(
+      params, images, labels, jax.random.fold_in(key, index)
+    )
+    return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  if accum_steps == 1:
+    # No loop: inside a while loop XLA's CPU backend ran ResNet-Mini's
+    # convolutions 15x slower.
+    grad_sum, loss = accumulate(zeros, (batch['image'], batch['label'], 0))
+    micro_losses = loss[None]
+  else:
+    micro = jax.tree.map(
+      lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch
+    )
+    grad_sum, micro_losses = jax.lax.scan(
+      accumulate,
+      zeros,
+      (micro['image'], micro['label'], jnp.arange(accum_steps)),
+    )
+  grads = jax.lax.pmean(jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
+  return jax.lax.pmean(micro_losses.mean(), AXIS), grads
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:

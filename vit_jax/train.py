@@ -32,6 +32,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+import optax
 
 from vit_jax import finetune
 from vit_jax import input_pipeline
@@ -498,3 +499,34 @@ def train_and_evaluate(
       flush=True,
     )
   return results
+
+
+def make_update_fn(
+  *, apply_fn: Any, accum_steps: int, tx: optax.GradientTransformation
+):
+  """vit_jax's data-parallel update, under its name and signature.
+
+  Returns `update_fn(params, opt_state, batch, rng) -> (params, opt_state,
+  loss, new_rng)`, mapped over the local devices with `params` donated:
+  the cross-entropy of `apply_fn`'s logits against `batch['label']`
+  (one-hot as in vit_jax, or class indices), averaged over `accum_steps`
+  micro-batches and the devices (`steps.mean_gradients`), then one step
+  of `tx`. Dropout draws from `rng` folded with the device index. The
+  training job itself uses `steps.make_train_step`, which also freezes
+  leaves and reports metrics.
+  """
+
+  def loss_fn(params, images, labels, dropout_key):
+    logits = apply_fn(
+      {'params': params}, images, train=True, rngs={'dropout': dropout_key}
+    )
+    return losses.cross_entropy(logits, labels)
+
+  def update_fn(params, opt_state, batch, rng):
+    rng, new_rng = jax.random.split(rng)
+    key = jax.random.fold_in(rng, jax.lax.axis_index(steps.AXIS))
+    loss, grads = steps.mean_gradients(loss_fn, params, batch, key, accum_steps)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, new_rng
+
+  return steps.data_parallel(update_fn, donate_state=True)

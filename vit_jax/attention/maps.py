@@ -24,6 +24,8 @@ from typing import Any, Tuple
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import vit
+
 Array = jax.Array
 HEAD_FUSIONS = ('mean', 'max', 'min')
 _BLOCK = re.compile(r'encoderblock_(\d+)$')
@@ -99,8 +101,7 @@ def patch_grid(model: Any, image_size: Tuple[int, int]) -> Tuple[int, int]:
       'Attention maps of hybrid models are not supported: the '
       'patch grid depends on the ResNet root.'
     )
-  patch_h, patch_w = model.patches['size']
-  return image_size[0] // patch_h, image_size[1] // patch_w
+  return vit.token_grid(image_size, model.patches, model.conv_stem)
 
 
 def token_map(matrix: Array, classifier: str, grid: Tuple[int, int]) -> Array:

@@ -110,6 +110,26 @@ def fixed_position_table(
   ]
 
 
+def token_grid(
+  image_size: Tuple[int, int],
+  patches: Any,
+  conv_stem: Optional[Sequence[int]] = None,
+) -> Tuple[int, int]:
+  """(rows, columns) of a ViT's token grid for images of `image_size`.
+
+  Each `conv_stem` convolution halves the size (rounding up); the patch
+  embedding then divides it by the patch size, dropping a remainder
+  ('VALID', vit_jax's) or zero-padding to a whole patch ('SAME').
+  """
+  rows, cols = image_size
+  for _ in conv_stem or ():
+    rows, cols = -(-rows // 2), -(-cols // 2)
+  ph, pw = patches['size']
+  if patches.get('padding', 'VALID') == 'SAME':
+    return -(-rows // ph), -(-cols // pw)
+  return rows // ph, cols // pw
+
+
 class PatchEmbedding(nn.Module):
   """A linear map of each non-overlapping `patch` of the image: `nn.Conv`
   with kernel = stride = `patch`, its parameters (`kernel [ph, pw, in,
@@ -431,12 +451,19 @@ class VisionTransformer(nn.Module):
   Attributes:
     num_classes: width of the `head`; 0 or None leaves the head out and returns
       the (pre-logits) representation.
-    patches: {'size': (ph, pw)}: patch size of the `embedding` conv.
+    patches: {'size': (ph, pw)}: patch size of the `embedding` conv, and
+      optionally 'padding': 'VALID' (default, vit_jax's) or 'SAME' (zero-pads
+      the grid to whole patches, e.g. a 7x7 stem output to 4x4 patches of 2).
     transformer: keyword arguments of `Encoder` (num_layers, mlp_dim,
       num_heads, dropout_rate, attention_dropout_rate); None stops after the
       patch embedding.
     hidden_size: token width.
     resnet: {'num_layers': (...), 'width_factor': w} for a hybrid model.
+    conv_stem: widths of 3x3 stride-2 convolutions (each followed by a
+      LayerNorm over channels and a ReLU) in front of the patch embedding:
+      the convolutional stem of Xiao et al., "Early convolutions help
+      transformers see better" (2021). With patch size 1 the embedding is
+      the stem's final 1x1 projection.
     representation_size: width of a tanh `pre_logits` layer before the head.
     classifier: 'token' (class token, vit_jax's default), 'gap' (mean over
       tokens), 'unpooled' (every patch token) or 'token_unpooled' (class token
@@ -460,6 +487,7 @@ class VisionTransformer(nn.Module):
   transformer: Any
   hidden_size: int
   resnet: Optional[Any] = None
+  conv_stem: Optional[Sequence[int]] = None
   representation_size: Optional[int] = None
   classifier: str = 'token'
   head_bias_init: float = 0.0
@@ -488,10 +516,13 @@ class VisionTransformer(nn.Module):
     x = inputs
     if self.resnet is not None:
       x = self._resnet_root(x)
+    if self.conv_stem:
+      x = self._conv_stem(x)
 
     x = PatchEmbedding(
       self.hidden_size,
       tuple(self.patches['size']),
+      padding=self.patches.get('padding', 'VALID'),
       dtype=self.dtype,
       name='embedding',
     )(x)
@@ -535,6 +566,21 @@ class VisionTransformer(nn.Module):
       self.dtype,
       train,
     )
+
+  def _conv_stem(self, x: Array) -> Array:
+    """3x3 stride-2 convolutions, each halving the grid (rounding up)."""
+    for i, width in enumerate(self.conv_stem):
+      x = nn.Conv(
+        width,
+        (3, 3),
+        strides=(2, 2),
+        padding='SAME',
+        dtype=self.dtype,
+        name=f'stem_conv{i}',
+      )(x)
+      x = nn.LayerNorm(dtype=self.dtype, name=f'stem_norm{i}')(x)
+      x = nn.relu(x)
+    return x
 
   def _resnet_root(self, x: Array) -> Array:
     """vit_jax's hybrid root: StdConv 7x7/2, GroupNorm, max-pool, stages."""
