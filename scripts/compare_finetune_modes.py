@@ -10,7 +10,7 @@
    others) on the first 80% of DOWNSTREAM's train split and scored on the
    other 20%, in `OUT/lr_sweep/<row>_<lr>/`; the best rate is the row's.
 3. Downstream: each row is trained with its rate on the whole train split
-   at `--crop` and scored on the test split, in `OUT/<row>/`.
+   at `--crop` and scored on the test split, in `OUT/<row>_<lr>/`.
 4. Serving: reads the upstream checkpoint once and evaluates every run's task
    file on it (`vit_jax.finetune.serving`), a check that the small files
    reproduce the trained models.
@@ -190,13 +190,13 @@ def main() -> None:
   parser.add_argument(
     '--full_lrs',
     type=_rates,
-    default='3e-4,1e-3,3e-3',
+    default='3e-4,1e-3,3e-3,1e-2',
     help='learning rates swept for full fine-tuning (one: no sweep)',
   )
   parser.add_argument(
     '--frozen_lrs',
     type=_rates,
-    default='3e-3,1e-2,3e-2',
+    default='3e-3,1e-2,3e-2,1e-1,3e-1',
     help='learning rates swept for the modes with a frozen encoder',
   )
   parser.add_argument(
@@ -220,7 +220,7 @@ def main() -> None:
   for row in args.rows.split(','):
     sweep = swept_learning_rate(args, upstream, row)
     config = downstream_config(args, upstream, row, sweep['base_lr'])
-    workdir = os.path.join(args.out, row)
+    workdir = os.path.join(args.out, f'{row}_{sweep["base_lr"]:g}')
     runs[row] = {
       'sweep': sweep,
       'config': config,
