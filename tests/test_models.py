@@ -74,7 +74,8 @@ def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
   """Parameter count from the architecture's dimensions alone.
 
   Written from the papers' definitions, independently of the model code, for
-  the plain (non-hybrid) ViTs, Mixers, ResNets and Swins.
+  the plain (non-hybrid) ViTs, with or without a convolutional stem, Mixers,
+  ResNets and Swins.
   """
   config = models.MODEL_CONFIGS[name]
   if name.startswith('ResNet-'):
@@ -82,7 +83,10 @@ def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
   if name.startswith('Swin-'):
     return swin_size(config, num_classes)
   patch = config.patches.size[0]
-  tokens = (resolution // patch) ** 2
+  size = resolution
+  for _ in config.get('conv_stem', ()):  # 'SAME' stride 2: rounds up.
+    size = (size + 1) // 2
+  tokens = (size // patch) ** 2
   if name.startswith('Mixer-'):
     d, t, c = config.hidden_dim, config.tokens_mlp_dim, config.channels_mlp_dim
     block = (
@@ -102,8 +106,12 @@ def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
   posemb = (
     (tokens + cls) * d if config.get('posemb', 'learned') == 'learned' else 0
   )
+  # A 3x3 conv (kernel, bias) and a LayerNorm (scale, bias) per stem layer.
+  widths = (3, *config.get('conv_stem', ()))
+  stem = sum(9 * a * b + 3 * b for a, b in zip(widths, widths[1:]))
   return (
-    patch * patch * 3 * d
+    stem
+    + patch * patch * widths[-1] * d
     + d
     + cls * d
     + posemb

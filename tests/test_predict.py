@@ -301,6 +301,7 @@ def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
     ({'representation_size': 16}, 'a pre_logits layer'),
     ({'classifier': 'unpooled'}, "classifier='unpooled'"),
     ({'layernorm_epsilon': 1e-12}, 'LayerNorm epsilon'),
+    ({'conv_stem': (8, 16)}, 'a convolutional stem'),
   ]:
     assert publish.timm_config({**config, **change}, linear, 8, ())[
       1
@@ -328,6 +329,7 @@ def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
   assert 'Mixer-Mini_4: channels_mlp_dim 512' in card
   assert 'library_name' not in card
   assert f'no timm weights: the model has {reason}' in card
+  assert '`config.json`: under `vit_jax`, the model config' in card
   # A failure while writing (after the weights) leaves no folder behind.
 
   def disk_full(*unused_args):

@@ -399,8 +399,13 @@ def model_card(
       if not no_timm
       else f'- no timm weights: the model has {no_timm}.'
     ),
-    f"- `{CONFIG_FILE}`: timm's configuration and, under `vit_jax`, the "
-    'model config, crop and class names.',
+    (
+      f"- `{CONFIG_FILE}`: timm's configuration and, under `vit_jax`, the "
+      'model config, crop and class names.'
+      if not no_timm
+      else f'- `{CONFIG_FILE}`: under `vit_jax`, the model config, crop and '
+      'class names.'
+    ),
     f'- `{CLASS_NAMES_FILE}`, `{results_lib.RESULTS_FILE}`: class names; the '
     "run's results and full config.",
     '',
