@@ -1,0 +1,137 @@
+"""XLA CPU flags, each measured alone against timm in its own process.
+
+XLA reads `XLA_FLAGS` once, when JAX initialises, so every setting runs
+`scripts/benchmark.py --compare timm` in a fresh process with that setting
+added to the environment's `XLA_FLAGS`; timm runs in the same process,
+alternating with ours, so each ratio is measured side by side. Prints and
+writes `OUT/results.md` (setting, flags, work, our seconds per batch and
+vit_jax / timm per setting) and `OUT/results.json`.
+
+  PYTHONPATH=. python scripts/sweep_xla_flags.py --out=/tmp/xla_flags
+  PYTHONPATH=. python scripts/sweep_xla_flags.py --out=/tmp/xla_flags \
+      --settings=default,ynn_off --models=ViT-B_16 --batches=8
+
+Needs torch and timm (`pip install -r requirements-bench.txt`).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+from vit_jax import paths
+
+# name: the flags it adds. Each is one lever of docs/benchmarks.md, alone.
+SETTINGS: Dict[str, str] = {
+  'default': '',
+  'ynn_off': '--xla_cpu_experimental_ynn_fusion_type=',
+  'onednn': '--xla_cpu_use_onednn=true',
+  'xnnpack_off': '--xla_cpu_use_xnnpack=false',
+  'fast_math': '--xla_cpu_enable_fast_math=true',
+  'vector_width_512': '--xla_cpu_prefer_vector_width=512',
+  'concurrency_scheduler': (
+    '--xla_cpu_enable_concurrency_optimized_scheduler=true'
+  ),
+}
+BENCHMARK = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), 'benchmark.py'
+)
+
+
+def timm_rows(output: str) -> List[Dict[str, str]]:
+  """The rows of benchmark.py's table with our seconds and the ratio: one
+  per work, from the timm row that follows ours."""
+  rows, ours = [], {}
+  for line in output.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) != 14 or cells[0] in ('work', '---'):
+      continue
+    work, model, code = cells[:3]
+    if code == 'timm':
+      rows.append(
+        {
+          'work': work,
+          'model': model,
+          'batch': cells[4],
+          'seconds': ours[(work, model)],
+          'vit_jax_over_timm': float(cells[13]),
+        }
+      )
+    else:
+      ours[(work, model)] = float(cells[7])
+  return rows
+
+
+def run_setting(name: str, args: argparse.Namespace) -> Dict[str, object]:
+  """One process of benchmark.py with the setting's flags; its rows."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ' '.join(
+    filter(None, [env.get('XLA_FLAGS', ''), SETTINGS[name]])
+  )
+  command = [
+    sys.executable,
+    BENCHMARK,
+    f'--models={args.models}',
+    f'--batches={args.batches}',
+    '--work=inference,train',
+    '--compare=timm',
+  ]
+  done = subprocess.run(
+    command, env=env, capture_output=True, text=True, check=False
+  )
+  if done.returncode:
+    raise SystemExit(
+      f'setting {name!r} ({SETTINGS[name] or "no flags"}) failed:\n'
+      + done.stderr[-2000:]
+    )
+  return {
+    'setting': name,
+    'flags': SETTINGS[name],
+    'machine': done.stdout.splitlines()[0],
+    'rows': timm_rows(done.stdout),
+  }
+
+
+def results_table(results: List[Dict[str, object]]) -> str:
+  """One line per setting and work."""
+  lines = [
+    '| setting | XLA_FLAGS added | work | model | batch | vit_jax s/batch '
+    '| vit_jax / timm |',
+    '|---|---|---|---|---:|---:|---:|',
+  ]
+  for result in results:
+    for row in result['rows']:
+      flags = f'`{result["flags"]}`' if result['flags'] else '(none)'
+      lines.append(
+        f'| {result["setting"]} | {flags} | {row["work"]} | {row["model"]} '
+        f'| {row["batch"]} | {row["seconds"]} | '
+        f'{row["vit_jax_over_timm"]:.2f} |'
+      )
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--settings', default=','.join(SETTINGS))
+  parser.add_argument('--models', default='ViT-Ti_16')
+  parser.add_argument('--batches', default='32')
+  args = parser.parse_args()
+  names = args.settings.split(',')
+  unknown = sorted(set(names) - set(SETTINGS))
+  if unknown:
+    parser.error(f'unknown settings {unknown}; choose from {list(SETTINGS)}')
+  os.makedirs(args.out, exist_ok=True)
+  results = []
+  for name in names:
+    results.append(run_setting(name, args))
+    text = results[0]['machine'] + '\n\n' + results_table(results)
+    paths.write_text(os.path.join(args.out, 'results.md'), text + '\n')
+    paths.write_json(os.path.join(args.out, 'results.json'), results)
+    print(f'{name}: done', flush=True)
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
