@@ -62,27 +62,17 @@ _PATCH4 = {
   'model.transformer.mlp_dim': 256,
 }
 
+# The plain ViT's best: affine, MLP 256, 2000 steps at 2e-3.
+_PLAIN_BEST = {**_AFFINE, **_MLP256, 'total_steps': 2000, 'base_lr': 2e-3}
+
 # name: the keys each trial changes in BEFORE.
 TRIALS: Dict[str, Dict[str, Any]] = {
   'before': {},
   'affine_mlp256_2000': {**_AFFINE, **_MLP256, 'total_steps': 2000},
-  'affine_mlp256_2000_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 2e-3,
-  },
-  'affine_mlp256_2000_lr3e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 3e-3,
-  },
+  'affine_mlp256_2000_lr2e-3': _PLAIN_BEST,
+  'affine_mlp256_2000_lr3e-3': {**_PLAIN_BEST, 'base_lr': 3e-3},
   'affine_mlp256_2000_lr2e-3_dropout0.1': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 2e-3,
+    **_PLAIN_BEST,
     'model.transformer.dropout_rate': 0.1,
   },
   'affine_mlp256_batch64_3600_lr2e-3': {
@@ -93,55 +83,34 @@ TRIALS: Dict[str, Dict[str, Any]] = {
     'base_lr': 2e-3,
   },
   'stem32-64-128_affine_mlp256_2000_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 2e-3,
+    **_PLAIN_BEST,
     **_STEM,
     'model.conv_stem': (32, 64, 128),
   },
-  'stem16-32-64_affine_mlp256_2000_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 2e-3,
-    **_STEM,
-  },
+  'stem16-32-64_affine_mlp256_2000_lr2e-3': {**_PLAIN_BEST, **_STEM},
   'stem16-32-64_affine_mlp256_2000_lr2e-3_seed1': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 2e-3,
+    **_PLAIN_BEST,
     **_STEM,
     'seed': 1,
   },
   'stem16-32-64_affine_mlp256_2000_lr3e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 3e-3,
+    **_PLAIN_BEST,
     **_STEM,
+    'base_lr': 3e-3,
   },
   'stem16-32-64_affine_mlp256_2300_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2300,
-    'base_lr': 2e-3,
+    **_PLAIN_BEST,
     **_STEM,
+    'total_steps': 2300,
   },
   'stem16-32-64_depth4_affine_mlp256_3000_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 3000,
-    'base_lr': 2e-3,
+    **_PLAIN_BEST,
     **_STEM,
+    'total_steps': 3000,
     'model.transformer.num_layers': 4,
   },
   'stem32-64_patch2same_affine_mlp256_2000_lr2e-3': {
-    **_AFFINE,
-    **_MLP256,
-    'total_steps': 2000,
-    'base_lr': 2e-3,
+    **_PLAIN_BEST,
     'model.conv_stem': (32, 64),
     'model.patches.size': (2, 2),
     'model.patches.padding': 'SAME',

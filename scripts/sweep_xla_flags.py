@@ -85,11 +85,17 @@ def run_setting(name: str, args: argparse.Namespace) -> Dict[str, object]:
       f'setting {name!r} ({SETTINGS[name] or "no flags"}) failed:\n'
       + done.stderr[-2000:]
     )
+  rows = timm_rows(done.stdout)
+  if not rows:
+    raise SystemExit(
+      f'setting {name!r}: no timm rows in the output of {BENCHMARK} (has '
+      'its table changed?):\n' + done.stdout[-2000:]
+    )
   return {
     'setting': name,
     'flags': SETTINGS[name],
     'machine': done.stdout.splitlines()[0],
-    'rows': timm_rows(done.stdout),
+    'rows': rows,
   }
 
 

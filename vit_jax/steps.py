@@ -61,12 +61,10 @@ def make_train_step(
 
   Only the `trainable` leaves are differentiated and updated, so the
   backward pass computes no gradient of a frozen weight, and frozen leaves
-  pass through untouched. The batch is split into `accum_steps`
-  micro-batches whose gradients are averaged (a `lax.scan`, so memory is
-  that of one micro-batch); then gradients are averaged over `AXIS` and
-  applied. With equal micro-batches this is the update of the whole batch
-  at once. Dropout keys derive from (seed, step, device), so a resumed run
-  draws the same masks.
+  pass through untouched. Gradients are averaged over `accum_steps`
+  micro-batches and over `AXIS` (`mean_gradients`), then applied: with
+  equal micro-batches, the update of the whole batch at once. Dropout keys
+  derive from (seed, step, device), so a resumed run draws the same masks.
 
   Args:
     loss_fn: `loss_fn(params, images, labels, dropout_key)`, a scalar (see
