@@ -91,12 +91,25 @@ def get_config() -> ml_collections.ConfigDict:
   # Linear warm-up steps from 0 to `base_lr`.
   config.warmup_steps = 500
 
+  # Few-shot linear evaluation at every evaluation (`vit_jax.fewshot`): a
+  # ridge regression on the pre-logits features of the first k training
+  # images of each class, for each k of `shots`, scored on the test split;
+  # () turns it off. `l2_reg` is relative to the features' scale.
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.shots = ()
+  config.fewshot.l2_reg = 0.1
+
   # What `vit_jax.main` runs: 'train' or 'inference_time'.
   config.trainer = 'train'
   # Join the other hosts first (`vit_jax.main.initialize_distributed`):
   # detected on TPU VMs, SLURM and Open MPI, otherwise read from
   # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   config.distributed = False
+  # JAX devices on a CPU host (`vit_jax.cpu_devices`): 1 = XLA's one
+  # device; N = N devices, each batch split between them (faster for
+  # ViT-Ti/16 at 224, docs/benchmarks.md); 0 = one per core. XLA_FLAGS'
+  # or JAX_NUM_CPU_DEVICES' count comes first.
+  config.cpu_devices = 1
 
   # What trains (see `vit_jax.finetune`):
   #   mode: 'full' (every weight), 'head' (frozen model, head only) or

@@ -17,9 +17,15 @@ FLOP/s measured in the same run for that dtype, and XLA's memory per device.
 `--model_options ";approximate_gelu=False"` times variants of each model
 (model options changed; "" = as registered) side by side.
 
-`--compare timm` adds, for every float32 row, the same work done by timm
-(PyTorch) on the same weights and images (`scripts/timm_reference.py`,
-`pip install -e '.[bench]'`), timed in the same alternation; it prints the
+`--devices 1,2` times each row on 1 and on 2 devices side by side (data
+parallel, the batch split between them); on a CPU host, JAX then gets 2
+devices, as with the trainer's `config.cpu_devices=2`. Without it, every
+row runs on all local devices.
+
+`--compare timm` adds, for every row, the same work done by timm
+(PyTorch; `scripts/timm_reference.py`, `pip install -e '.[bench]'`) on the
+same weights and images, bfloat16 rows under `torch.autocast('cpu',
+torch.bfloat16)`, timed in the same alternation; it prints the
 largest logit difference between the two models and, per row, the ratio of
 our images/s to timm's.
 
@@ -41,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import common
+from vit_jax import cpu_devices
 from vit_jax import models
 from vit_jax.benchmarks import timing
 from vit_jax.checkpoint import pretrained
@@ -93,13 +100,16 @@ def experiment_config(
   return config
 
 
-def make_workload(work: str, config) -> timing.Workload:
-  """The compiled step of `work` for `config` on all local devices."""
+def make_workload(
+  work: str, config, devices: Optional[List[jax.Device]] = None
+) -> timing.Workload:
+  """The compiled step of `work` for `config` on `devices` (default: all
+  local devices)."""
   if work == 'train':
-    return timing.train_workload(config, NUM_CLASSES)
+    return timing.train_workload(config, NUM_CLASSES, devices)
   model, params = initial_model(config)
   return timing.forward_workload(
-    model, params, config.batch_eval, config.pp.crop
+    model, params, config.batch_eval, config.pp.crop, devices
   )
 
 
@@ -115,9 +125,11 @@ def initial_model(config) -> Tuple[Any, Any]:
 def reference_run(
   reference, work: str, config, images, labels
 ) -> Tuple[Callable[[], None], float]:
-  """timm's call doing `work` of `config` on our weights and batch, and the
-  largest |our logit - timm's| on the first 4 images (the head gets random
-  weights for that check: its initial zeros would make every logit 0)."""
+  """timm's call doing `work` of `config` on our weights and batch (under
+  `torch.autocast` to bfloat16 where `config.dtype` is bfloat16), and the
+  largest |our logit - timm's float32 logit| on the first 4 images (the
+  head gets random weights for that check: its initial zeros would make
+  every logit 0)."""
   model, params = initial_model(config)
   head = params['head']['kernel']
   params = dict(
@@ -140,12 +152,13 @@ def reference_run(
   difference = float(
     abs(jax.device_get(ours) - reference.logits(net, images[:4])).max()
   )
+  autocast = config.dtype == 'bfloat16'
   if work == 'train':
     run = reference.train_run(
-      net, images, labels, config.base_lr, config.grad_norm_clip
+      net, images, labels, config.base_lr, config.grad_norm_clip, autocast
     )
   else:
-    run = reference.forward_run(net, images)
+    run = reference.forward_run(net, images, autocast)
   return run, difference
 
 
@@ -174,13 +187,15 @@ def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
   and shows our images/s over its own."""
   lines = [
     '| work | model | code | crop | batch | dtype | GFLOP/img | s/batch '
-    '| img/s | img/s/device | GFLOP/s | % of matmul peak | XLA MB/device '
-    '| vit_jax / timm |',
-    '|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| devices | img/s | img/s/device | GFLOP/s | % of matmul peak '
+    '| XLA MB/device | vit_jax / timm |',
+    '|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
-  devices = jax.local_device_count()
   ours = {}
   for row in rows:
+    devices = row['devices']
+    # CPU devices share the host's cores, whose peak was measured on one.
+    sharing = 1 if jax.local_devices()[0].platform == 'cpu' else devices
     workload, seconds = row['workload'], row['seconds']
     achieved = workload.flops / seconds
     timm_row = row['code'] == 'timm'
@@ -192,10 +207,10 @@ def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
       f'| {row["work"]} | {row["model"]} | {row["code"]} | {row["crop"]} '
       f'| {row["batch"]} | {row["dtype"]} '
       f'| {workload.flops / workload.images / 1e9:.2f} '
-      f'| {seconds:.3f} | {workload.images / seconds:.1f} '
+      f'| {seconds:.3f} | {devices} | {workload.images / seconds:.1f} '
       f'| {workload.images / seconds / devices:.1f} '
       f'| {achieved / 1e9:.1f} '
-      f'| {100 * achieved / devices / peaks[row["dtype"]]["flops_per_s"]:.0f}%'
+      f'| {100 * achieved / sharing / peaks[row["dtype"]]["flops_per_s"]:.0f}%'
       f' | {memory} | {ratio} |'
     )
   return '\n'.join(lines)
@@ -208,6 +223,13 @@ def main() -> None:
   parser.add_argument('--batches', default='8')
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--work', default='inference,train')
+  parser.add_argument(
+    '--devices',
+    default='',
+    help='comma-separated device counts to time each row on (the first N '
+    'local devices; a CPU host gets the largest count; default: all local '
+    'devices)',
+  )
   parser.add_argument(
     '--finetune',
     default='full',
@@ -226,7 +248,7 @@ def main() -> None:
     '--compare',
     default='',
     choices=('', 'timm'),
-    help='also time timm on the same weights (float32, full fine-tuning)',
+    help='also time timm on the same weights (full fine-tuning)',
   )
   parser.add_argument(
     '--rounds',
@@ -248,6 +270,10 @@ def main() -> None:
       parser.error(f'--work={work!r}; choose from {WORK}.')
   if args.compare and args.finetune != 'full':
     parser.error('--compare timm times full fine-tuning only.')
+  counts = [int(n) for n in args.devices.split(',') if n]
+  if counts and not cpu_devices.user_chose_count():
+    # A CPU host gets the devices asked for (`config.cpu_devices`).
+    cpu_devices.set_count(max(counts))
   # Imported only here: torch and timm are an optional extra.
   reference = (
     importlib.import_module('timm_reference') if args.compare else None
@@ -266,16 +292,23 @@ def main() -> None:
       f'{peaks[dtype]["flops_per_s"] / 1e9:.1f} GFLOP/s '
       f'({peaks[dtype]["size"]}x{peaks[dtype]["size"]} matrices)'
     )
-  if reference and 'float32' in peaks:
+  for dtype in peaks if reference else ():
     # The machine's peak is the better of the two libraries' matmuls.
-    torch_peak = reference.matmul_peak(timing.PEAK_SIZES)
+    torch_peak = reference.matmul_peak(timing.PEAK_SIZES, dtype=dtype)
     print(
-      f'float32 matmul peak (PyTorch): '
+      f'{dtype} matmul peak (PyTorch): '
       f'{torch_peak["flops_per_s"] / 1e9:.1f} GFLOP/s '
       f'({torch_peak["size"]}x{torch_peak["size"]} matrices)'
     )
-    peaks['float32'] = max(
-      peaks['float32'], torch_peak, key=lambda peak: peak['flops_per_s']
+    peaks[dtype] = max(
+      peaks[dtype], torch_peak, key=lambda peak: peak['flops_per_s']
+    )
+  local = jax.local_devices()
+  counts = counts or [len(local)]
+  if max(counts) > len(local) or min(counts) < 1:
+    parser.error(
+      f'--devices={args.devices}: this process has {len(local)} local '
+      'devices; give counts from 1 to that.'
     )
   grid = itertools.product(
     args.work.split(','),
@@ -284,25 +317,27 @@ def main() -> None:
     map(int, args.batches.split(',')),
     args.dtypes.split(','),
     args.model_options.split(';'),
+    counts,
   )
   rows, runs = [], {}
-  for work, model, crop, batch, dtype, options in grid:
-    key: Tuple = (work, model, crop, batch, dtype, options)
+  for work, model, crop, batch, dtype, options, count in grid:
+    key: Tuple = (work, model, crop, batch, dtype, options, count)
     config = experiment_config(
       model, crop, batch, dtype, args.finetune, parse_options(options)
     )
-    workload = make_workload(work, config)
+    workload = make_workload(work, config, local[:count])
     row = dict(
       zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
       key=key,
+      devices=count,
       code=f'vit_jax {options}'.strip(),
       workload=workload,
     )
     rows.append(row)
     runs[key] = workload.run
-    if reference and dtype == 'float32' and not options:
+    if reference and not options and count == counts[-1]:
       data = jax.device_get(
-        timing.synthetic_batch(batch, crop, NUM_CLASSES, jax.local_devices())
+        timing.synthetic_batch(batch, crop, NUM_CLASSES, local[:count])
       )
       images = data['image'].reshape(batch, crop, crop, 3)
       run, difference = reference_run(
@@ -312,7 +347,7 @@ def main() -> None:
         f'{work} {model} at {crop}: max |logit difference| vit_jax vs '
         f'timm = {difference:.2e}'
       )
-      rows.append(dict(row, code='timm'))
+      rows.append(dict(row, code='timm', devices=1))
       runs[key + ('timm',)] = run
   seconds = timing.time_rounds(runs, args.rounds, args.warmup, args.settle)
   for row, key in zip(rows, runs):

@@ -33,6 +33,16 @@ SETTINGS: Dict[str, str] = {
   'concurrency_scheduler': (
     '--xla_cpu_enable_concurrency_optimized_scheduler=true'
   ),
+  'two_devices': '--xla_force_host_platform_device_count=2',
+  'two_devices_ynn_off': (
+    '--xla_force_host_platform_device_count=2 '
+    '--xla_cpu_experimental_ynn_fusion_type='
+  ),
+  'two_devices_eigen_single': (
+    '--xla_force_host_platform_device_count=2 '
+    '--xla_cpu_multi_thread_eigen=false'
+  ),
+  'ynn_individual_dot': '--xla_cpu_experimental_ynn_fusion_type=individual_dot',
 }
 BENCHMARK = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), 'benchmark.py'
@@ -45,7 +55,7 @@ def timm_rows(output: str) -> List[Dict[str, str]]:
   rows, ours = [], {}
   for line in output.splitlines():
     cells = [c.strip() for c in line.strip().strip('|').split('|')]
-    if len(cells) != 14 or cells[0] in ('work', '---'):
+    if len(cells) != 15 or cells[0] in ('work', '---'):
       continue
     work, model, code = cells[:3]
     if code == 'timm':
@@ -55,7 +65,7 @@ def timm_rows(output: str) -> List[Dict[str, str]]:
           'model': model,
           'batch': cells[4],
           'seconds': ours[(work, model)],
-          'vit_jax_over_timm': float(cells[13]),
+          'vit_jax_over_timm': float(cells[14]),
         }
       )
     else:

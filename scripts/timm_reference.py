@@ -11,6 +11,7 @@ Needs torch and timm (`pip install -e '.[bench]'`); nothing else in the
 project imports this module.
 """
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -72,13 +73,23 @@ def logits(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     return net(to_torch(images)).numpy()
 
 
-def forward_run(net: torch.nn.Module, images: np.ndarray) -> Callable[[], None]:
+def compute(autocast: bool):
+  """The context the model runs in: float32, or bfloat16 compute by
+  `torch.autocast` (PyTorch's mixed precision on the CPU)."""
+  if autocast:
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def forward_run(
+  net: torch.nn.Module, images: np.ndarray, autocast: bool = False
+) -> Callable[[], None]:
   """One evaluation forward pass per call."""
   net.eval()
   x = to_torch(images)
 
   def run() -> None:
-    with torch.inference_mode():
+    with torch.inference_mode(), compute(autocast):
       net(x)
 
   return run
@@ -90,15 +101,19 @@ def train_run(
   labels: np.ndarray,
   learning_rate: float,
   grad_norm_clip: float,
+  autocast: bool = False,
 ) -> Callable[[], None]:
-  """One full fine-tuning step per call (SGD momentum 0.9, clipping)."""
+  """One full fine-tuning step per call (SGD momentum 0.9, clipping); with
+  `autocast`, the forward pass computes in bfloat16 (weights, gradients
+  and the update stay float32)."""
   net.train()
   x, y = to_torch(images), torch.from_numpy(labels.astype(np.int64))
   optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=0.9)
 
   def run() -> None:
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(net(x), y)
+    with compute(autocast):
+      loss = F.cross_entropy(net(x), y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), grad_norm_clip)
     optimizer.step()
@@ -106,12 +121,17 @@ def train_run(
   return run
 
 
-def matmul_peak(sizes: Sequence[int], rounds: int = 5) -> Dict[str, float]:
-  """The best median FLOP/s of PyTorch's float32 square matmuls of `sizes`
-  (the other measurement of this machine's matmul peak)."""
+def matmul_peak(
+  sizes: Sequence[int], rounds: int = 5, dtype: str = 'float32'
+) -> Dict[str, float]:
+  """The best median FLOP/s of PyTorch's square matmuls of `sizes` in
+  `dtype` (the other measurement of this machine's matmul peak)."""
   best = {'flops_per_s': 0.0, 'size': 0}
   for size in sizes:
-    a, b = (torch.ones(size, size) / size for _ in range(2))
+    a, b = (
+      torch.ones(size, size, dtype=getattr(torch, dtype)) / size
+      for _ in range(2)
+    )
     torch.matmul(a, b)
     seconds = []
     for _ in range(rounds):

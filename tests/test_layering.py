@@ -17,6 +17,7 @@ LAYERS = (
   ('errors', 'paths'),
   (
     'cli',
+    'cpu_devices',
     'trainable',
     'losses',
     'optim',
@@ -24,7 +25,7 @@ LAYERS = (
     'input_pipeline',
   ),
   ('checkpoint',),
-  ('finetune', 'steps', 'results', 'metrics', 'utils'),
+  ('finetune', 'fewshot', 'steps', 'results', 'metrics', 'utils'),
   ('publish', 'benchmarks'),
   ('predict', 'attention'),
   ('train',),

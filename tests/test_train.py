@@ -357,6 +357,7 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
     '--config.warmup_steps=3',
     '--config.base_lr=0.003',
     '--config.pp.augment=pad_and_crop',  # Learns faster than affine.
+    '--config.fewshot.shots=(1,5)',
   ]
   process = subprocess.run(
     command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
@@ -386,6 +387,13 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   losses = [line['train/loss'] for line in lines if 'train/loss' in line]
   assert len(losses) == 6 and losses[-1] < losses[0] - 0.1  # Loss falls.
   assert [line['step'] for line in lines if 'test/accuracy' in line] == [15, 30]
+  fewshot = [line for line in lines if 'fewshot/5shot' in line]
+  assert [line['step'] for line in fewshot] == [15, 30]
+  assert results['fewshot_accuracy'] == {
+    k: fewshot[-1][f'fewshot/{k}'] for k in ('1shot', '5shot')
+  }
+  assert all(0.0 <= v <= 1.0 for v in results['fewshot_accuracy'].values())
+  assert 'few-shot linear accuracy 1-shot 0.' in process.stderr
   assert all(
     line['img_per_sec_per_core'] > 0 for line in lines if 'train/loss' in line
   )

@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax import cpu_devices
 from vit_jax import paths
 from vit_jax import train
 from vit_jax.benchmarks import inference_time
@@ -130,6 +131,7 @@ def main(argv) -> None:
       f'config.trainer={config.trainer!r}; choose one of {TRAINERS}.'
     )
   check_workdir(_WORKDIR.value)
+  cpu_devices.configure(config)
   if config.distributed:
     initialize_distributed()
   logging.info(

@@ -34,7 +34,11 @@ RESUMABLE_KEYS = frozenset(
     # batch; evaluation scores every example whatever its batch.
     'accum_steps',
     'batch_eval',
+    'cpu_devices',
     'prefetch',
+    # What else each evaluation measures (`vit_jax.fewshot`).
+    'fewshot.shots',
+    'fewshot.l2_reg',
     # Where tfds finds (or may download) the same dataset.
     'tfds_data_dir',
     'tfds_manual_dir',

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax import fewshot
 from vit_jax import finetune
 from vit_jax import input_pipeline
 from vit_jax import losses
@@ -246,6 +247,24 @@ def evaluate(
   }
 
 
+def evaluate_fewshot(
+  evaluator: fewshot.Evaluator,
+  replicated: steps.TrainState,
+  step: int,
+  writer: metrics_lib.MetricWriter,
+) -> Dict[str, float]:
+  """The few-shot accuracies of the current parameters, logged and written
+  as `fewshot/{k}shot`."""
+  shots = evaluator(steps.unreplicate(replicated.params))
+  logging.info(
+    'step %d: few-shot linear accuracy %s',
+    step,
+    fewshot.summary(shots, evaluator.shots),
+  )
+  writer.write(step, {f'fewshot/{k}': v for k, v in shots.items()})
+  return shots
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, command: Optional[str] = None
 ) -> Dict[str, Any]:
@@ -305,6 +324,12 @@ def train_and_evaluate(
     trainable_lib.count(params, trainable),
     trainable_lib.count(params),
   )
+
+  # Few-shot evaluation of the representation, if asked for. ------------
+  fewshot_eval = (
+    fewshot.Evaluator(model, source, config) if config.fewshot.shots else None
+  )
+  shots = None  # Its latest figures.
 
   # Optimizer: schedule and update rule, for the trainable leaves. -------
   schedule, optimizer = optim.from_config(config)
@@ -417,6 +442,8 @@ def train_and_evaluate(
           writer.write(
             step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
           )
+          if fewshot_eval:
+            shots = evaluate_fewshot(fewshot_eval, replicated, step, writer)
         if do_save:
           checkpointer.save(step, steps.unreplicate(replicated))
         if do_eval or do_save:
@@ -437,6 +464,8 @@ def train_and_evaluate(
       )
     if test is None:  # Resumed a run that had already finished.
       test = evaluate(eval_step, replicated.params, eval_data, config.prefetch)
+      if fewshot_eval:
+        shots = evaluate_fewshot(fewshot_eval, replicated, done_step, writer)
   writer.close()
 
   # Outputs: the task file (what was trained) and results.json. ----------
@@ -477,6 +506,7 @@ def train_and_evaluate(
     'step_time_s': (
       float(np.median(step_times[1:] or step_times)) if step_times else None
     ),
+    'fewshot_accuracy': shots,
     'finetune': fine.describe(),
     'trainable_params': trainable_lib.count(params, trainable),
     'total_params': trainable_lib.count(params),

@@ -215,14 +215,16 @@ def eval_dataset(
   *,
   batch_size: int,
   hosts: Optional[Hosts] = None,
+  split: Optional[str] = None,
 ) -> EvalData:
-  """Every example of split `pp.test` once, resized to `pp.crop`, in padded,
-  masked batches of `batch_size` over all hosts and devices."""
+  """Every example of `split` (default `pp.test`) once, resized to
+  `pp.crop`, in padded, masked batches of `batch_size` over all hosts and
+  devices."""
   hosts = hosts or Hosts.from_jax()
   host_batch = (
     hosts.per_device_batch(batch_size, 'batch_eval') * hosts.local_devices
   )
-  split = pp.test
+  split = split or pp.test
   sizes = [
     source.num_examples(split, index, hosts.process_count)
     for index in range(hosts.process_count)

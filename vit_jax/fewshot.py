@@ -1,0 +1,197 @@
+"""Few-shot linear evaluation: how good a representation is, in seconds.
+
+For each k of `config.fewshot.shots`, a ridge regression from the model's
+pre-logits features (the input of its `head`) of the first k training
+images of every class to ±1 class targets is fitted in closed form and
+scored on every image of the test split. This is big_vision's few-shot
+evaluator: no gradient steps, one forward pass over the k·classes chosen
+images and the test split, so the trainer can run it every `eval_every`
+and show how the representation improves while the head is still poor.
+
+The chosen training images (preprocessed for evaluation: resized, not
+augmented) stay in host memory, k_max·classes·crop²·3 floats; each host
+computes the same figures on its own.
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import input_pipeline
+from vit_jax.errors import ConfigError
+from vit_jax.input_pipeline import sources
+
+HEAD = 'head'
+
+
+def head_inputs(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
+  """What the model's `head` receives for `images` (evaluation mode): its
+  pre-logits representation, float32."""
+  seen = []
+
+  def record(call, args, kwargs, context):
+    if context.module.name == HEAD and context.method_name == '__call__':
+      seen.append(args[0])
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({'params': params}, images, train=False)
+  if not seen:
+    raise ConfigError(
+      f'{type(model).__name__} has no module named {HEAD!r}; few-shot '
+      'evaluation reads the input of the classification head.'
+    )
+  return seen[0].astype(jnp.float32)
+
+
+def ridge_fit(
+  features: np.ndarray, labels: np.ndarray, num_classes: int, l2_reg: float
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`(mean, weights, bias)` of the ridge regression from `features`
+  `[n, d]` to ±1 one-hot targets of `labels`.
+
+  Solved in the dual (`n` × `n`, the small side for few shots), on centred
+  features, in float64; the penalty is `l2_reg` times the mean squared
+  norm of the centred features, so one value suits any feature scale.
+  """
+  x = np.asarray(features, np.float64)
+  mean = x.mean(axis=0)
+  x = x - mean
+  targets = 2.0 * np.eye(num_classes)[labels] - 1.0
+  bias = targets.mean(axis=0)
+  gram = x @ x.T
+  penalty = l2_reg * max(np.trace(gram) / len(x), 1e-12)
+  dual = np.linalg.solve(gram + penalty * np.eye(len(x)), targets - bias)
+  return mean, x.T @ dual, bias
+
+
+def ridge_accuracy(
+  fit: Tuple[np.ndarray, np.ndarray, np.ndarray],
+  features: np.ndarray,
+  labels: np.ndarray,
+) -> float:
+  """Accuracy of a `ridge_fit` on `features` with true `labels`."""
+  mean, weights, bias = fit
+  scores = (np.asarray(features, np.float64) - mean) @ weights + bias
+  return float(np.mean(scores.argmax(axis=1) == labels))
+
+
+def first_per_class(
+  labels: np.ndarray, per_class: int, num_classes: int
+) -> np.ndarray:
+  """Indices of the first `per_class` examples of each class, in order."""
+  chosen = [np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)]
+  return np.concatenate(chosen)
+
+
+@dataclasses.dataclass
+class _Examples:
+  """Images and labels on the host (`[n, crop, crop, 3]`, `[n]`)."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+
+def _batches(data: input_pipeline.EvalData):
+  """The real examples of each masked eval batch, devices merged."""
+  for batch in data.dataset.as_numpy_iterator():
+    mask = batch['mask'].reshape(-1)
+    yield (
+      batch['image'].reshape(-1, *batch['image'].shape[2:])[mask],
+      batch['label'].reshape(-1)[mask],
+    )
+
+
+def _training_examples(
+  data: input_pipeline.EvalData, per_class: int, num_classes: int
+) -> _Examples:
+  """The first `per_class` examples of every class of `data`; reads no
+  further than it needs."""
+  images, labels = [], []
+  counts = np.zeros(num_classes, np.int64)
+  for batch_images, batch_labels in _batches(data):
+    images.append(batch_images)
+    labels.append(batch_labels)
+    counts += np.bincount(batch_labels, minlength=num_classes)
+    if counts.min() >= per_class:
+      break
+  labels = np.concatenate(labels)
+  keep = first_per_class(labels, per_class, num_classes)
+  return _Examples(np.concatenate(images)[keep], labels[keep])
+
+
+class Evaluator:
+  """`evaluator(params)` → {'1shot': accuracy, '5shot': ...} on the test
+  split, for `config.fewshot` (shots, l2_reg) of a run."""
+
+  def __init__(
+    self,
+    model: nn.Module,
+    source: sources.Source,
+    config: ml_collections.ConfigDict,
+  ):
+    shots = tuple(int(k) for k in config.fewshot.shots)
+    if not shots or min(shots) < 1:
+      raise ConfigError(
+        f'config.fewshot.shots={config.fewshot.shots!r}; give positive '
+        'numbers of training images per class, e.g. (1, 5, 10, 25).'
+      )
+    self.shots = shots
+    self.l2_reg = float(config.fewshot.l2_reg)
+    self.num_classes = source.info.num_classes
+    # Every host computes the whole evaluation on its own devices.
+    hosts = input_pipeline.Hosts(0, 1, jax.local_device_count())
+    batch = config.batch_eval
+
+    def split(name):
+      return input_pipeline.eval_dataset(
+        source, config.pp, batch_size=batch, hosts=hosts, split=name
+      )
+
+    self.train = _training_examples(
+      split(config.pp.train), max(shots), self.num_classes
+    )
+    self.test = split(config.pp.test)
+    self.batch = batch
+    self._features = jax.jit(
+      lambda params, images: head_inputs(model, params, images)
+    )
+
+  def features(self, params: Any, images: np.ndarray) -> np.ndarray:
+    """Pre-logits features of host `images`, `self.batch` at a time."""
+    return np.concatenate(
+      [
+        jax.device_get(self._features(params, images[i : i + self.batch]))
+        for i in range(0, len(images), self.batch)
+      ]
+    )
+
+  def __call__(self, params: Any) -> Dict[str, float]:
+    train_features = self.features(params, self.train.images)
+    test_features, test_labels = [], []
+    for images, labels in _batches(self.test):
+      test_features.append(jax.device_get(self._features(params, images)))
+      test_labels.append(labels)
+    test_features = np.concatenate(test_features)
+    test_labels = np.concatenate(test_labels)
+    results = {}
+    for k in self.shots:
+      keep = first_per_class(self.train.labels, k, self.num_classes)
+      fit = ridge_fit(
+        train_features[keep],
+        self.train.labels[keep],
+        self.num_classes,
+        self.l2_reg,
+      )
+      results[f'{k}shot'] = ridge_accuracy(fit, test_features, test_labels)
+    return results
+
+
+def summary(results: Mapping[str, float], shots: Sequence[int]) -> str:
+  """'1-shot 0.512, 5-shot 0.873' for a log line."""
+  return ', '.join(f'{k}-shot {results[f"{k}shot"]:.3f}' for k in shots)
