@@ -125,6 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
   #     head and injection), e.g. 'head/.*,.*/LayerNorm_.*'.
   #   task_file: the file (in the workdir) that receives what was trained,
   #     with a fingerprint of the base; '' writes none.
+  #   cache_features: in mode 'head' without augmentation, run the frozen
+  #     model once over the training split and train the head on its
+  #     features (`vit_jax.features`): a linear probe in seconds.
   config.finetune = ml_collections.ConfigDict(
     {
       'mode': 'full',
@@ -137,6 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
       },
       'trainable': '',
       'task_file': 'task_params.npz',
+      'cache_features': False,
     }
   )
 

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from vit_jax import features
 from vit_jax import fewshot
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax.errors import ConfigError
+from vit_jax.models import heads
 
 
 def micro_model_and_params(num_classes=10, **head):
@@ -26,7 +28,7 @@ def test_head_inputs_are_what_the_head_maps_to_logits(head):
   images = jax.random.normal(
     jax.random.key(0), (4, helpers.CROP, helpers.CROP, 3)
   )
-  features = fewshot.head_inputs(model, params, images)
+  features = heads.head_inputs(model, params, images)
   chex.assert_shape(features, (4, model.hidden_size))
   if head:
     hidden = jax.nn.gelu(
@@ -105,8 +107,8 @@ def test_evaluator_equals_ridge_on_the_whole_splits():
       hosts=input_pipeline.Hosts(0, 1, 1),
       split=split,
     )
-    images, labels = map(np.concatenate, zip(*fewshot._batches(data)))
-    return np.asarray(fewshot.head_inputs(model, params, images)), labels
+    images, labels = map(np.concatenate, zip(*features.examples(data)))
+    return np.asarray(heads.head_inputs(model, params, images)), labels
 
   train_x, train_y = whole(config.pp.train, 1000)
   test_x, test_y = whole(config.pp.test, 1000)

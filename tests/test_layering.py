@@ -24,7 +24,7 @@ LAYERS = (
     'models',
     'input_pipeline',
   ),
-  ('checkpoint',),
+  ('checkpoint', 'features'),
   ('finetune', 'fewshot', 'steps', 'results', 'metrics', 'utils'),
   ('publish', 'benchmarks'),
   ('predict', 'attention'),

@@ -18,35 +18,13 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import features
 from vit_jax import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.input_pipeline import sources
-
-HEAD = 'head'
-
-
-def head_inputs(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-  """What the model's `head` receives for `images` (evaluation mode): its
-  pre-logits representation, float32."""
-  seen = []
-
-  def record(call, args, kwargs, context):
-    if context.module.name == HEAD and context.method_name == '__call__':
-      seen.append(args[0])
-    return call(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    model.apply({'params': params}, images, train=False)
-  if not seen:
-    raise ConfigError(
-      f'{type(model).__name__} has no module named {HEAD!r}; few-shot '
-      'evaluation reads the input of the classification head.'
-    )
-  return seen[0].astype(jnp.float32)
 
 
 def ridge_fit(
@@ -97,16 +75,6 @@ class _Examples:
   labels: np.ndarray
 
 
-def _batches(data: input_pipeline.EvalData):
-  """The real examples of each masked eval batch, devices merged."""
-  for batch in data.dataset.as_numpy_iterator():
-    mask = batch['mask'].reshape(-1)
-    yield (
-      batch['image'].reshape(-1, *batch['image'].shape[2:])[mask],
-      batch['label'].reshape(-1)[mask],
-    )
-
-
 def _training_examples(
   data: input_pipeline.EvalData, per_class: int, num_classes: int
 ) -> _Examples:
@@ -114,7 +82,7 @@ def _training_examples(
   further than it needs."""
   images, labels = [], []
   counts = np.zeros(num_classes, np.int64)
-  for batch_images, batch_labels in _batches(data):
+  for batch_images, batch_labels in features.examples(data):
     images.append(batch_images)
     labels.append(batch_labels)
     counts += np.bincount(batch_labels, minlength=num_classes)
@@ -158,27 +126,23 @@ class Evaluator:
     )
     self.test = split(config.pp.test)
     self.batch = batch
-    self._features = jax.jit(
-      lambda params, images: head_inputs(model, params, images)
-    )
+    self._extract = features.extractor(model)
 
-  def features(self, params: Any, images: np.ndarray) -> np.ndarray:
-    """Pre-logits features of host `images`, `self.batch` at a time."""
+  def train_features(self, params: Any) -> np.ndarray:
+    """Features of the chosen training images, `self.batch` at a time."""
+    images = self.train.images
     return np.concatenate(
       [
-        jax.device_get(self._features(params, images[i : i + self.batch]))
+        self._extract(params, images[i : i + self.batch])
         for i in range(0, len(images), self.batch)
       ]
     )
 
   def __call__(self, params: Any) -> Dict[str, float]:
-    train_features = self.features(params, self.train.images)
-    test_features, test_labels = [], []
-    for images, labels in _batches(self.test):
-      test_features.append(jax.device_get(self._features(params, images)))
-      test_labels.append(labels)
-    test_features = np.concatenate(test_features)
-    test_labels = np.concatenate(test_labels)
+    train_features = self.train_features(params)
+    test_features, test_labels = features.of_split(
+      self._extract, params, self.test
+    )
     results = {}
     for k in self.shots:
       keep = first_per_class(self.train.labels, k, self.num_classes)

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax import features
 from vit_jax import fewshot
 from vit_jax import finetune
 from vit_jax import input_pipeline
@@ -49,6 +50,7 @@ from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
 from vit_jax.errors import Interrupted
+from vit_jax.models import heads
 
 
 def check_batch_sizes(
@@ -247,6 +249,51 @@ def evaluate(
   }
 
 
+def training_data(
+  config: ml_collections.ConfigDict,
+  source: input_pipeline.Source,
+  hosts: input_pipeline.Hosts,
+  start_step: int,
+  model: Any,
+  params: Any,
+) -> Any:
+  """This host's training batches (a tf.data.Dataset) from `start_step` on: augmented images,
+  or with `config.finetune.cache_features` the frozen model's features of
+  every training image, computed here, once."""
+  if not config.finetune.cache_features:
+    return input_pipeline.train_dataset(
+      source,
+      config.pp,
+      batch_size=config.batch,
+      seed=config.seed,
+      shuffle_buffer=config.shuffle_buffer,
+      hosts=hosts,
+      start_step=start_step,
+    )
+  start = time.perf_counter()
+  split = input_pipeline.eval_dataset(
+    source,
+    config.pp,
+    batch_size=config.batch_eval,
+    hosts=hosts,
+    split=config.pp.train,
+  )
+  cached, labels = features.of_split(features.extractor(model), params, split)
+  logging.info(
+    'Cached the features of %d training images (%d wide) in %.1f s.',
+    *cached.shape,
+    time.perf_counter() - start,
+  )
+  return input_pipeline.feature_dataset(
+    cached,
+    labels,
+    batch_size=config.batch,
+    seed=config.seed,
+    hosts=hosts,
+    start_step=start_step,
+  )
+
+
 def evaluate_fewshot(
   evaluator: fewshot.Evaluator,
   replicated: steps.TrainState,
@@ -318,6 +365,8 @@ def train_and_evaluate(
       fine.mode,
     )
   trainable = fine.is_trainable  # The run's one decision of what trains.
+  if config.finetune.cache_features:
+    features.check_cacheable(config, model, params, trainable)
   logging.info(
     'Fine-tuning mode %s: %d of %d parameters train.',
     fine.describe(),
@@ -349,7 +398,10 @@ def train_and_evaluate(
     # Step functions, mapped over the local devices. ----------------------
     train_step = steps.data_parallel(
       steps.make_train_step(
-        losses.classifier_loss(model, config.label_smoothing),
+        losses.classifier_loss(
+          heads.Head.of(model) if config.finetune.cache_features else model,
+          config.label_smoothing,
+        ),
         optimizer,
         schedule,
         trainable,
@@ -362,15 +414,7 @@ def train_and_evaluate(
 
     # Training data from the resumed step on. -----------------------------
     batches = input_pipeline.device_prefetch(
-      input_pipeline.train_dataset(
-        source,
-        config.pp,
-        batch_size=config.batch,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        hosts=hosts,
-        start_step=start_step,
-      ),
+      training_data(config, source, hosts, start_step, model, state.params),
       config.prefetch,
     )
 

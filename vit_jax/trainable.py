@@ -12,7 +12,7 @@ train step differentiates and the optimizer updates only
 """
 
 import re
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import flax
 
@@ -31,6 +31,11 @@ def is_head(path: str) -> bool:
 
 def _flatten(tree: PyTree) -> Dict[str, Any]:
   return flax.traverse_util.flatten_dict(dict(tree), sep='/')
+
+
+def paths(params: PyTree) -> List[str]:
+  """The '/'-joined paths of the leaves of `params`."""
+  return list(_flatten(params))
 
 
 def _unflatten(flat: Dict[str, Any]) -> PyTree:

@@ -27,6 +27,7 @@ from vit_jax.input_pipeline.pipeline import Hosts
 from vit_jax.input_pipeline.pipeline import class_names
 from vit_jax.input_pipeline.pipeline import device_prefetch
 from vit_jax.input_pipeline.pipeline import eval_dataset
+from vit_jax.input_pipeline.pipeline import feature_dataset
 from vit_jax.input_pipeline.pipeline import get_datasets
 from vit_jax.input_pipeline.pipeline import get_source
 from vit_jax.input_pipeline.pipeline import train_dataset
@@ -42,6 +43,7 @@ __all__ = [
   'class_names',
   'device_prefetch',
   'eval_dataset',
+  'feature_dataset',
   'get_datasets',
   'get_source',
   'read_images',

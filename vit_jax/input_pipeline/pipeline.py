@@ -199,6 +199,39 @@ def train_dataset(
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def feature_dataset(
+  features: np.ndarray,
+  labels: np.ndarray,
+  *,
+  batch_size: int,
+  seed: int,
+  hosts: Optional[Hosts] = None,
+  start_step: int = 0,
+) -> tf.data.Dataset:
+  """The endless, shuffled stream of this host's cached `features` (one
+  row per example of its shard of the training split) in batches of
+  `batch_size` over all hosts and devices, under the key 'image' that the
+  train step reads. The stream visits every row once per epoch, in a new
+  order drawn from `seed`; `start_step` resumes as `train_dataset` does."""
+  hosts = hosts or Hosts.from_jax()
+  host_batch = hosts.per_device_batch(batch_size) * hosts.local_devices
+  if len(features) < host_batch:
+    raise DatasetError(
+      f'{len(features)} cached training examples on host '
+      f'{hosts.process_index}, fewer than its batch of {host_batch}.'
+    )
+  ds = tf.data.Dataset.from_tensor_slices(
+    {'image': features.astype(np.float32), 'label': labels.astype(np.int32)}
+  )
+  ds = ds.shuffle(
+    len(features),
+    seed=_host_seed(seed, hosts.process_index),
+    reshuffle_each_iteration=True,
+  )
+  ds = ds.repeat().batch(host_batch, drop_remainder=True).skip(start_step)
+  return ds.map(_split_devices(hosts.local_devices)).prefetch(tf.data.AUTOTUNE)
+
+
 def _padding(crop: int) -> tf.data.Dataset:
   return tf.data.Dataset.from_tensors(
     {

@@ -87,3 +87,68 @@ class MlpHead(nn.Module):
       bias_init=nn.initializers.constant(self.bias_init),
       name='out',
     )(x)
+
+
+def head_inputs(
+  model: nn.Module,
+  params: Any,
+  images: Array,
+  *,
+  train: bool = False,
+  rngs: Optional[dict] = None,
+) -> Array:
+  """What `model`'s `head` receives for `images`: its pre-logits
+  representation, float32 (evaluation mode unless `train`)."""
+  seen = []
+
+  def record(call, args, kwargs, context):
+    if context.module.name == 'head' and context.method_name == '__call__':
+      seen.append(args[0])
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({'params': params}, images, train=train, rngs=rngs)
+  if not seen:
+    raise ValueError(
+      f'{type(model).__name__} has no module named head (built without '
+      'num_classes?); its representation is the input of that head.'
+    )
+  return seen[0].astype(jnp.float32)
+
+
+class Head(nn.Module):
+  """A model's head alone, applied to the model's pre-logits features: the
+  same logits, from the same parameters (`head/...`; others are ignored),
+  without the encoder. Head-only training on cached features uses it.
+
+  Attributes mirror `classifier_head`'s arguments; `Head.of(model)` copies
+  them from a model of the zoo.
+  """
+
+  num_classes: int
+  mlp_dim: Optional[int] = None
+  dropout_rate: float = 0.0
+  bias_init: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @classmethod
+  def of(cls, model: nn.Module) -> 'Head':
+    return cls(
+      model.num_classes,
+      getattr(model, 'head_mlp_dim', None),
+      getattr(model, 'head_dropout_rate', 0.0),
+      getattr(model, 'head_bias_init', 0.0),
+      model.dtype,
+    )
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    return classifier_head(
+      x.astype(self.dtype),
+      self.num_classes,
+      self.mlp_dim,
+      self.dropout_rate,
+      self.bias_init,
+      self.dtype,
+      train,
+    )
