@@ -107,8 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed = False
   # JAX devices on a CPU host (`vit_jax.cpu_devices`): 1 = XLA's one
   # device; N = N devices, each batch split between them (faster for
-  # ViT-Ti/16 at 224, docs/benchmarks.md); 0 = one per core. XLA_FLAGS'
-  # or JAX_NUM_CPU_DEVICES' count comes first.
+  # ViT-Ti/16 inference at 224, docs/benchmarks.md); 0 = one per core.
+  # XLA_FLAGS' or JAX_NUM_CPU_DEVICES' count comes first.
   config.cpu_devices = 1
 
   # What trains (see `vit_jax.finetune`):

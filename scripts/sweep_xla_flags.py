@@ -4,8 +4,10 @@ XLA reads `XLA_FLAGS` once, when JAX initialises, so every setting runs
 `scripts/benchmark.py --compare timm` in a fresh process with that setting
 added to the environment's `XLA_FLAGS`; timm runs in the same process,
 alternating with ours, so each ratio is measured side by side. Prints and
-writes `OUT/results.md` (setting, flags, work, our seconds per batch and
-vit_jax / timm per setting) and `OUT/results.json`.
+writes `OUT/results.md` (setting, flags, work, dtype, our seconds per
+batch, vit_jax / timm and JAX's square-matmul peak, per setting) and
+`OUT/results.json`. With `--dtypes=bfloat16`, timm runs under
+`torch.autocast`.
 
   PYTHONPATH=. python scripts/sweep_xla_flags.py --out=/tmp/xla_flags
   PYTHONPATH=. python scripts/sweep_xla_flags.py --out=/tmp/xla_flags \
@@ -16,6 +18,7 @@ Needs torch and timm (`pip install -r requirements-bench.txt`).
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from typing import Dict, List
@@ -43,33 +46,43 @@ SETTINGS: Dict[str, str] = {
     '--xla_cpu_multi_thread_eigen=false'
   ),
   'ynn_individual_dot': '--xla_cpu_experimental_ynn_fusion_type=individual_dot',
+  'onednn_custom_call': (
+    '--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true '
+    '--xla_cpu_experimental_ynn_fusion_type='
+  ),
 }
 BENCHMARK = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), 'benchmark.py'
 )
 
 
-def timm_rows(output: str) -> List[Dict[str, str]]:
+def timm_rows(output: str) -> List[Dict[str, object]]:
   """The rows of benchmark.py's table with our seconds and the ratio: one
-  per work, from the timm row that follows ours."""
+  per work and dtype, from the timm row that follows ours, with the JAX
+  matmul peak that benchmark.py measured for the dtype."""
+  peaks = dict(
+    re.findall(r'^(\w+) matmul peak per device \(JAX\): ([\d.]+)', output, re.M)
+  )
   rows, ours = [], {}
   for line in output.splitlines():
     cells = [c.strip() for c in line.strip().strip('|').split('|')]
     if len(cells) != 15 or cells[0] in ('work', '---'):
       continue
-    work, model, code = cells[:3]
+    work, model, code, dtype = cells[0], cells[1], cells[2], cells[5]
     if code == 'timm':
       rows.append(
         {
           'work': work,
           'model': model,
           'batch': cells[4],
-          'seconds': ours[(work, model)],
+          'dtype': dtype,
+          'seconds': ours[(work, model, dtype)],
           'vit_jax_over_timm': float(cells[14]),
+          'jax_matmul_peak_gflops': float(peaks.get(dtype, 'nan')),
         }
       )
     else:
-      ours[(work, model)] = float(cells[7])
+      ours[(work, model, dtype)] = float(cells[7])
   return rows
 
 
@@ -84,6 +97,7 @@ def run_setting(name: str, args: argparse.Namespace) -> Dict[str, object]:
     BENCHMARK,
     f'--models={args.models}',
     f'--batches={args.batches}',
+    f'--dtypes={args.dtypes}',
     '--work=inference,train',
     '--compare=timm',
   ]
@@ -110,19 +124,20 @@ def run_setting(name: str, args: argparse.Namespace) -> Dict[str, object]:
 
 
 def results_table(results: List[Dict[str, object]]) -> str:
-  """One line per setting and work."""
+  """One line per setting, work and dtype."""
   lines = [
-    '| setting | XLA_FLAGS added | work | model | batch | vit_jax s/batch '
-    '| vit_jax / timm |',
-    '|---|---|---|---|---:|---:|---:|',
+    '| setting | XLA_FLAGS added | work | model | batch | dtype '
+    '| vit_jax s/batch | vit_jax / timm | JAX matmul peak, GFLOP/s |',
+    '|---|---|---|---|---:|---|---:|---:|---:|',
   ]
   for result in results:
     for row in result['rows']:
       flags = f'`{result["flags"]}`' if result['flags'] else '(none)'
       lines.append(
         f'| {result["setting"]} | {flags} | {row["work"]} | {row["model"]} '
-        f'| {row["batch"]} | {row["seconds"]} | '
-        f'{row["vit_jax_over_timm"]:.2f} |'
+        f'| {row["batch"]} | {row["dtype"]} | {row["seconds"]} | '
+        f'{row["vit_jax_over_timm"]:.2f} | '
+        f'{row["jax_matmul_peak_gflops"]:.0f} |'
       )
   return '\n'.join(lines)
 
@@ -133,6 +148,11 @@ def main() -> None:
   parser.add_argument('--settings', default=','.join(SETTINGS))
   parser.add_argument('--models', default='ViT-Ti_16')
   parser.add_argument('--batches', default='32')
+  parser.add_argument(
+    '--dtypes',
+    default='float32',
+    help='float32 and/or bfloat16 (timm then runs under torch.autocast)',
+  )
   args = parser.parse_args()
   names = args.settings.split(',')
   unknown = sorted(set(names) - set(SETTINGS))

@@ -257,9 +257,9 @@ def training_data(
   model: Any,
   params: Any,
 ) -> Any:
-  """This host's training batches (a tf.data.Dataset) from `start_step` on: augmented images,
-  or with `config.finetune.cache_features` the frozen model's features of
-  every training image, computed here, once."""
+  """This host's training batches from `start_step` on (a tf.data
+  Dataset): augmented images, or with `config.finetune.cache_features` the
+  frozen model's features of every training image, computed here, once."""
   if not config.finetune.cache_features:
     return input_pipeline.train_dataset(
       source,
@@ -509,7 +509,7 @@ def train_and_evaluate(
     if test is None:  # Resumed a run that had already finished.
       test = evaluate(eval_step, replicated.params, eval_data, config.prefetch)
       if fewshot_eval:
-        shots = evaluate_fewshot(fewshot_eval, replicated, done_step, writer)
+        shots = fewshot_eval(steps.unreplicate(replicated.params))
   writer.close()
 
   # Outputs: the task file (what was trained) and results.json. ----------

@@ -46,6 +46,7 @@ class Workload:
       and temporaries, less what donation aliases.
     params: the model's parameter count.
     trainable_params: how many of them the step updates (0 for inference).
+    hlo_text: the compiled step's HLO, as text (operation names, shapes).
   """
 
   run: Callable[[], None]
@@ -54,6 +55,7 @@ class Workload:
   memory_bytes: int
   params: int
   trainable_params: int = 0
+  hlo_text: Callable[[], str] = str
 
 
 def _cost(lowered: jax.stages.Lowered) -> Dict[str, float]:
@@ -109,6 +111,7 @@ def _workload(
     _memory_bytes(compiled),
     params,
     trainable_params,
+    compiled.as_text,
   )
 
 
