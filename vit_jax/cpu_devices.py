@@ -5,8 +5,8 @@ of a ViT's operations on one thread only (the attention's batched
 matmuls, layer norms, the GELU, layout copies). With N devices the
 trainer's `pmap` splits every batch N ways and the devices run their
 shares at once. docs/benchmarks.md measures where this pays (ViT-Ti/16
-inference at 224) and where it does not (its training, ViT-B/16, the
-28-pixel from-scratch models), which is why one device stays the default.
+inference at 224) and where it does not reliably (training, ViT-B/16, the
+28-pixel from-scratch run), which is why one device stays the default.
 
 `configure` sets the count (`config.cpu_devices`) through
 `jax_num_cpu_devices` before JAX starts its backends, unless the
