@@ -45,19 +45,26 @@ def test_head_inputs_are_what_the_head_maps_to_logits(head):
   )
 
 
-def test_ridge_dual_solution_equals_the_primal_one():
+@pytest.mark.parametrize('n, d', [(12, 30), (40, 8)])
+def test_ridge_solution_is_the_closed_form_of_both_sides(n, d):
+  """The fit equals the primal (d × d) and the dual (n × n) closed forms,
+  whichever side it solves."""
   rng = np.random.default_rng(0)
-  features = rng.normal(size=(12, 30)) * 3.0 + 1.0
-  labels = np.arange(12) % 4
+  features = rng.normal(size=(n, d)) * 3.0 + 1.0
+  labels = np.arange(n) % 4
   mean, weights, bias = fewshot.ridge_fit(features, labels, 4, l2_reg=0.5)
   centred = features - features.mean(0)
   targets = 2.0 * np.eye(4)[labels] - 1.0
-  penalty = 0.5 * np.sum(centred**2) / 12
+  residual = targets - targets.mean(0)
+  penalty = 0.5 * np.sum(centred**2) / n
   primal = np.linalg.solve(
-    centred.T @ centred + penalty * np.eye(30),
-    centred.T @ (targets - targets.mean(0)),
+    centred.T @ centred + penalty * np.eye(d), centred.T @ residual
+  )
+  dual = centred.T @ np.linalg.solve(
+    centred @ centred.T + penalty * np.eye(n), residual
   )
   chex.assert_trees_all_close(weights, primal, atol=1e-8)
+  chex.assert_trees_all_close(weights, dual, atol=1e-8)
   chex.assert_trees_all_close(mean, features.mean(0))
   chex.assert_trees_all_close(bias, targets.mean(0))
 

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax import features
+from vit_jax import features as features_lib
 from vit_jax import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.input_pipeline import sources
@@ -33,19 +33,25 @@ def ridge_fit(
   """`(mean, weights, bias)` of the ridge regression from `features`
   `[n, d]` to ±1 one-hot targets of `labels`.
 
-  Solved in the dual (`n` × `n`, the small side for few shots), on centred
-  features, in float64; the penalty is `l2_reg` times the mean squared
-  norm of the centred features, so one value suits any feature scale.
+  Solved on centred features in float64, over the smaller of the two
+  sides: `n` × `n` (the dual, few shots) or `d` × `d`. The penalty is
+  `l2_reg` times the mean squared norm of the centred features, so one
+  value suits any feature scale.
   """
   x = np.asarray(features, np.float64)
   mean = x.mean(axis=0)
   x = x - mean
   targets = 2.0 * np.eye(num_classes)[labels] - 1.0
   bias = targets.mean(axis=0)
-  gram = x @ x.T
-  penalty = l2_reg * max(np.trace(gram) / len(x), 1e-12)
-  dual = np.linalg.solve(gram + penalty * np.eye(len(x)), targets - bias)
-  return mean, x.T @ dual, bias
+  penalty = l2_reg * max(np.sum(x * x) / len(x), 1e-12)
+  n, d = x.shape
+  if n <= d:
+    dual = np.linalg.solve(x @ x.T + penalty * np.eye(n), targets - bias)
+    return mean, x.T @ dual, bias
+  weights = np.linalg.solve(
+    x.T @ x + penalty * np.eye(d), x.T @ (targets - bias)
+  )
+  return mean, weights, bias
 
 
 def ridge_accuracy(
@@ -82,7 +88,7 @@ def _training_examples(
   further than it needs."""
   images, labels = [], []
   counts = np.zeros(num_classes, np.int64)
-  for batch_images, batch_labels in features.examples(data):
+  for batch_images, batch_labels in features_lib.examples(data):
     images.append(batch_images)
     labels.append(batch_labels)
     counts += np.bincount(batch_labels, minlength=num_classes)
@@ -126,7 +132,7 @@ class Evaluator:
     )
     self.test = split(config.pp.test)
     self.batch = batch
-    self._extract = features.extractor(model)
+    self._extract = features_lib.extractor(model)
 
   def train_features(self, params: Any) -> np.ndarray:
     """Features of the chosen training images, `self.batch` at a time."""
@@ -140,7 +146,7 @@ class Evaluator:
 
   def __call__(self, params: Any) -> Dict[str, float]:
     train_features = self.train_features(params)
-    test_features, test_labels = features.of_split(
+    test_features, test_labels = features_lib.of_split(
       self._extract, params, self.test
     )
     results = {}
