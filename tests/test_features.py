@@ -146,6 +146,7 @@ def test_cache_refuses_what_would_change_training():
     features.check_cacheable(dropout, random_model, params, fine.is_trainable)
 
 
+@pytest.mark.slow
 def test_trainer_trains_the_head_on_cached_features(tmp_path, caplog):
   caplog.set_level('INFO')
   config = head_config(
