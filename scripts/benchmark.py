@@ -191,11 +191,12 @@ def format_rows(rows: List[Dict], peaks: Dict[str, Dict[str, float]]) -> str:
     '| XLA MB/device | vit_jax / timm |',
     '|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
+  # CPU devices share the host's cores, whose peak was measured on one.
+  shared_peak = jax.local_devices()[0].platform == 'cpu'
   ours = {}
   for row in rows:
     devices = row['devices']
-    # CPU devices share the host's cores, whose peak was measured on one.
-    sharing = 1 if jax.local_devices()[0].platform == 'cpu' else devices
+    sharing = 1 if shared_peak else devices
     workload, seconds = row['workload'], row['seconds']
     achieved = workload.flops / seconds
     timm_row = row['code'] == 'timm'

@@ -15,6 +15,7 @@ import ml_collections
 import pytest
 
 from vit_jax import cpu_devices
+from vit_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGURE = """
 import jax, ml_collections
 from vit_jax import cpu_devices
+from vit_jax.errors import ConfigError
 config = ml_collections.ConfigDict(dict(
     batch={batch}, batch_eval={batch_eval}, accum_steps=1, cpu_devices={asked}))
 print(cpu_devices.configure(config), jax.local_device_count())
@@ -105,3 +107,11 @@ def test_configure_asked_count_and_users_flag():
     batch_eval=6,
     asked=3,
   ) == ('None', 5)
+
+
+def test_negative_count_is_a_config_error():
+  config = ml_collections.ConfigDict(
+    dict(batch=6, batch_eval=6, accum_steps=1, cpu_devices=-2)
+  )
+  with pytest.raises(ConfigError, match=r'config.cpu_devices=-2; give'):
+    cpu_devices.configure(config, environ={})

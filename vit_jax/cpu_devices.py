@@ -22,6 +22,8 @@ from absl import logging
 import jax
 import ml_collections
 
+from vit_jax.errors import ConfigError
+
 XLA_COUNT_FLAG = '--xla_force_host_platform_device_count'
 JAX_COUNT_ENV = 'JAX_NUM_CPU_DEVICES'
 
@@ -78,9 +80,15 @@ def configure(
   `config.batch` (in `accum_steps` micro-batches) and `config.batch_eval`
   split.
   """
+  asked = config.get('cpu_devices', 1)
+  if asked < 0:
+    raise ConfigError(
+      f'config.cpu_devices={asked}; give a device count, or 0 for one '
+      'device per core.'
+    )
   if user_chose_count(environ):
     return None
-  count = config.get('cpu_devices', 1) or count_for_batches(
+  count = asked or count_for_batches(
     host_cores(), config.batch, config.batch_eval, config.accum_steps
   )
   return count if set_count(count) else None
