@@ -494,3 +494,31 @@ def test_mlp_block_exact_gelu_matches_erf_formula():
   out = block.apply(eye, x, deterministic=True)
   expected = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
   chex.assert_trees_all_close(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 8), (2, 3, 4, 8)])
+def test_mlp_block_on_rows_equals_the_per_position_formula(shape):
+  """The block computes on rows (`as_rows`); its output and gradients are
+  those of gelu(x W0 + b0) W1 + b1 at every position of a 3-D or 4-D
+  input (a ViT's tokens, a Swin's windows)."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  block = vit.MlpBlock(mlp_dim=12, out_dim=6, dropout_rate=0.0)
+  params = block.init(jax.random.key(1), x, deterministic=True)
+  params = jax.tree.map(  # Non-zero biases.
+    lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params
+  )
+
+  def formula(variables):
+    dense_0, dense_1 = (variables['params'][f'Dense_{i}'] for i in (0, 1))
+    hidden = jnp.einsum('...d,df->...f', x, dense_0['kernel'])
+    hidden = jax.nn.gelu(hidden + dense_0['bias'], approximate=True)
+    return (
+      jnp.einsum('...f,fo->...o', hidden, dense_1['kernel']) + dense_1['bias']
+    )
+
+  ours = lambda variables: block.apply(variables, x, deterministic=True)
+  chex.assert_shape(ours(params), shape[:-1] + (6,))
+  chex.assert_trees_all_close(ours(params), formula(params), atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(3), shape[:-1] + (6,))
+  grad = lambda f: jax.grad(lambda p: (f(p) * cotangent).sum())(params)
+  chex.assert_trees_all_close(grad(ours), grad(formula), atol=1e-5)

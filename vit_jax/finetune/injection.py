@@ -90,12 +90,6 @@ class Injection:
     """One regular expression for the module paths of all targets."""
     return re.compile('|'.join(f'(?:{TARGETS[t]})' for t in self.targets))
 
-  @property
-  def hooks_qkv(self) -> bool:
-    """Whether a target is the query, key or value projection (which a
-    ViT then computes as separate layers, see `MultiHeadSelfAttention`)."""
-    return bool({'query', 'key', 'value'} & set(self.targets))
-
   def is_target(self, module_path: str) -> bool:
     return self.pattern.fullmatch(module_path) is not None
 

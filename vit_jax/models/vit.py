@@ -209,8 +209,22 @@ class AddPositionEmbs(nn.Module):
     return inputs + table.astype(inputs.dtype)
 
 
+def as_rows(x: Array) -> Array:
+  """`x` as a matrix `[every leading position, features]`.
+
+  The Dense layers of the encoder run on rows: their weight gradients are
+  then one matmul over the rows, which XLA's CPU backend hands to its
+  matmul library as it is, while `[batch, tokens, features]` activations
+  are first copied to another layout (docs/benchmarks.md, "Model
+  formulations").
+  """
+  return x.reshape(-1, x.shape[-1])
+
+
 class MlpBlock(nn.Module):
-  """Transformer feed-forward block: Dense → GELU → Dropout → Dense → Dropout.
+  """Transformer feed-forward block: Dense → GELU → Dropout → Dense → Dropout,
+  applied to every position of `inputs` (`[..., features]`), computed on
+  their rows (`as_rows`).
 
   Attributes:
     mlp_dim: hidden width.
@@ -240,11 +254,12 @@ class MlpBlock(nn.Module):
       kernel_init=self.kernel_init,
       bias_init=self.bias_init,
     )
-    x = dense(self.mlp_dim)(inputs)
+    x = dense(self.mlp_dim)(as_rows(inputs))
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim)(x)
-    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    return x.reshape(inputs.shape[:-1] + (out_dim,))
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -254,8 +269,9 @@ class MultiHeadSelfAttention(nn.Module):
     {query,key,value}/kernel [width, heads, head_dim], .../bias [heads, head_dim]
     out/kernel [heads, head_dim, width], out/bias [width]
 
-  The attention runs head-major (`[batch, heads, tokens, head_dim]`), so
-  neither of its matmuls needs a transpose.
+  The four projections run on the tokens' rows (`as_rows`), the attention
+  head-major (`[batch, heads, tokens, head_dim]`), so neither of its
+  matmuls needs a transpose.
 
   Attributes:
     num_heads: attention heads; must divide the width.
@@ -279,22 +295,26 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(
         f'Width {width} is not divisible by {self.num_heads} attention heads.'
       )
+    batch, tokens = x.shape[:2]
     heads = (self.num_heads, width // self.num_heads)
-    x = x.astype(self.dtype)
+    rows = as_rows(x.astype(self.dtype))
     query, key, value = (
       nn.DenseGeneral(
         heads, dtype=self.dtype, kernel_init=self.kernel_init, name=name
-      )(x).swapaxes(1, 2)
+      )(rows)
+      .reshape(batch, tokens, *heads)
+      .swapaxes(1, 2)
       for name in ('query', 'key', 'value')
     )
     out = self._attention(query, key, value, deterministic)
-    return nn.DenseGeneral(
+    out = nn.DenseGeneral(
       width,
       axis=(-2, -1),
       dtype=self.dtype,
       kernel_init=self.kernel_init,
       name='out',
-    )(out.swapaxes(1, 2))
+    )(out.swapaxes(1, 2).reshape(batch * tokens, *heads))
+    return out.reshape(batch, tokens, width)
 
   def _attention(
     self, query: Array, key: Array, value: Array, deterministic: bool
