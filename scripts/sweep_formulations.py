@@ -2,8 +2,9 @@
 
 The same attention and MLP can be written in several ways that compute the
 same function with the same parameters, and the backend's speed differs
-between them. Each formulation below replaces `vit.MultiHeadSelfAttention`
-and/or `vit.MlpBlock` while one workload is built (same module and parameter
+between them. Each formulation below replaces `vit.Encoder1DBlock`,
+`vit.MultiHeadSelfAttention` and/or `vit.MlpBlock` while one workload is
+built (same module and parameter
 names, so the same checkpoint runs in each); every workload is then timed
 alternating with the others (`timing.time_rounds`). Prints, per work and
 formulation, seconds per batch, its speed relative to the first formulation
@@ -19,6 +20,8 @@ The formulations leave out dropout (the benchmarked models have none).
   token_major_attention  the attention's matmuls on `[batch, tokens,
                          heads, head_dim]`, without head-major transposes
   dot_product_attention  `jax.nn.dot_product_attention` on the same layout
+  softmax_logsumexp      the attention's softmax as exp(x - logsumexp(x))
+  layernorm_rows         the block's layer norms and residual sums on rows
 
   PYTHONPATH=. python scripts/sweep_formulations.py [--model ViT-Ti_16] \
       [--batch 32] [--work inference,train] [--rounds 8] \
@@ -39,6 +42,7 @@ import numpy as np
 from vit_jax.benchmarks import timing
 from vit_jax.models import vit
 
+Block = vit.Encoder1DBlock
 Attention = vit.MultiHeadSelfAttention
 Mlp = vit.MlpBlock
 
@@ -144,24 +148,58 @@ class _DotProductAttention(_TokenMajorAttention):
   attend = staticmethod(jax.nn.dot_product_attention)
 
 
-FORMULATIONS: Dict[str, Tuple[type, type]] = {
-  'model': (Attention, Mlp),
-  'tokens_3d': (_Tokens3dAttention, _Tokens3dMlp),
-  'jax_gelu': (Attention, _JaxGeluMlp),
-  'fused_qkv': (_FusedQkvAttention, Mlp),
-  'token_major_attention': (_TokenMajorAttention, Mlp),
-  'dot_product_attention': (_DotProductAttention, Mlp),
+class _LogsumexpSoftmaxAttention(Attention):
+  def _attention(self, query, key, value, deterministic):
+    query = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    logits = jnp.einsum('bhqd,bhkd->bhqk', query, key).astype(jnp.float32)
+    weights = jnp.exp(logits - jax.nn.logsumexp(logits, -1, keepdims=True))
+    return jnp.einsum('bhqk,bhkd->bhqd', weights.astype(value.dtype), value)
+
+
+class _LayerNormRowsBlock(Block):
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
+    rows = vit.as_rows(inputs)
+    norm = lambda: nn.LayerNorm(epsilon=self.layernorm_epsilon)
+    x = vit.MultiHeadSelfAttention(
+      num_heads=self.num_heads, name='MultiHeadDotProductAttention_0'
+    )(norm()(rows).reshape(inputs.shape), deterministic=deterministic)
+    x = vit.as_rows(x) + rows
+    y = vit.MlpBlock(
+      mlp_dim=self.mlp_dim,
+      approximate_gelu=self.approximate_gelu,
+      name='MlpBlock_0',
+    )(norm()(x), deterministic=deterministic)
+    return (x + y).reshape(inputs.shape)
+
+
+FORMULATIONS: Dict[str, Tuple[type, type, type]] = {
+  'model': (Block, Attention, Mlp),
+  'tokens_3d': (Block, _Tokens3dAttention, _Tokens3dMlp),
+  'jax_gelu': (Block, Attention, _JaxGeluMlp),
+  'fused_qkv': (Block, _FusedQkvAttention, Mlp),
+  'token_major_attention': (Block, _TokenMajorAttention, Mlp),
+  'dot_product_attention': (Block, _DotProductAttention, Mlp),
+  'softmax_logsumexp': (Block, _LogsumexpSoftmaxAttention, Mlp),
+  'layernorm_rows': (_LayerNormRowsBlock, Attention, Mlp),
 }
 
 
 @contextlib.contextmanager
 def formulation(name: str) -> Iterator[None]:
-  """Models built inside use formulation `name`'s attention and MLP."""
-  vit.MultiHeadSelfAttention, vit.MlpBlock = FORMULATIONS[name]
+  """Models built inside use formulation `name`'s block, attention and
+  MLP (the encoder looks its layers up in `vit` when it runs)."""
+  vit.Encoder1DBlock, vit.MultiHeadSelfAttention, vit.MlpBlock = FORMULATIONS[
+    name
+  ]
   try:
     yield
   finally:
-    vit.MultiHeadSelfAttention, vit.MlpBlock = Attention, Mlp
+    vit.Encoder1DBlock, vit.MultiHeadSelfAttention, vit.MlpBlock = (
+      Block,
+      Attention,
+      Mlp,
+    )
 
 
 def logit_difference(config, name: str) -> float:
@@ -176,7 +214,7 @@ def logit_difference(config, name: str) -> float:
   )
   logits = lambda: model.apply({'params': params}, images, train=False)
   reference = logits()
-  with formulation(name):  # The encoder's blocks look their layers up here.
+  with formulation(name):
     return float(np.abs(logits() - reference).max())
 
 
