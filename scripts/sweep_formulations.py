@@ -13,8 +13,8 @@ The formulations leave out dropout (the benchmarked models have none).
 
   model                  the model as it is (Dense layers on rows)
   tokens_3d              Dense layers on `[batch, tokens, features]`
-  jax_gelu               `jax.nn.gelu`'s tanh form of the GELU, not
-                         `vit.gelu`'s sigmoid form
+  sigmoid_gelu           the tanh-approximated GELU computed as
+                         x * sigmoid(2u) (= x / 2 * (1 + tanh(u)))
   fused_qkv              one `[width, 3 * width]` projection for query,
                          key and value, from their three kernels
   token_major_attention  the attention's matmuls on `[batch, tokens,
@@ -96,16 +96,21 @@ class _Tokens3dMlp(Mlp):
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
     x = nn.Dense(self.mlp_dim, dtype=self.dtype)(inputs)
-    x = vit.gelu(x, approximate=self.approximate_gelu)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     return nn.Dense(inputs.shape[-1], dtype=self.dtype)(x)
 
 
-class _JaxGeluMlp(Mlp):
+def _sigmoid_gelu(x: jax.Array) -> jax.Array:
+  """The tanh-approximated GELU, x / 2 * (1 + tanh(u)), as x * sigmoid(2u)
+  for u = sqrt(2 / pi) * (x + 0.044715 x^3)."""
+  return x * jax.nn.sigmoid(np.sqrt(8 / np.pi) * (x + 0.044715 * x**3))
+
+
+class _SigmoidGeluMlp(Mlp):
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
     x = nn.Dense(self.mlp_dim, dtype=self.dtype)(vit.as_rows(inputs))
-    x = jax.nn.gelu(x, approximate=self.approximate_gelu)
-    x = nn.Dense(inputs.shape[-1], dtype=self.dtype)(x)
+    x = nn.Dense(inputs.shape[-1], dtype=self.dtype)(_sigmoid_gelu(x))
     return x.reshape(inputs.shape)
 
 
@@ -176,7 +181,7 @@ class _LayerNormRowsBlock(Block):
 FORMULATIONS: Dict[str, Tuple[type, type, type]] = {
   'model': (Block, Attention, Mlp),
   'tokens_3d': (Block, _Tokens3dAttention, _Tokens3dMlp),
-  'jax_gelu': (Block, Attention, _JaxGeluMlp),
+  'sigmoid_gelu': (Block, Attention, _SigmoidGeluMlp),
   'fused_qkv': (Block, _FusedQkvAttention, Mlp),
   'token_major_attention': (Block, _TokenMajorAttention, Mlp),
   'dot_product_attention': (Block, _DotProductAttention, Mlp),

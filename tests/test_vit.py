@@ -522,15 +522,3 @@ def test_mlp_block_on_rows_equals_the_per_position_formula(shape):
   cotangent = jax.random.normal(jax.random.key(3), shape[:-1] + (6,))
   grad = lambda f: jax.grad(lambda p: (f(p) * cotangent).sum())(params)
   chex.assert_trees_all_close(grad(ours), grad(formula), atol=1e-5)
-
-
-@pytest.mark.parametrize('approximate', [True, False])
-def test_gelu_equals_jax_gelu(approximate):
-  """`vit.gelu`'s sigmoid form of the tanh approximation is jax.nn.gelu's
-  function, values and derivatives, across the range where it bends."""
-  x = jnp.linspace(-8, 8, 1001)
-  want = lambda x: jax.nn.gelu(x, approximate=approximate)
-  ours = lambda x: vit.gelu(x, approximate=approximate)
-  chex.assert_trees_all_close(ours(x), want(x), atol=1e-6)
-  derivative = lambda f: jax.vmap(jax.grad(f))(x)
-  chex.assert_trees_all_close(derivative(ours), derivative(want), atol=1e-5)

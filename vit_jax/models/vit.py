@@ -221,18 +221,6 @@ def as_rows(x: Array) -> Array:
   return x.reshape(-1, x.shape[-1])
 
 
-def gelu(x: Array, approximate: bool = True) -> Array:
-  """GELU: `jax.nn.gelu`'s function, the tanh approximation computed as
-  `x * sigmoid(2u)`, which equals `x / 2 * (1 + tanh(u))` for
-  `u = sqrt(2 / pi) * (x + 0.044715 x^3)` and which XLA's CPU backend
-  evaluates about three times as fast (docs/benchmarks.md, "Model
-  formulations")."""
-  if not approximate:
-    return jax.nn.gelu(x, approximate=False)
-  inner = np.sqrt(8 / np.pi).astype(x.dtype) * (x + 0.044715 * x**3)
-  return x * jax.nn.sigmoid(inner)
-
-
 class MlpBlock(nn.Module):
   """Transformer feed-forward block: Dense → GELU → Dropout → Dense → Dropout,
   applied to every position of `inputs` (`[..., features]`), computed on
@@ -267,7 +255,7 @@ class MlpBlock(nn.Module):
       bias_init=self.bias_init,
     )
     x = dense(self.mlp_dim)(as_rows(inputs))
-    x = gelu(x, approximate=self.approximate_gelu)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim)(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
