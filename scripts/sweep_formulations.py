@@ -31,7 +31,7 @@ The formulations leave out dropout (the benchmarked models have none).
 import argparse
 import contextlib
 import statistics
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import benchmark
 import flax.linen as nn
@@ -207,9 +207,9 @@ def formulation(name: str) -> Iterator[None]:
     )
 
 
-def logit_difference(config, name: str) -> float:
-  """Largest |logit| difference between formulation `name` and the model,
-  on the model's initial weights (a random head) and 4 random images."""
+def logit_differences(config, names: List[str]) -> Dict[str, float]:
+  """Largest |logit| difference between each formulation and the model, on
+  the model's initial weights (a random head) and 4 random images."""
   model, params = benchmark.initial_model(config)
   params['head']['kernel'] = 0.02 * jax.random.normal(
     jax.random.key(1), params['head']['kernel'].shape
@@ -219,8 +219,11 @@ def logit_difference(config, name: str) -> float:
   )
   logits = lambda: model.apply({'params': params}, images, train=False)
   reference = logits()
-  with formulation(name):
-    return float(np.abs(logits() - reference).max())
+  differences = {}
+  for name in names:
+    with formulation(name):
+      differences[name] = float(np.abs(logits() - reference).max())
+  return differences
 
 
 def main() -> None:
@@ -233,6 +236,11 @@ def main() -> None:
   parser.add_argument('--formulations', default=','.join(FORMULATIONS))
   args = parser.parse_args()
   names = args.formulations.split(',')
+  unknown = sorted(set(names) - set(FORMULATIONS))
+  if unknown:
+    parser.error(
+      f'unknown formulations {unknown}; choose from {list(FORMULATIONS)}'
+    )
   config = benchmark.experiment_config(args.model, args.crop, args.batch)
   print(benchmark.machine())
   print(
@@ -243,7 +251,7 @@ def main() -> None:
     f'{"work":<10} {"formulation":<22} {"s/batch":>8} {"speed":>6} '
     f'{"max |logit diff|":>17}'
   )
-  difference = {name: logit_difference(config, name) for name in names}
+  difference = logit_differences(config, names)
   for work in args.work.split(','):
     runs = {}
     for name in names:
