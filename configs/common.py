@@ -90,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.decay_type = 'cosine'
   # Linear warm-up steps from 0 to `base_lr`.
   config.warmup_steps = 500
+  # Evaluate and keep an exponential moving average of the trained weights
+  # with this decay per step (about the last 1 / (1 - decay) steps,
+  # `vit_jax.steps.ema_weight`); 0: the weights of the last step.
+  config.ema_decay = 0.0
 
   # Few-shot linear evaluation at every evaluation (`vit_jax.fewshot`): a
   # ridge regression on the pre-logits features of the first k training

@@ -64,6 +64,16 @@ _PATCH4 = {
 
 # The plain ViT's best: affine, MLP 256, 2000 steps at 2e-3.
 _PLAIN_BEST = {**_AFFINE, **_MLP256, 'total_steps': 2000, 'base_lr': 2e-3}
+_STEM_BEST = {**_PLAIN_BEST, **_STEM}
+
+
+def _with_seeds(name: str, changes: Dict[str, Any]) -> Dict[str, Any]:
+  """Trial `name` and its reruns with seeds 1 and 2 (`name_seed1`, ...)."""
+  return {
+    name: changes,
+    **{f'{name}_seed{s}': {**changes, 'seed': s} for s in (1, 2)},
+  }
+
 
 # name: the keys each trial changes in BEFORE.
 TRIALS: Dict[str, Dict[str, Any]] = {
@@ -87,12 +97,7 @@ TRIALS: Dict[str, Dict[str, Any]] = {
     **_STEM,
     'model.conv_stem': (32, 64, 128),
   },
-  'stem16-32-64_affine_mlp256_2000_lr2e-3': {**_PLAIN_BEST, **_STEM},
-  'stem16-32-64_affine_mlp256_2000_lr2e-3_seed1': {
-    **_PLAIN_BEST,
-    **_STEM,
-    'seed': 1,
-  },
+  **_with_seeds('stem16-32-64_affine_mlp256_2000_lr2e-3', _STEM_BEST),
   'stem16-32-64_affine_mlp256_2000_lr3e-3': {
     **_PLAIN_BEST,
     **_STEM,
@@ -115,6 +120,14 @@ TRIALS: Dict[str, Dict[str, Any]] = {
     'model.patches.size': (2, 2),
     'model.patches.padding': 'SAME',
   },
+  **_with_seeds(
+    'stem16-32-64_affine_mlp256_2000_lr2e-3_ema0.998',
+    {**_STEM_BEST, 'ema_decay': 0.998},
+  ),
+  **_with_seeds(
+    'stem16-32-64_affine_mlp256_2000_lr2e-3_ema0.999',
+    {**_STEM_BEST, 'ema_decay': 0.999},
+  ),
   'patch4_affine_mlp256_700': {**_AFFINE, **_PATCH4, 'total_steps': 700},
   'patch4_affine_mlp256_700_lr3e-3': {
     **_AFFINE,

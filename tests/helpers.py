@@ -261,5 +261,7 @@ def create_setup(config, num_classes: int) -> Setup:
     is_added=fine.is_added,
   )
   schedule, optimizer = optim.from_config(config)
-  state = steps.initial_state(params, optimizer, fine.is_trainable)
+  state = steps.initial_state(
+    params, optimizer, fine.is_trainable, config.ema_decay
+  )
   return Setup(model, schedule, optimizer, state, fine, fine.is_trainable)

@@ -16,12 +16,15 @@ import pytest
 from configs import common
 from tests import helpers
 from vit_jax import checkpoint
+from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import steps as step_lib
 from vit_jax import train as train_lib
+from vit_jax import trainable as trainable_lib
 from vit_jax.benchmarks import inference_time
+from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
 from vit_jax.models import table
@@ -96,7 +99,12 @@ def everything(path: str) -> bool:
   return True
 
 
-def tiny_setup(optimizer_name: str = 'sgd', accum_steps: int = 1):
+def tiny_setup(
+  optimizer_name: str = 'sgd',
+  accum_steps: int = 1,
+  trainable=everything,
+  ema_decay: float = 0.0,
+):
   """Two-layer ViT-Micro_4 at 8x8 (4 tokens), its params and a train step."""
   lr = schedule('cosine', warmup=2, total=10, base_lr=0.1)
   model = models.build_model(helpers.micro_model_config(), num_classes=10)
@@ -114,13 +122,14 @@ def tiny_setup(optimizer_name: str = 'sgd', accum_steps: int = 1):
     grad_norm_clip=1.0,
     moment_dtype='float32',
   )
-  state = step_lib.initial_state(params, optimizer, everything)
+  state = step_lib.initial_state(params, optimizer, trainable, ema_decay)
   train_step = step_lib.make_train_step(
     losses.classifier_loss(model),
     optimizer,
     lr,
-    everything,
+    trainable,
     accum_steps=accum_steps,
+    ema_decay=ema_decay,
   )
   return state, train_step
 
@@ -207,6 +216,49 @@ def test_accumulated_gradients_equal_one_big_batch():
   )
 
 
+def test_moving_average_weighs_each_steps_params_by_decay_powers():
+  """After n steps, `ema_params` is sum_i d^(n-i) p_i / sum_i d^(n-i) over
+  the trained leaves' values p_1..p_n after each step (the initial values
+  have weight 0); frozen leaves have no average and are evaluated as they
+  are. The average does not change what trains."""
+  decay = 0.6
+  state, plain_step = tiny_setup('adamw', trainable=trainable_lib.is_head)
+  ema_state, ema_step = tiny_setup(
+    'adamw', trainable=trainable_lib.is_head, ema_decay=decay
+  )
+  device = jax.local_devices()[:1]
+  trajectory = []
+  for batch in random_batches(4, 16):
+    state = run_steps(state, plain_step, [batch], device)
+    ema_state = run_steps(ema_state, ema_step, [batch], device)
+    trajectory.append(state.params['head'])
+  chex.assert_trees_all_close(ema_state.params, state.params)
+  weights = decay ** np.arange(len(trajectory))[::-1]
+  expected = jax.tree.map(
+    lambda *ps: sum(w * p for w, p in zip(weights, ps)) / weights.sum(),
+    *trajectory,
+  )
+  assert set(ema_state.ema_params) == {'head'}
+  chex.assert_trees_all_close(
+    ema_state.ema_params['head'], expected, rtol=1e-5, atol=1e-7
+  )
+  evaluated = step_lib.evaluated_params(ema_state)
+  chex.assert_trees_all_close(evaluated['head'], expected, rtol=1e-5)
+  chex.assert_trees_all_equal(
+    evaluated['Transformer'], state.params['Transformer']
+  )
+  assert not np.allclose(expected['kernel'], state.params['head']['kernel'])
+
+
+def test_moving_average_settings_are_checked():
+  with pytest.raises(ConfigError, match=r'config.ema_decay=1.0 must be in'):
+    tiny_setup(ema_decay=1.0)
+  state, _ = tiny_setup(ema_decay=0.0)
+  _, ema_step = tiny_setup(ema_decay=0.9)
+  with pytest.raises(ValueError, match='state without moving averages'):
+    run_steps(state, ema_step, random_batches(1, 16), jax.local_devices()[:1])
+
+
 def test_bf16_momentum_state():
   params = {'w': jnp.ones([3, 3])}
   defaults = common.get_config()  # vit_jax's SGD with momentum.
@@ -250,8 +302,11 @@ def final_state(config, workdir):
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
-  config = helpers.job_config()
+@pytest.mark.parametrize('ema_decay', [0.0, 0.8])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, ema_decay):
+  """Also with a moving average, which the checkpoint holds, and which the
+  task file and the reported test accuracy then use."""
+  config = helpers.job_config(ema_decay=ema_decay)
   train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   crash_dir = str(tmp_path / 'crashed')
@@ -282,6 +337,27 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   )
   assert step_a == step_b == 6
   chex.assert_trees_all_equal(straight, resumed)
+  evaluated = step_lib.evaluated_params(resumed)
+  saved = task_file.load_task_params(
+    os.path.join(crash_dir, config.finetune.task_file), resumed.params
+  )
+  chex.assert_trees_all_equal(saved, evaluated)
+  setup = helpers.create_setup(config, num_classes=10)
+  eval_step = step_lib.data_parallel(step_lib.make_eval_step(setup.model))
+  hosts = input_pipeline.Hosts.from_jax()
+  source = input_pipeline.get_source(config.dataset)
+  test = train_lib.evaluate(
+    eval_step,
+    step_lib.replicate(evaluated),
+    input_pipeline.eval_dataset(source, config.pp, batch_size=256, hosts=hosts),
+    prefetch=1,
+  )
+  assert test['accuracy'] == results['test_accuracy']
+  if ema_decay:
+    assert set(resumed.ema_params) == set(resumed.params)
+    assert not np.allclose(
+      evaluated['head']['kernel'], resumed.params['head']['kernel']
+    )
 
 
 def test_batch_that_does_not_divide_is_a_config_error(tmp_path):

@@ -17,6 +17,7 @@ import optax
 
 from vit_jax import losses
 from vit_jax import trainable as trainable_lib
+from vit_jax.errors import ConfigError
 
 AXIS = 'batch'
 Batch = Dict[str, jnp.ndarray]
@@ -28,23 +29,64 @@ class TrainState:
   """Everything a resumed run needs: the step, params and optimizer state.
 
   `opt_state` is the optimizer's state of the trainable leaves only.
+  `ema_params`, in a run with an `ema_decay`, is the exponential moving
+  average of the trainable leaves over the steps so far (`ema_weight`),
+  else None; `evaluated_params` is what evaluation and the saved results
+  use.
   """
 
   step: jnp.ndarray
   params: Any
   opt_state: Any
+  ema_params: Any = None
+
+
+def check_ema_decay(ema_decay: float) -> None:
+  """A ConfigError unless 0 <= ema_decay < 1 (0: no moving average)."""
+  if not 0 <= ema_decay < 1:
+    raise ConfigError(
+      f'config.ema_decay={ema_decay} must be in [0, 1): 0 for no moving '
+      'average of the weights, or a decay such as 0.999 (an average over '
+      'about 1 / (1 - decay) steps).'
+    )
+
+
+def ema_weight(ema_decay: float, update: jnp.ndarray) -> jnp.ndarray:
+  """The weight of the new params in the moving average at `update`
+  (1, 2, ...): (1 - d) / (1 - d^update).
+
+  This is the bias-corrected average of Adam's moments in closed form: 1
+  at the first update, so the initial weights never enter the average, and
+  1 - d once `update` >> 1 / (1 - d). After n updates the average is
+  sum_i d^(n-i) p_i / sum_i d^(n-i) over the params p_1..p_n.
+  """
+  decay = jnp.float32(ema_decay)
+  return (1 - decay) / (1 - decay ** jnp.asarray(update, jnp.float32))
+
+
+def evaluated_params(state: TrainState) -> Any:
+  """The params to evaluate and keep: the moving averages of the trainable
+  leaves with the frozen leaves, or the params themselves without one."""
+  if state.ema_params is None:
+    return state.params
+  return trainable_lib.combine(state.params, state.ema_params)
 
 
 def initial_state(
   params: Any,
   optimizer: optax.GradientTransformation,
   trainable: trainable_lib.Trainable,
+  ema_decay: float = 0.0,
 ) -> TrainState:
-  """The step-0 state; the optimizer sees only the trainable leaves."""
+  """The step-0 state; the optimizer, and the moving average if
+  `ema_decay` > 0, see only the trainable leaves."""
+  check_ema_decay(ema_decay)
+  trained = trainable_lib.partition(params, trainable)[0]
   return TrainState(
     step=jnp.zeros([], jnp.int32),
     params=params,
-    opt_state=optimizer.init(trainable_lib.partition(params, trainable)[0]),
+    opt_state=optimizer.init(trained),
+    ema_params=jax.tree.map(jnp.copy, trained) if ema_decay else None,
   )
 
 
@@ -56,6 +98,7 @@ def make_train_step(
   *,
   accum_steps: int = 1,
   seed: int = 0,
+  ema_decay: float = 0.0,
 ) -> Callable[[TrainState, Batch], Tuple[TrainState, Metrics]]:
   """One optimizer update from one device's batch `[B, H, W, 3]`.
 
@@ -74,9 +117,17 @@ def make_train_step(
     trainable: which leaves train (see `vit_jax.trainable`).
     accum_steps: micro-batches per update; must divide the batch.
     seed: the run's seed, for dropout.
+    ema_decay: the decay of the moving average of the trainable leaves
+      (`ema_weight`), as in `initial_state`; 0 for none.
   """
 
   def train_step(state: TrainState, batch: Batch):
+    if (state.ema_params is None) != (ema_decay == 0):
+      has = 'without' if state.ema_params is None else 'with'
+      raise ValueError(
+        f'make_train_step(ema_decay={ema_decay}) got a state {has} moving '
+        'averages; build it by initial_state with the same ema_decay.'
+      )
     key = jax.random.fold_in(
       jax.random.fold_in(jax.random.key(seed), state.step),
       jax.lax.axis_index(AXIS),
@@ -101,10 +152,16 @@ def make_train_step(
       # 1 while the updated params are all finite (NaN guard).
       'params_finite': all_finite.astype(jnp.float32),
     }
+    ema_params = state.ema_params
+    if ema_params is not None:
+      ema_params = optax.incremental_update(
+        params, ema_params, ema_weight(ema_decay, state.step + 1)
+      )
     new_state = state.replace(
       step=state.step + 1,
       params=trainable_lib.combine(params, frozen),
       opt_state=opt_state,
+      ema_params=ema_params,
     )
     return new_state, metrics
 

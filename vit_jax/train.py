@@ -5,7 +5,9 @@ data-parallel steps over all local devices (and hosts), evaluates on the
 whole test split every `config.eval_every` steps and at the end,
 checkpoints every `config.checkpoint_every` steps and at the end, and
 resumes from the latest checkpoint in `workdir`. Process 0 writes
-`results.json` and what was trained (`config.finetune.task_file`).
+`results.json` and what was trained (`config.finetune.task_file`). With
+`config.ema_decay`, evaluation, results and task file use the moving
+average of the trained weights (`steps.evaluated_params`).
 
 Lifecycle: the config is recorded in `workdir/config.json`, and a restart
 whose config changes more than `results.RESUMABLE_KEYS` stops before it
@@ -302,7 +304,7 @@ def evaluate_fewshot(
 ) -> Dict[str, float]:
   """The few-shot accuracies of the current parameters, logged and written
   as `fewshot/{k}shot`."""
-  shots = evaluator(steps.unreplicate(replicated.params))
+  shots = evaluator(steps.unreplicate(steps.evaluated_params(replicated)))
   logging.info(
     'step %d: few-shot linear accuracy %s',
     step,
@@ -382,7 +384,7 @@ def train_and_evaluate(
 
   # Optimizer: schedule and update rule, for the trainable leaves. -------
   schedule, optimizer = optim.from_config(config)
-  state = steps.initial_state(params, optimizer, trainable)
+  state = steps.initial_state(params, optimizer, trainable, config.ema_decay)
 
   with train_state.TrainCheckpointer(workdir) as checkpointer:
     # Resume: the latest checkpoint in the workdir, if any. --------------
@@ -407,6 +409,7 @@ def train_and_evaluate(
         trainable,
         accum_steps=config.accum_steps,
         seed=config.seed,
+        ema_decay=config.ema_decay,
       ),
       donate_state=True,
     )
@@ -475,7 +478,10 @@ def train_and_evaluate(
         # Evaluation: every test example once, across hosts. --------------
         if do_eval:
           test = evaluate(
-            eval_step, replicated.params, eval_data, config.prefetch
+            eval_step,
+            steps.evaluated_params(replicated),
+            eval_data,
+            config.prefetch,
           )
           logging.info(
             'step %d: test accuracy %.4f over %d examples',
@@ -507,13 +513,20 @@ def train_and_evaluate(
         config.checkpoint_every,
       )
     if test is None:  # Resumed a run that had already finished.
-      test = evaluate(eval_step, replicated.params, eval_data, config.prefetch)
+      test = evaluate(
+        eval_step,
+        steps.evaluated_params(replicated),
+        eval_data,
+        config.prefetch,
+      )
       if fewshot_eval:
-        shots = fewshot_eval(steps.unreplicate(replicated.params))
+        shots = fewshot_eval(
+          steps.unreplicate(steps.evaluated_params(replicated))
+        )
   writer.close()
 
   # Outputs: the task file (what was trained) and results.json. ----------
-  params = steps.unreplicate(replicated).params
+  params = steps.unreplicate(steps.evaluated_params(replicated))
   task_path = config.finetune.task_file and paths.join(
     workdir, config.finetune.task_file
   )

@@ -99,7 +99,8 @@ def partition(params: PyTree, trainable: Trainable) -> Tuple[PyTree, PyTree]:
 
 
 def combine(*trees: PyTree) -> PyTree:
-  """One nested dict of the leaves of disjoint trees (undoes `partition`)."""
+  """One nested dict of the leaves of `trees` (undoes `partition`); where
+  two trees hold the same path, the later tree's leaf is kept."""
   flat = {}
   for tree in trees:
     flat.update(_flatten(tree))
