@@ -79,6 +79,12 @@ def test_a_misspelt_config_key_names_the_close_one(tmp_path, override, message):
       '--config.batch=3',
       'config.batch=3 must be a positive multiple of the 2 devices',
     ),
+    (
+      '--config.model.conv_stem=() --config.model.patches.size=(7,7) '
+      '--config.pp.crop=6',
+      'Images of 6x6 pixels give a 0x0 token grid with 7x7 patches; feed '
+      'larger images (config.pp.crop)',
+    ),
   ],
 )
 def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag, expected):
@@ -91,7 +97,7 @@ def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag, expected):
       '--config.total_steps=5',
       '--config.warmup_steps=1',
       f'--workdir={tmp_path / "run"}',
-      flag.format(npz=npz),
+      *flag.format(npz=npz).split(),
       xla_flags='--xla_force_host_platform_device_count=2',
     )
   )

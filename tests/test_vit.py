@@ -13,6 +13,7 @@ import pytest
 
 from tests import helpers
 from vit_jax import models
+from vit_jax.errors import ConfigError
 from vit_jax.models import resnet
 from vit_jax.models import vit
 
@@ -107,6 +108,26 @@ def test_conv_stem_token_grid_and_names(options, size, grid):
   assert f'stem_conv{len(widths) - 1}/kernel' not in shapes
   patch = options['patches']['size']
   assert shapes['embedding/kernel'] == (*patch, widths[-1], 16)
+
+
+@pytest.mark.parametrize(
+  'options, size, message',
+  [
+    ({'patches': {'size': (7, 7)}}, 6, 'Images of 6x6 pixels give a 0x0'),
+    (
+      {'patches': {'size': (2, 2)}, 'conv_stem': (4, 8)},
+      4,
+      'Images of 4x4 pixels give a 0x0 token grid through 2 stride-2 '
+      'convolutions with 2x2 patches',
+    ),
+  ],
+)
+def test_images_without_a_token_are_a_config_error(options, size, message):
+  """Rather than a NaN loss at the first step."""
+  with pytest.raises(ConfigError, match=message):
+    stem_vit(**options).init(
+      jax.random.key(0), jnp.ones((1, size, size, 3)), train=False
+    )
 
 
 def test_conv_stem_sees_every_pixel_and_is_trained():

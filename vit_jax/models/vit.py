@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.errors import ConfigError
 from vit_jax.models import heads
 from vit_jax.models import resnet
 
@@ -522,6 +523,24 @@ class VisionTransformer(nn.Module):
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
 
+  def _check_tokens(self, image_size: Sequence[int], grid: Sequence[int]):
+    """A ConfigError for images too small to give one token."""
+    if 0 not in grid:
+      return
+    before = []
+    if self.resnet is not None:
+      before.append('the ResNet root')
+    if self.conv_stem:
+      before.append(f'{len(self.conv_stem)} stride-2 convolutions')
+    through = f' through {" and ".join(before)}' if before else ''
+    raise ConfigError(
+      f'Images of {image_size[0]}x{image_size[1]} pixels give a '
+      f'{grid[0]}x{grid[1]} token grid{through} with '
+      f'{"x".join(map(str, self.patches["size"]))} patches; feed larger '
+      'images (config.pp.crop) or use smaller patches '
+      '(config.model.patches.size).'
+    )
+
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     if self.classifier not in CLASSIFIERS:
@@ -547,6 +566,7 @@ class VisionTransformer(nn.Module):
       dtype=self.dtype,
       name='embedding',
     )(x)
+    self._check_tokens(inputs.shape[1:3], x.shape[1:3])
 
     if self.transformer is not None:
       n, h, w, c = x.shape
