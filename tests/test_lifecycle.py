@@ -77,6 +77,16 @@ def test_config_changes_name_keys_outside_the_resumable_ones():
   ]
 
 
+def test_a_record_without_a_key_added_later_holds_its_old_behaviour():
+  """A run recorded before `ema_decay` existed resumes without one."""
+  record = results_lib.config_record(helpers.job_config())
+  del record['ema_decay']
+  assert results_lib.config_changes(record, helpers.job_config()) == []
+  assert results_lib.config_changes(
+    record, helpers.job_config(ema_decay=0.99)
+  ) == [('ema_decay', 0.0, 0.99)]
+
+
 def test_restart_after_an_attempt_that_saved_nothing_starts_over(tmp_path):
   """A record without a checkpoint or results (e.g. a run that failed at
   its first step) does not block a corrected config."""

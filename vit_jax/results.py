@@ -47,6 +47,10 @@ RESUMABLE_KEYS = frozenset(
     'resume_anyway',
   }
 )
+# Config keys added after runs were first recorded, each with the value
+# that computes what a run recorded without it computed: a record that
+# lacks the key counts as holding that value, so such runs still resume.
+ADDED_KEYS = {'ema_decay': 0.0}
 _ABSENT = '(absent)'
 
 
@@ -110,8 +114,10 @@ def config_changes(
 ) -> List[Tuple[str, Any, Any]]:
   """`(key, recorded value, new value)` for every key outside
   `RESUMABLE_KEYS` where `config` differs from the `recorded` record, sorted
-  by key; a key only one side has shows as '(absent)' on the other."""
+  by key; a key only one side has shows as '(absent)' on the other (for
+  a key of `ADDED_KEYS` the record lacks, its value there)."""
   current = config_record(config)
+  recorded = {**ADDED_KEYS, **recorded}
   return [
     (key, recorded.get(key, _ABSENT), current.get(key, _ABSENT))
     for key in sorted(set(recorded) | set(current))
