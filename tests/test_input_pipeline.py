@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from configs import common
@@ -575,11 +576,64 @@ def test_affine_rotation_keeps_distances_and_shift_is_at_most_pad():
   assert np.abs(moved).max() <= 2.01 and moved.std() > 0.5
 
 
+def test_elastic_helpers_equal_scipy_ndimage():
+  """The blur is a Gaussian filter with zeros beyond the edges, and the
+  resampling is bilinear with zeros outside (`map_coordinates`, order 1)."""
+  rng = np.random.default_rng(0)
+  signal = rng.uniform(-1, 1, [28, 5]).astype(np.float32)
+  np.testing.assert_allclose(
+    preprocess._gaussian_matrix(28, 4.0) @ signal,
+    ndimage.gaussian_filter1d(
+      signal, 4.0, axis=0, mode='constant', truncate=27 / 4
+    ),
+    atol=1e-6,
+  )
+  image = rng.uniform(0, 255, [12, 12, 3]).astype(np.float32)
+  rows, cols = rng.uniform(-2, 13, [2, 12, 12]).astype(np.float32)
+  expected = np.stack(
+    [
+      ndimage.map_coordinates(
+        image[..., c], [rows, cols], order=1, mode='grid-constant'
+      )
+      for c in range(3)
+    ],
+    axis=-1,
+  )
+  np.testing.assert_allclose(
+    preprocess._bilinear(image, rows, cols), expected, rtol=1e-5, atol=1e-3
+  )
+
+
+def test_elastic_distortion_moves_a_dot_by_varied_small_amounts():
+  """Simard et al.'s 34 / 4 at 28 pixels moves pixels by a few pixels, a
+  different amount in each image; with `elastic=0` the stream is the
+  affine one."""
+  image = np.zeros([1, 28, 28, 1], np.uint8)
+  image[0, 12:16, 12:16] = 255
+  info = input_pipeline.DatasetInfo('dot', ('dot',), {'train': 1, 'test': 0})
+  source = sources.InMemorySource(info, image, np.zeros(1))
+
+  def images(**pp):
+    config = make_config(
+      batch=64, crop=28, augment='affine', pad=0, flip=False, **pp
+    )
+    batch = first_batches(train_of(source, config, Hosts(0, 1, 1)), 1)[0]
+    return batch['image'][0, ..., 0]
+
+  still = images(elastic=0.0)
+  np.testing.assert_allclose(still, images(elastic=0.0))
+  np.testing.assert_allclose(_dot_positions(still), 13.5, atol=1e-4)
+  moved = _dot_positions(images(elastic=34.0, elastic_sigma=4.0)) - 13.5
+  assert np.abs(moved).max() < 4 and moved.std() > 0.2
+
+
 def test_affine_limits_out_of_range_are_config_errors():
   with pytest.raises(ConfigError, match=r'config.pp.rotate=200'):
     preprocess.check_pp(make_config(augment='affine', rotate=200.0).pp)
   with pytest.raises(ConfigError, match=r'config.pp.scale=1.5'):
     preprocess.check_pp(make_config(augment='affine', scale=1.5).pp)
+  with pytest.raises(ConfigError, match=r'config.pp.elastic=-1.0 must be'):
+    preprocess.check_pp(make_config(augment='affine', elastic=-1.0).pp)
 
 
 def test_eval_preprocessing_maps_pixels_to_minus_one_one():

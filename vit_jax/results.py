@@ -50,7 +50,7 @@ RESUMABLE_KEYS = frozenset(
 # Config keys added after runs were first recorded, each with the value
 # that computes what a run recorded without it computed: a record that
 # lacks the key counts as holding that value, so such runs still resume.
-ADDED_KEYS = {'ema_decay': 0.0}
+ADDED_KEYS = {'ema_decay': 0.0, 'pp.elastic': 0.0, 'pp.elastic_sigma': 4.0}
 _ABSENT = '(absent)'
 
 

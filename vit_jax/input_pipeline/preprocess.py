@@ -11,7 +11,11 @@ augmentations.
   `crop`, then one random affine map about the centre: a rotation of up to
   `rotate` degrees, a zoom by a factor in [1 - `scale`, 1 + `scale`], a
   shear of up to `shear` degrees and a shift of up to `pad` pixels, each
-  uniform; pixels from outside the image are black.
+  uniform; pixels from outside the image are black. With `elastic` > 0,
+  an elastic distortion follows (Simard et al. 2003, the classic MNIST
+  augmentation): every pixel moves by a displacement field of uniform
+  noise in [-1, 1], blurred by a Gaussian of `elastic_sigma` pixels and
+  scaled by `elastic` (Simard et al.: 34 and 4 at 28x28).
 * Training, `augment='none'`: as evaluation.
 * `flip`: random horizontal flip after any training augmentation (off for
   digits, where a mirrored 2 is not a 2).
@@ -26,6 +30,7 @@ import math
 from typing import Callable, Dict
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 from vit_jax.errors import ConfigError
@@ -51,6 +56,11 @@ def check_pp(pp: ml_collections.ConfigDict) -> None:
       raise ConfigError(
         f'config.pp.{key}={pp[key]} must be in [0, {top}) (augment=affine).'
       )
+  if pp.augment == 'affine' and (pp.elastic < 0 or pp.elastic_sigma <= 0):
+    raise ConfigError(
+      f'config.pp.elastic={pp.elastic} must be >= 0 and '
+      f'config.pp.elastic_sigma={pp.elastic_sigma} > 0 (augment=affine).'
+    )
 
 
 def _rgb_float(image: tf.Tensor) -> tf.Tensor:
@@ -126,6 +136,63 @@ def _affine(
   )[0]
 
 
+def _gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+  """The [size, size] matrix that blurs a length-`size` signal by a
+  Gaussian of `sigma` samples, taking zeros beyond its ends."""
+  offsets = np.arange(size)[:, None] - np.arange(size)[None, :]
+  taps = np.exp(-(offsets**2) / (2 * sigma**2))
+  radius = np.arange(-size + 1, size)
+  return (taps / np.exp(-(radius**2) / (2 * sigma**2)).sum()).astype(np.float32)
+
+
+def _bilinear(image: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
+  """`image` [H, W, C] read at the real positions (`rows`, `cols`), each
+  [H, W], interpolated bilinearly; positions outside the image read 0."""
+  height, width = image.shape[0], image.shape[1]
+  corners_y = (
+    tf.floor(rows)[None] + tf.constant([0.0, 0.0, 1.0, 1.0])[:, None, None]
+  )
+  corners_x = (
+    tf.floor(cols)[None] + tf.constant([0.0, 1.0, 0.0, 1.0])[:, None, None]
+  )
+  weights = (1 - tf.abs(rows[None] - corners_y)) * (
+    1 - tf.abs(cols[None] - corners_x)
+  )
+  inside = (
+    (corners_y >= 0)
+    & (corners_y <= height - 1)
+    & (corners_x >= 0)
+    & (corners_x <= width - 1)
+  )
+  weights *= tf.cast(inside, tf.float32)
+  index = tf.cast(
+    tf.stack(
+      [
+        tf.clip_by_value(corners_y, 0, height - 1),
+        tf.clip_by_value(corners_x, 0, width - 1),
+      ],
+      axis=-1,
+    ),
+    tf.int32,
+  )
+  return tf.reduce_sum(weights[..., None] * tf.gather_nd(image, index), 0)
+
+
+def _elastic(
+  image: tf.Tensor, alpha: float, sigma: float, seed: tf.Tensor
+) -> tf.Tensor:
+  """`image` [S, S, C] with each pixel moved by a random smooth field:
+  uniform noise in [-1, 1] per pixel and axis, blurred by a Gaussian of
+  `sigma` pixels, times `alpha` (Simard et al. 2003)."""
+  size = image.shape[0]
+  blur = tf.constant(_gaussian_matrix(size, sigma))
+  noise = tf.random.stateless_uniform([size, size, 2], seed, -1.0, 1.0)
+  field = alpha * tf.einsum('ij,jkc,lk->ilc', blur, noise, blur)
+  grid = tf.range(size, dtype=tf.float32)
+  rows, cols = tf.meshgrid(grid, grid, indexing='ij')
+  return _bilinear(image, rows + field[..., 0], cols + field[..., 1])
+
+
 def eval_fn(crop: int) -> Callable[[Example], Example]:
   """The evaluation preprocessing of one example: resized to `crop`."""
 
@@ -155,6 +222,9 @@ def train_fn(
       image = _pad_and_crop(image, pp.crop, pp.pad, crop_seed)
     elif pp.augment == 'affine':
       image = _affine(image, pp, crop_seed)
+      if pp.elastic:
+        elastic_seed = tf.random.experimental.stateless_fold_in(crop_seed, 1)
+        image = _elastic(image, pp.elastic, pp.elastic_sigma, elastic_seed)
     else:
       image = _resize(image, pp.crop)
     if pp.flip:
