@@ -132,6 +132,14 @@ TRIALS: Dict[str, Dict[str, Any]] = {
     'stem16-32-64_affine_mlp256_2000_lr2e-3_elastic34-4',
     {**_STEM_BEST, 'pp.elastic': 34.0, 'pp.elastic_sigma': 4.0},
   ),
+  **_with_seeds(
+    'stem16-32-64_affine_mlp256_2000_lr2e-3_wd0.5',
+    {**_STEM_BEST, 'weight_decay': 0.5},
+  ),
+  **_with_seeds(
+    'stem16-32-64_affine_mlp256_2000_lr2e-3_wd1',
+    {**_STEM_BEST, 'weight_decay': 1.0},
+  ),
   'patch4_affine_mlp256_700': {**_AFFINE, **_PATCH4, 'total_steps': 700},
   'patch4_affine_mlp256_700_lr3e-3': {
     **_AFFINE,

@@ -42,6 +42,8 @@ def test_vit_b16_cifar10():
     'rotate': 0.0,
     'scale': 0.0,
     'shear': 0.0,
+    'elastic': 0.0,
+    'elastic_sigma': 4.0,
     'flip': True,
   }
   assert config.total_steps == 10_000
