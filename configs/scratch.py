@@ -19,6 +19,7 @@ SETUPS = {
     'model': 'mini_c3',
     'total_steps': 2000,
     'base_lr': 2e-3,
+    'weight_decay': 0.5,
     'pp': {
       'crop': 28,
       'augment': 'affine',
@@ -32,6 +33,7 @@ SETUPS = {
     'model': 'micro4',
     'total_steps': 600,
     'base_lr': 1e-3,
+    'weight_decay': 0.05,
     'pp': {'crop': 16, 'augment': 'pad_and_crop', 'pad': 2},
   },
 }
@@ -52,7 +54,7 @@ def get_config(arg: str = 'mnist5k'):
   config.base_lr = setup['base_lr']
   config.optimizer = 'adamw'
   config.optim_dtype = 'float32'
-  config.weight_decay = 0.05
+  config.weight_decay = setup['weight_decay']
   # A sixteenth of the steps, following --config.total_steps unless
   # --config.warmup_steps is given.
   config.warmup_steps = config.get_ref('total_steps') // 16
