@@ -117,7 +117,8 @@ def config_changes(
   by key; a key only one side has shows as '(absent)' on the other (for
   a key of `ADDED_KEYS` the record lacks, its value there)."""
   current = config_record(config)
-  recorded = {**ADDED_KEYS, **recorded}
+  added = {k: v for k, v in ADDED_KEYS.items() if k in current}
+  recorded = {**added, **recorded}
   return [
     (key, recorded.get(key, _ABSENT), current.get(key, _ABSENT))
     for key in sorted(set(recorded) | set(current))
