@@ -145,6 +145,12 @@ SECOND_ROUND: Dict[str, Dict[str, Any]] = {
   f'{_CHOSEN}_elastic34-4_seed1': {**_STEM_BEST, **_ELASTIC, 'seed': 1},
   **_with_seeds(f'{_CHOSEN}_wd0.5', {**_STEM_BEST, 'weight_decay': 0.5}),
   **_with_seeds(f'{_CHOSEN}_wd1', {**_STEM_BEST, 'weight_decay': 1.0}),
+  f'{_CHOSEN}_wd0.5_constant_ema0.998': {
+    **_STEM_BEST,
+    'weight_decay': 0.5,
+    'decay_type': 'constant',
+    'ema_decay': 0.998,
+  },
 }
 ROUNDS = {'1': FIRST_ROUND, '2': SECOND_ROUND}
 TRIALS = {**FIRST_ROUND, **SECOND_ROUND}
