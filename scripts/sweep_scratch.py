@@ -145,6 +145,13 @@ SECOND_ROUND: Dict[str, Dict[str, Any]] = {
   f'{_CHOSEN}_elastic34-4_seed1': {**_STEM_BEST, **_ELASTIC, 'seed': 1},
   **_with_seeds(f'{_CHOSEN}_wd0.5', {**_STEM_BEST, 'weight_decay': 0.5}),
   **_with_seeds(f'{_CHOSEN}_wd1', {**_STEM_BEST, 'weight_decay': 1.0}),
+  'stem16-32-64_affine_mlp256_batch256_1000_lr3e-3_wd0.5': {
+    **_STEM_BEST,
+    'weight_decay': 0.5,
+    'batch': 256,
+    'total_steps': 1000,
+    'base_lr': 3e-3,
+  },
   f'{_CHOSEN}_wd0.5_constant_ema0.998': {
     **_STEM_BEST,
     'weight_decay': 0.5,
