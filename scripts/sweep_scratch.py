@@ -36,8 +36,9 @@ HELD_OUT = {
 }
 
 # The recipe before the sweep: ViT-Mini_7 (MLP 512), a random shift of up
-# to 2 px, AdamW at 1e-3 with weight decay 0.05, 800 steps. Every trial starts from it, whatever
-# configs/scratch.py holds now, so the table can be regenerated.
+# to 2 px, AdamW at 1e-3 with weight decay 0.05, 800 steps. Every trial
+# starts from it, whatever configs/scratch.py holds now, so the table can
+# be regenerated.
 BEFORE_MODEL = 'mini7'
 BEFORE = {
   'pp.augment': 'pad_and_crop',
@@ -97,25 +98,18 @@ FIRST_ROUND: Dict[str, Dict[str, Any]] = {
     'base_lr': 2e-3,
   },
   'stem32-64-128_affine_mlp256_2000_lr2e-3': {
-    **_PLAIN_BEST,
-    **_STEM,
+    **_STEM_BEST,
     'model.conv_stem': (32, 64, 128),
   },
   'stem16-32-64_affine_mlp256_2000_lr2e-3': _STEM_BEST,
   'stem16-32-64_affine_mlp256_2000_lr2e-3_seed1': {**_STEM_BEST, 'seed': 1},
-  'stem16-32-64_affine_mlp256_2000_lr3e-3': {
-    **_PLAIN_BEST,
-    **_STEM,
-    'base_lr': 3e-3,
-  },
+  'stem16-32-64_affine_mlp256_2000_lr3e-3': {**_STEM_BEST, 'base_lr': 3e-3},
   'stem16-32-64_affine_mlp256_2300_lr2e-3': {
-    **_PLAIN_BEST,
-    **_STEM,
+    **_STEM_BEST,
     'total_steps': 2300,
   },
   'stem16-32-64_depth4_affine_mlp256_3000_lr2e-3': {
-    **_PLAIN_BEST,
-    **_STEM,
+    **_STEM_BEST,
     'total_steps': 3000,
     'model.transformer.num_layers': 4,
   },

@@ -634,6 +634,8 @@ def test_affine_limits_out_of_range_are_config_errors():
     preprocess.check_pp(make_config(augment='affine', scale=1.5).pp)
   with pytest.raises(ConfigError, match=r'config.pp.elastic=-1.0 must be'):
     preprocess.check_pp(make_config(augment='affine', elastic=-1.0).pp)
+  with pytest.raises(ConfigError, match=r"only after augment='affine'"):
+    preprocess.check_pp(make_config(augment='pad_and_crop', elastic=34.0).pp)
 
 
 def test_eval_preprocessing_maps_pixels_to_minus_one_one():

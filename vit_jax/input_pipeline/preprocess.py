@@ -61,6 +61,12 @@ def check_pp(pp: ml_collections.ConfigDict) -> None:
       f'config.pp.elastic={pp.elastic} must be >= 0 and '
       f'config.pp.elastic_sigma={pp.elastic_sigma} > 0 (augment=affine).'
     )
+  if pp.augment != 'affine' and pp.get('elastic'):
+    raise ConfigError(
+      f'config.pp.elastic={pp.elastic} distorts only after '
+      f"augment='affine', not augment={pp.augment!r}; set "
+      "config.pp.augment='affine' or config.pp.elastic=0."
+    )
 
 
 def _rgb_float(image: tf.Tensor) -> tf.Tensor:
