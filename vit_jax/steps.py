@@ -225,12 +225,14 @@ def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None):
   The copies get the sharding of the step's own outputs (`shard`'s), so
   the state a step returns calls the step compiled for the first state;
   `flax.jax_utils.replicate`'s mesh differs in its axis name, which made
-  the train step compile twice.
+  the train step compile twice. Every device gets a buffer of its own: on
+  CPU, device-putting a view of a `jax.Array`'s memory gave all devices
+  that one buffer, which a donating step then overwrote from each device.
   """
   devices = devices or jax.local_devices()
   return shard(
     jax.tree.map(
-      lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))),
+      lambda x: np.repeat(np.asarray(x)[None], len(devices), axis=0),
       tree,
     ),
     devices,
