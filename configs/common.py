@@ -90,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.decay_type = 'cosine'
   # Linear warm-up steps from 0 to `base_lr`.
   config.warmup_steps = 500
+  # Evaluation averages the softmax over the (2s+1)² copies of each image
+  # shifted by up to s = eval_shift pixels (`vit_jax.views`); the one-view
+  # metrics are reported beside. 0: each image once, as vit_jax.
+  config.eval_shift = 0
   # Evaluate and keep an exponential moving average of the trained weights
   # with this decay per step (about the last 1 / (1 - decay) steps,
   # `vit_jax.steps.ema_weight`); 0: the weights of the last step.

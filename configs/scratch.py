@@ -20,6 +20,7 @@ SETUPS = {
     'total_steps': 2000,
     'base_lr': 2e-3,
     'weight_decay': 0.5,
+    'eval_shift': 1,
     'pp': {
       'crop': 28,
       'augment': 'affine',
@@ -34,6 +35,7 @@ SETUPS = {
     'total_steps': 600,
     'base_lr': 1e-3,
     'weight_decay': 0.05,
+    'eval_shift': 0,
     'pp': {'crop': 16, 'augment': 'pad_and_crop', 'pad': 2},
   },
 }
@@ -59,6 +61,7 @@ def get_config(arg: str = 'mnist5k'):
   # --config.warmup_steps is given.
   config.warmup_steps = config.get_ref('total_steps') // 16
   config.label_smoothing = 0.1
+  config.eval_shift = setup['eval_shift']
   config.batch = 128
   config.batch_eval = 256
   config.accum_steps = 1

@@ -265,3 +265,12 @@ def create_setup(config, num_classes: int) -> Setup:
     params, optimizer, fine.is_trainable, config.ema_decay
   )
   return Setup(model, schedule, optimizer, state, fine, fine.is_trainable)
+
+
+def numpy_shift(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
+  """Reference: each output pixel (i, j) reads input pixel (i - rows,
+  j - cols), clamped into the image (the edge repeats)."""
+  height, width = images.shape[1:3]
+  source_rows = np.clip(np.arange(height) - rows, 0, height - 1)
+  source_cols = np.clip(np.arange(width) - cols, 0, width - 1)
+  return images[:, source_rows][:, :, source_cols]

@@ -20,6 +20,7 @@ LAYERS = (
     'cpu_devices',
     'trainable',
     'losses',
+    'views',
     'optim',
     'models',
     'input_pipeline',

@@ -67,7 +67,12 @@ def test_config_changes_name_keys_outside_the_resumable_ones():
   record = results_lib.config_record(helpers.job_config())
   del record['finetune.injection.rank']  # As if recorded by an older run.
   changed = helpers.job_config(
-    seed=3, total_steps=60, eval_every=7, accum_steps=2, resume_anyway=True
+    seed=3,
+    total_steps=60,
+    eval_every=7,
+    eval_shift=1,
+    accum_steps=2,
+    resume_anyway=True,
   )
   changed.model.transformer.num_layers = 1
   assert results_lib.config_changes(record, changed) == [

@@ -330,6 +330,19 @@ def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
   assert 'library_name' not in card
   assert f'no timm weights: the model has {reason}' in card
   assert '`config.json`: under `vit_jax`, the model config' in card
+  assert 'views shifted' not in card  # The run scored one view per image.
+  over_views = {
+    **results,
+    'eval_views': 9,
+    'test_accuracy': 0.985,
+    'test_one_view_accuracy': 0.982,
+    'config': {**results['config'], 'eval_shift': 1},
+  }
+  card = publish.model_card('mixer', summary, over_views, reason)
+  assert (
+    '**98.5% test accuracy** on 1,000 test images (mean of 9 views shifted '
+    'by up to 1 px, `config.eval_shift=1`; one view per image: 98.2%).'
+  ) in card
   # A failure while writing (after the weights) leaves no folder behind.
 
   def disk_full(*unused_args):

@@ -301,6 +301,49 @@ def test_eval_step_counts_only_masked_in_examples():
   np.testing.assert_array_equal(sums['correct'], np.full(8, correct))
 
 
+def test_eval_step_over_shifted_views_scores_their_mean_softmax():
+  """Over 8 devices, with 11 of 16 examples real: the views' sums are
+  those of the mean softmax over the 9 shifted images, computed here one
+  view at a time; the one-view sums are the plain eval step's."""
+  model = models.build_model(helpers.micro_model_config(), num_classes=10)
+  params = model.init(
+    jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]), train=False
+  )['params']
+  batch = random_batches(1, 16)[0]
+  batch['mask'] = np.arange(16) < 11
+  split = jax.tree.map(lambda x: x.reshape(8, 2, *x.shape[1:]), batch)
+  replicated = step_lib.replicate(params)
+  plain = step_lib.data_parallel(step_lib.make_eval_step(model))
+  shifted = step_lib.data_parallel(step_lib.make_eval_step(model, 1))
+  sums, plain_sums = shifted(replicated, split), plain(replicated, split)
+
+  probs = np.mean(
+    [
+      jax.nn.softmax(
+        model.apply(
+          {'params': params},
+          helpers.numpy_shift(batch['image'], r, c),
+          train=False,
+        )
+      )
+      for r in (-1, 0, 1)
+      for c in (-1, 0, 1)
+    ],
+    axis=0,
+  )[:11]
+  labels = batch['label'][:11]
+  correct = (probs.argmax(-1) == labels).sum()
+  loss = -np.log(probs[np.arange(11), labels]).sum()
+  np.testing.assert_array_equal(sums['count'], np.full(8, 11.0))
+  np.testing.assert_array_equal(sums['correct'], np.full(8, correct))
+  chex.assert_trees_all_close(sums['loss'], np.full(8, loss), rtol=1e-5)
+  chex.assert_trees_all_close(
+    (sums['one_view_correct'], sums['one_view_loss']),
+    (plain_sums['correct'], plain_sums['loss']),
+    rtol=1e-6,
+  )
+
+
 # ------------------------------------------------------- the whole job
 
 
@@ -443,6 +486,7 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
     '--config.base_lr=0.003',
     '--config.pp.augment=pad_and_crop',  # Learns faster than affine.
     '--config.fewshot.shots=(1,5)',
+    '--config.eval_shift=1',
   ]
   process = subprocess.run(
     command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
@@ -451,7 +495,8 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   assert 'step 30/30 (100.0%)' in process.stderr and 'ETA' in process.stderr
   assert 'Compiling the train step' in process.stderr
   assert process.stdout.startswith('test accuracy 0.') and (
-    'on 1,000 images' in process.stdout
+    'on 1,000 images (mean of 9 views shifted by up to 1 px; one view: 0.'
+    in process.stdout
     and f'results in {workdir}/results.json' in process.stdout
   )
 
@@ -461,6 +506,8 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   assert results['trainable_params'] == results['total_params'] > 0
   assert results['config']['dataset'] == 'mnist5k'
   assert 0.0 <= results['test_accuracy'] <= 1.0
+  assert results['eval_views'] == 9
+  assert 0.0 <= results['test_one_view_accuracy'] <= 1.0
   assert results['command'] == shlex.join(
     ['python', '-m', 'vit_jax.main'] + command[3:]
   )  # For model cards.
@@ -472,6 +519,14 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
   losses = [line['train/loss'] for line in lines if 'train/loss' in line]
   assert len(losses) == 6 and losses[-1] < losses[0] - 0.1  # Loss falls.
   assert [line['step'] for line in lines if 'test/accuracy' in line] == [15, 30]
+  assert [
+    line['step'] for line in lines if 'test/one_view_accuracy' in line
+  ] == [15, 30]
+  last_test = [line for line in lines if 'test/accuracy' in line][-1]
+  assert (last_test['test/accuracy'], last_test['test/one_view_accuracy']) == (
+    results['test_accuracy'],
+    results['test_one_view_accuracy'],
+  )
   fewshot = [line for line in lines if 'fewshot/5shot' in line]
   assert [line['step'] for line in fewshot] == [15, 30]
   assert results['fewshot_accuracy'] == {

@@ -39,6 +39,7 @@ from vit_jax import cli
 from vit_jax import models
 from vit_jax import paths
 from vit_jax import results as results_lib
+from vit_jax import views
 from vit_jax.errors import CheckpointError
 from vit_jax.errors import ConfigError
 from vit_jax.finetune import serving
@@ -305,6 +306,18 @@ def _position_note(summary: Mapping[str, Any]) -> str:
   )
 
 
+def _views_note(results: Mapping[str, Any]) -> str:
+  """How the test accuracy was scored, when not one view per image."""
+  if results.get('eval_views', 1) == 1:
+    return ''
+  shift = results['config']['eval_shift']
+  one_view = 100 * results['test_one_view_accuracy']
+  return (
+    f' ({views.describe(shift)}, `config.eval_shift={shift}`; one view '
+    f'per image: {one_view:.1f}%)'
+  )
+
+
 def model_card(
   name: str,
   summary: Mapping[str, Any],
@@ -343,7 +356,7 @@ def model_card(
     '(https://github.com/google-research/vision_transformer)) on '
     f'`{summary["dataset"]}` ({summary["num_classes"]} classes): '
     f'**{accuracy:.1f}% test accuracy** on {results["test_examples"]:,} '
-    'test images.',
+    f'test images{_views_note(results)}.',
     '',
     '## Model',
     '',

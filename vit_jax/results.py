@@ -36,7 +36,9 @@ RESUMABLE_KEYS = frozenset(
     'batch_eval',
     'cpu_devices',
     'prefetch',
-    # What else each evaluation measures (`vit_jax.fewshot`).
+    # How each evaluation scores (`vit_jax.views`) and what else it
+    # measures (`vit_jax.fewshot`).
+    'eval_shift',
     'fewshot.shots',
     'fewshot.l2_reg',
     # Where tfds finds (or may download) the same dataset.

@@ -17,6 +17,7 @@ import optax
 
 from vit_jax import losses
 from vit_jax import trainable as trainable_lib
+from vit_jax import views
 from vit_jax.errors import ConfigError
 
 AXIS = 'batch'
@@ -208,12 +209,28 @@ def mean_gradients(
   return jax.lax.pmean(micro_losses.mean(), AXIS), grads
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
-  """Sums of correct predictions, loss and real examples over all devices."""
+def make_eval_step(
+  model: nn.Module, eval_shift: int = 0
+) -> Callable[[Any, Batch], Metrics]:
+  """Sums of correct predictions, loss and real examples over all devices.
+
+  With `eval_shift` > 0 the predictions are the mean softmax over the
+  shifted views of each image (`vit_jax.views`), and `one_view_correct`
+  and `one_view_loss` sum those of the unshifted image alone."""
 
   def eval_step(params, batch: Batch) -> Metrics:
-    logits = model.apply({'params': params}, batch['image'], train=False)
-    sums = losses.eval_sums(logits, batch['label'], batch['mask'])
+    def logits_fn(images):
+      return model.apply({'params': params}, images, train=False)
+
+    labels, mask = batch['label'], batch['mask']
+    if not eval_shift:
+      sums = losses.eval_sums(logits_fn(batch['image']), labels, mask)
+      return jax.lax.psum(sums, AXIS)
+    logits = views.view_logits(logits_fn, batch['image'], eval_shift)
+    one_view = losses.eval_sums(logits[0], labels, mask)
+    sums = losses.eval_sums(views.mean_log_probabilities(logits), labels, mask)
+    sums['one_view_correct'] = one_view['correct']
+    sums['one_view_loss'] = one_view['loss']
     return jax.lax.psum(sums, AXIS)
 
   return eval_step

@@ -47,6 +47,7 @@ from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax import steps
 from vit_jax import trainable as trainable_lib
+from vit_jax import views
 from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
@@ -236,7 +237,9 @@ def divergence_error(
 def evaluate(
   eval_step, params, data: input_pipeline.EvalData, prefetch: int
 ) -> Dict[str, float]:
-  """Accuracy and loss over every example of the test split."""
+  """Accuracy and loss over every example of the test split, and those of
+  the unshifted images alone (`one_view_*`: the same unless the step
+  averages over views, `config.eval_shift`)."""
   totals = None
   for batch in input_pipeline.device_prefetch(data.dataset, prefetch):
     sums = jax.device_get(eval_step(params, batch))
@@ -244,11 +247,38 @@ def evaluate(
     totals = (
       sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     )
+  count = totals['count']
   return {
-    'accuracy': totals['correct'] / totals['count'],
-    'loss': totals['loss'] / totals['count'],
-    'examples': int(totals['count']),
+    'accuracy': totals['correct'] / count,
+    'loss': totals['loss'] / count,
+    'one_view_accuracy': totals.get('one_view_correct', totals['correct'])
+    / count,
+    'one_view_loss': totals.get('one_view_loss', totals['loss']) / count,
+    'examples': int(count),
   }
+
+
+def test_summary(test: Dict[str, float], eval_shift: int) -> str:
+  """'accuracy A over N examples', with the views and the one-view accuracy
+  when evaluation averages over shifted views."""
+  summary = (
+    f'accuracy {test["accuracy"]:.4f} over {test["examples"]:,} examples'
+  )
+  if eval_shift:
+    summary += (
+      f' ({views.describe(eval_shift)}; one view: '
+      f'{test["one_view_accuracy"]:.4f})'
+    )
+  return summary
+
+
+def test_scalars(test: Dict[str, float], eval_shift: int) -> Dict[str, float]:
+  """The metrics of an evaluation under their TensorBoard names."""
+  scalars = {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
+  if eval_shift:
+    scalars['test/one_view_accuracy'] = test['one_view_accuracy']
+    scalars['test/one_view_loss'] = test['one_view_loss']
+  return scalars
 
 
 def training_data(
@@ -328,6 +358,7 @@ def train_and_evaluate(
   # Setup: hosts, batch sizes, the checkpoint to start from, the workdir.
   hosts = input_pipeline.Hosts.from_jax()
   check_batch_sizes(config, hosts)
+  views.check_eval_shift(config.eval_shift, config.pp.crop)
   pretrained_path = results_lib.pretrained_path(config)
   pretrained.check_exists(pretrained_path)
   paths.makedirs(workdir)
@@ -413,7 +444,9 @@ def train_and_evaluate(
       ),
       donate_state=True,
     )
-    eval_step = steps.data_parallel(steps.make_eval_step(model))
+    eval_step = steps.data_parallel(
+      steps.make_eval_step(model, config.eval_shift)
+    )
 
     # Training data from the resumed step on. -----------------------------
     batches = input_pipeline.device_prefetch(
@@ -484,14 +517,9 @@ def train_and_evaluate(
             config.prefetch,
           )
           logging.info(
-            'step %d: test accuracy %.4f over %d examples',
-            step,
-            test['accuracy'],
-            test['examples'],
+            'step %d: test %s', step, test_summary(test, config.eval_shift)
           )
-          writer.write(
-            step, {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
-          )
+          writer.write(step, test_scalars(test, config.eval_shift))
           if fewshot_eval:
             shots = evaluate_fewshot(fewshot_eval, replicated, step, writer)
         if do_save:
@@ -556,6 +584,9 @@ def train_and_evaluate(
     'test_accuracy': test['accuracy'],
     'test_loss': test['loss'],
     'test_examples': test['examples'],
+    'eval_views': len(views.offsets(config.eval_shift)),
+    'test_one_view_accuracy': test['one_view_accuracy'],
+    'test_one_view_loss': test['one_view_loss'],
     'steps': config.total_steps,
     'resumed_from_step': start_step,
     'wall_time_s': time.perf_counter() - start_time,
@@ -579,9 +610,16 @@ def train_and_evaluate(
   if is_writer:
     results_path = paths.join(workdir, results_lib.RESULTS_FILE)
     paths.write_json(results_path, results)
+    views_note = (
+      f' ({views.describe(config.eval_shift)}; one view: '
+      f'{test["one_view_accuracy"]:.3f})'
+      if config.eval_shift
+      else ''
+    )
     print(
       f'test accuracy {test["accuracy"]:.3f} on {test["examples"]:,} '
-      f'images, {metrics_lib.format_duration(results["wall_time_s"])}; '
+      f'images{views_note}, '
+      f'{metrics_lib.format_duration(results["wall_time_s"])}; '
       f'results in {results_path}',
       flush=True,
     )
