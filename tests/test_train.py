@@ -285,15 +285,22 @@ def test_bf16_momentum_state():
   assert dtypes == {jnp.dtype(jnp.bfloat16)}  # optim_dtype's default.
 
 
-def test_eval_step_counts_only_masked_in_examples():
+def eval_setup():
+  """A micro ViT, its params, and a batch of 16 whose first 11 are real,
+  also split over the 8 devices."""
   model = models.build_model(helpers.micro_model_config(), num_classes=10)
   params = model.init(
     jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]), train=False
   )['params']
   batch = random_batches(1, 16)[0]
   batch['mask'] = np.arange(16) < 11
-  eval_step = step_lib.data_parallel(step_lib.make_eval_step(model))
   split = jax.tree.map(lambda x: x.reshape(8, 2, *x.shape[1:]), batch)
+  return model, params, batch, split
+
+
+def test_eval_step_counts_only_masked_in_examples():
+  model, params, batch, split = eval_setup()
+  eval_step = step_lib.data_parallel(step_lib.make_eval_step(model))
   sums = eval_step(step_lib.replicate(params), split)
   logits = model.apply({'params': params}, batch['image'], train=False)
   correct = (np.argmax(logits, -1) == batch['label'])[:11].sum()
@@ -305,13 +312,7 @@ def test_eval_step_over_shifted_views_scores_their_mean_softmax():
   """Over 8 devices, with 11 of 16 examples real: the views' sums are
   those of the mean softmax over the 9 shifted images, computed here one
   view at a time; the one-view sums are the plain eval step's."""
-  model = models.build_model(helpers.micro_model_config(), num_classes=10)
-  params = model.init(
-    jax.random.key(0), jnp.zeros([1, CROP, CROP, 3]), train=False
-  )['params']
-  batch = random_batches(1, 16)[0]
-  batch['mask'] = np.arange(16) < 11
-  split = jax.tree.map(lambda x: x.reshape(8, 2, *x.shape[1:]), batch)
+  model, params, batch, split = eval_setup()
   replicated = step_lib.replicate(params)
   plain = step_lib.data_parallel(step_lib.make_eval_step(model))
   shifted = step_lib.data_parallel(step_lib.make_eval_step(model, 1))

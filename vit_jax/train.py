@@ -258,21 +258,18 @@ def evaluate(
   }
 
 
-def test_summary(test: Dict[str, float], eval_shift: int) -> str:
-  """'accuracy A over N examples', with the views and the one-view accuracy
-  when evaluation averages over shifted views."""
-  summary = (
-    f'accuracy {test["accuracy"]:.4f} over {test["examples"]:,} examples'
-  )
-  if eval_shift:
-    summary += (
-      f' ({views.describe(eval_shift)}; one view: '
-      f'{test["one_view_accuracy"]:.4f})'
-    )
-  return summary
+def views_note(test: Dict[str, float], eval_shift: int, digits: int) -> str:
+  """' (mean of 9 views ...; one view: A)' after an accuracy averaged over
+  shifted views, with the one-view accuracy; '' for one view per image."""
+  if not eval_shift:
+    return ''
+  one_view = test['one_view_accuracy']
+  return f' ({views.describe(eval_shift)}; one view: {one_view:.{digits}f})'
 
 
-def test_scalars(test: Dict[str, float], eval_shift: int) -> Dict[str, float]:
+def evaluation_scalars(
+  test: Dict[str, float], eval_shift: int
+) -> Dict[str, float]:
   """The metrics of an evaluation under their TensorBoard names."""
   scalars = {'test/accuracy': test['accuracy'], 'test/loss': test['loss']}
   if eval_shift:
@@ -517,9 +514,13 @@ def train_and_evaluate(
             config.prefetch,
           )
           logging.info(
-            'step %d: test %s', step, test_summary(test, config.eval_shift)
+            'step %d: test accuracy %.4f over %d examples%s',
+            step,
+            test['accuracy'],
+            test['examples'],
+            views_note(test, config.eval_shift, digits=4),
           )
-          writer.write(step, test_scalars(test, config.eval_shift))
+          writer.write(step, evaluation_scalars(test, config.eval_shift))
           if fewshot_eval:
             shots = evaluate_fewshot(fewshot_eval, replicated, step, writer)
         if do_save:
@@ -610,15 +611,9 @@ def train_and_evaluate(
   if is_writer:
     results_path = paths.join(workdir, results_lib.RESULTS_FILE)
     paths.write_json(results_path, results)
-    views_note = (
-      f' ({views.describe(config.eval_shift)}; one view: '
-      f'{test["one_view_accuracy"]:.3f})'
-      if config.eval_shift
-      else ''
-    )
     print(
       f'test accuracy {test["accuracy"]:.3f} on {test["examples"]:,} '
-      f'images{views_note}, '
+      f'images{views_note(test, config.eval_shift, digits=3)}, '
       f'{metrics_lib.format_duration(results["wall_time_s"])}; '
       f'results in {results_path}',
       flush=True,
