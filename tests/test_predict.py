@@ -1,5 +1,6 @@
 """vit_jax.predict (top-k on image files) and publishing a run as a folder."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -93,6 +94,37 @@ def test_batches_padded_to_size_give_the_same_predictions(run, digit_files):
   assert text.splitlines()[0] == paths[0] and len(text.splitlines()) == 11
 
 
+def test_shifted_views_average_the_softmax_of_the_shifted_images(
+  run, digit_files
+):
+  paths, _ = digit_files
+  classifier = dataclasses.replace(
+    predict.from_task(None, task_path(run)), eval_shift=1
+  )
+  images = input_pipeline.read_images(paths, classifier.crop)
+  expected = np.mean(
+    [
+      jax.nn.softmax(
+        classifier.model.apply(
+          {'params': classifier.params},
+          helpers.numpy_shift(images, r, c),
+          train=False,
+        )
+      )
+      for r in (-1, 0, 1)
+      for c in (-1, 0, 1)
+    ],
+    axis=0,
+  )
+  chex.assert_trees_all_close(
+    classifier.probabilities(images), expected, atol=1e-6
+  )
+  one_view = predict.from_task(None, task_path(run)).probabilities(images)
+  assert not np.allclose(one_view, expected, atol=1e-6)
+  with pytest.raises(ConfigError, match='config.eval_shift=14 must be'):
+    dataclasses.replace(classifier, eval_shift=14)
+
+
 def test_a_checkpoint_with_a_config_names_the_dataset_classes(
   run, digit_files, tmp_path
 ):
@@ -177,6 +209,7 @@ def test_predict_command_line(run, digit_files):
       'vit_jax.predict',
       f'--task={task_path(run)}',
       '--top_k=2',
+      '--eval_shift=1',
       *paths[:2],
     ],
     capture_output=True,
@@ -188,6 +221,11 @@ def test_predict_command_line(run, digit_files):
   lines = result.stdout.splitlines()
   assert lines[0] == paths[0] and lines[3] == paths[1]
   assert all(line.startswith('  ') for line in lines[1:3] + lines[4:6])
+  classifier = dataclasses.replace(
+    predict.from_task(None, task_path(run)), eval_shift=1
+  )
+  (expected,) = predict.predict(classifier, paths[:1], top_k=2)
+  assert lines[:3] == predict.format_prediction(expected).splitlines()
 
 
 @pytest.mark.parametrize('classifier', ['token', 'gap'])
@@ -341,7 +379,8 @@ def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
   card = publish.model_card('mixer', summary, over_views, reason)
   assert (
     '**98.5% test accuracy** on 1,000 test images (mean of 9 views shifted '
-    'by up to 1 px, `config.eval_shift=1`; one view per image: 98.2%).'
+    'by up to 1 px, `config.eval_shift=1`, as `python -m vit_jax.predict '
+    '--eval_shift=1` scores; one view per image: 98.2%).'
   ) in card
   # A failure while writing (after the weights) leaves no folder behind.
 

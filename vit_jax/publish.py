@@ -313,8 +313,9 @@ def _views_note(results: Mapping[str, Any]) -> str:
   shift = results['config']['eval_shift']
   one_view = 100 * results['test_one_view_accuracy']
   return (
-    f' ({views.describe(shift)}, `config.eval_shift={shift}`; one view '
-    f'per image: {one_view:.1f}%)'
+    f' ({views.describe(shift)}, `config.eval_shift={shift}`, as '
+    f'`python -m vit_jax.predict --eval_shift={shift}` scores; one view per '
+    f'image: {one_view:.1f}%)'
   )
 
 

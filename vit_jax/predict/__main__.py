@@ -7,7 +7,9 @@
   python -m vit_jax.predict --task=/tmp/vit_mnist5k/task_params.npz 7.png
   python -m vit_jax.predict --checkpoint=/tmp/vit_mnist5k_model 7.png
 
-Prints, for each image, its top --top_k classes with their probabilities.
+Prints, for each image, its top --top_k classes with their probabilities
+(with --eval_shift, their mean over shifted copies, as the trainer's
+`config.eval_shift` scores them).
 With --config, the checkpoint (any file `vit_jax.checkpoint` reads) runs as
 the config's model at its `pp.crop`, and classes are named after
 `config.dataset` (or --class_names, one name per line). With --task, the
@@ -16,6 +18,8 @@ model, crop and class names come from the trainer's task file, on top of
 which holds every parameter). A --checkpoint that is a folder written by
 `python -m vit_jax.publish` needs nothing else.
 """
+
+import dataclasses
 
 from absl import app
 from absl import flags
@@ -45,6 +49,12 @@ _CLASS_NAMES = flags.DEFINE_string(
 )
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Images per forward pass.')
+_EVAL_SHIFT = flags.DEFINE_integer(
+  'eval_shift',
+  0,
+  'Average the softmax over the copies of each image shifted by up to this '
+  "many pixels (the trainer's config.eval_shift); 0: one view.",
+)
 
 
 def _read_class_names(path: str):
@@ -71,6 +81,7 @@ def main(argv) -> None:
     classifier = predict.from_checkpoint(
       _CONFIG.value, _CHECKPOINT.value, names
     )
+  classifier = dataclasses.replace(classifier, eval_shift=_EVAL_SHIFT.value)
   for prediction in predict.predict(
     classifier, images, _TOP_K.value, _BATCH.value
   ):

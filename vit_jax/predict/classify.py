@@ -16,12 +16,14 @@ import functools
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vit_jax import input_pipeline
 from vit_jax import paths
 from vit_jax import publish
+from vit_jax import views
 from vit_jax.checkpoint import pretrained
 from vit_jax.finetune import serving
 
@@ -36,23 +38,36 @@ class Classifier:
     crop: the image size it was trained at.
     class_names: one name per output, or () where unknown (classes are then
       printed as their indices).
+    eval_shift: 0, or the mean softmax over the copies of each image shifted
+      by up to this many pixels, as the trainer's `config.eval_shift`.
   """
 
   model: Any
   params: Any
   crop: int
   class_names: Tuple[str, ...] = ()
+  eval_shift: int = 0
+
+  def __post_init__(self):
+    views.check_eval_shift(self.eval_shift, self.crop)
 
   @functools.cached_property
   def _probabilities(self) -> Callable[[Any, np.ndarray], jax.Array]:
-    return jax.jit(
-      lambda params, x: jax.nn.softmax(
-        self.model.apply({'params': params}, x, train=False).astype(np.float32)
+    def probabilities(params, images):
+      logits = views.view_logits(
+        lambda x: self.model.apply({'params': params}, x, train=False),
+        images,
+        self.eval_shift,
       )
-    )
+      if len(logits) == 1:
+        return jax.nn.softmax(logits[0].astype(np.float32))
+      return jnp.exp(views.mean_log_probabilities(logits))
+
+    return jax.jit(probabilities)
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    """Softmax of the logits, `[N, classes]`, for preprocessed images."""
+    """Softmax of the logits, `[N, classes]`, for preprocessed images
+    (their mean over the shifted views, with `eval_shift`)."""
     return np.asarray(self._probabilities(self.params, images))
 
   def name(self, index: int) -> str:
