@@ -13,7 +13,8 @@ result shape, e.g. the transposes of `[tokens, features]` activations
 that the weight gradients read.
 
   PYTHONPATH=. python scripts/profile_step.py --model ViT-Ti_16 --batch 32 \
-      [--work train|inference] [--dtype float32] [--top 15] [--by shape]
+      [--work train|inference] [--dtype float32] [--finetune full|ia3|...]
+      [--top 15] [--by shape]
 """
 
 import argparse
@@ -109,6 +110,11 @@ def main() -> None:
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--work', default='train', choices=benchmark.WORK)
   parser.add_argument(
+    '--finetune',
+    default='full',
+    help="fine-tuning mode preset (scripts/benchmark_finetune.py's modes)",
+  )
+  parser.add_argument(
     '--calls',
     type=int,
     default=2,
@@ -123,7 +129,7 @@ def main() -> None:
   )
   args = parser.parse_args()
   config = benchmark.experiment_config(
-    args.model, args.crop, args.batch, args.dtype, 'full'
+    args.model, args.crop, args.batch, args.dtype, args.finetune
   )
   workload = benchmark.make_workload(args.work, config)
   for _ in range(2):
@@ -148,8 +154,8 @@ def main() -> None:
   total = sum(seconds.values())
   print(benchmark.machine())
   print(
-    f'{args.work} step of {args.model} at {args.crop}, batch '
-    f'{args.batch}, {args.dtype}: {statistics.median(wall):.3f} s wall '
+    f'{args.work} step of {args.model} ({args.finetune}) at {args.crop}, '
+    f'batch {args.batch}, {args.dtype}: {statistics.median(wall):.3f} s wall '
     f'per call (traced), {total:.3f} s of XLA operations summed over '
     'threads'
   )
