@@ -94,6 +94,15 @@ def test_first_per_class_keeps_split_order():
   )
 
 
+def test_still_needed_keeps_the_first_of_each_class_across_batches():
+  counts = np.zeros(3, np.int64)
+  first = fewshot.still_needed(np.array([2, 0, 2, 2, 1]), counts, 2)
+  np.testing.assert_array_equal(first, [True, True, True, False, True])
+  second = fewshot.still_needed(np.array([2, 1, 0, 1]), counts, 2)
+  np.testing.assert_array_equal(second, [False, True, True, False])
+  np.testing.assert_array_equal(counts, [2, 2, 2])
+
+
 def test_evaluator_equals_ridge_on_the_whole_splits():
   """Batching, masks and the choice of shots give what one ridge fit on
   features of the whole splits gives."""
