@@ -85,11 +85,6 @@ def test_a_misspelt_config_key_names_the_close_one(tmp_path, override, message):
       'Images of 6x6 pixels give a 0x0 token grid with 7x7 patches; feed '
       'larger images (config.pp.crop)',
     ),
-    (
-      '--config.eval_shift=14',
-      'config.eval_shift=14 must be an integer in [0, 13] (pixels, less '
-      'than half of config.pp.crop=28)',
-    ),
   ],
 )
 def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag, expected):
