@@ -121,7 +121,9 @@ def test_shifted_views_average_the_softmax_of_the_shifted_images(
   )
   one_view = predict.from_task(None, task_path(run)).probabilities(images)
   assert not np.allclose(one_view, expected, atol=1e-6)
-  with pytest.raises(ConfigError, match='config.eval_shift=14 must be'):
+  with pytest.raises(
+    ConfigError, match=r'Classifier.eval_shift=14 must be .* Classifier.crop=8'
+  ):
     dataclasses.replace(classifier, eval_shift=14)
 
 

@@ -18,13 +18,19 @@ import jax.numpy as jnp
 from vit_jax.errors import ConfigError
 
 
-def check_eval_shift(eval_shift: int, crop: int) -> None:
-  """A ConfigError unless 0 <= eval_shift < crop / 2."""
+def check_eval_shift(
+  eval_shift: int,
+  crop: int,
+  key: str = 'config.eval_shift',
+  crop_key: str = 'config.pp.crop',
+) -> None:
+  """A ConfigError naming `key` (and `crop_key`, where `crop` comes from)
+  unless 0 <= eval_shift < crop / 2."""
   if not (isinstance(eval_shift, int) and 0 <= 2 * eval_shift < crop):
     raise ConfigError(
-      f'config.eval_shift={eval_shift!r} must be an integer in [0, '
-      f'{(crop - 1) // 2}] (pixels, less than half of config.pp.crop={crop}); '
-      '0 evaluates each image once.'
+      f'{key}={eval_shift!r} must be an integer in [0, {(crop - 1) // 2}] '
+      f'(pixels, less than half of {crop_key}={crop}); 0 evaluates each '
+      'image once.'
     )
 
 

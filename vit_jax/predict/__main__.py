@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from vit_jax import cli
 from vit_jax import paths
 from vit_jax import predict
+from vit_jax import views
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -81,6 +82,9 @@ def main(argv) -> None:
     classifier = predict.from_checkpoint(
       _CONFIG.value, _CHECKPOINT.value, names
     )
+  views.check_eval_shift(
+    _EVAL_SHIFT.value, classifier.crop, '--eval_shift', "the model's input size"
+  )
   classifier = dataclasses.replace(classifier, eval_shift=_EVAL_SHIFT.value)
   for prediction in predict.predict(
     classifier, images, _TOP_K.value, _BATCH.value

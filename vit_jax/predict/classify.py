@@ -49,7 +49,9 @@ class Classifier:
   eval_shift: int = 0
 
   def __post_init__(self):
-    views.check_eval_shift(self.eval_shift, self.crop)
+    views.check_eval_shift(
+      self.eval_shift, self.crop, 'Classifier.eval_shift', 'Classifier.crop'
+    )
 
   @functools.cached_property
   def _probabilities(self) -> Callable[[Any, np.ndarray], jax.Array]:
