@@ -1,25 +1,19 @@
 """Shared test utilities."""
 
-import dataclasses
 import functools
 import signal
 import socket
 import subprocess
 import threading
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import common
-from vit_jax import finetune
+from vit_jax import experiment
 from vit_jax import models
-from vit_jax import optim
 from vit_jax import results
-from vit_jax import steps
-from vit_jax.checkpoint import pretrained
 
 _QKV = ('query', 'key', 'value')
 _POOL_SIZE = 1 << 20
@@ -235,36 +229,10 @@ def four_step_config():
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What `train.train_and_evaluate` builds before its first step."""
-
-  model: Any
-  schedule: optax.Schedule
-  optimizer: optax.GradientTransformation
-  state: steps.TrainState
-  finetune: finetune.Finetune
-  trainable: Callable[[str], bool]
-
-
-def create_setup(config, num_classes: int) -> Setup:
-  """The model, schedule, optimizer and step-0 state `config` trains, built
-  with the library calls of `vit_jax.train`."""
-  fine = finetune.from_config(config.finetune)
-  model = finetune.build_model(config, num_classes, fine)
-  params = pretrained.init_params(
-    model,
-    config.pp.crop,
-    seed=config.seed,
-    pretrained_path=results.pretrained_path(config),
-    model_config=config.model,
-    is_added=fine.is_added,
-  )
-  schedule, optimizer = optim.from_config(config)
-  state = steps.initial_state(
-    params, optimizer, fine.is_trainable, config.ema_decay
-  )
-  return Setup(model, schedule, optimizer, state, fine, fine.is_trainable)
+def create_setup(config, num_classes: int) -> experiment.Experiment:
+  """What `train.train_and_evaluate` builds for `config` before its first
+  step (`experiment.build`, from the config's pretrained checkpoint)."""
+  return experiment.build(config, num_classes, results.pretrained_path(config))
 
 
 def numpy_shift(images: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -27,7 +27,8 @@ LAYERS = (
   ),
   ('checkpoint', 'features'),
   ('finetune', 'fewshot', 'steps', 'results', 'metrics', 'utils'),
-  ('publish', 'benchmarks'),
+  ('experiment',),
+  ('publish', 'benchmarks', 'lifecycle', 'evaluation'),
   ('predict', 'attention'),
   ('train',),
 )

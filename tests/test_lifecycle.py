@@ -10,9 +10,12 @@ import sys
 import threading
 
 import chex
+import ml_collections
 import pytest
 
 from tests import helpers
+from vit_jax import errors
+from vit_jax import lifecycle
 from vit_jax import metrics
 from vit_jax import results as results_lib
 from vit_jax import train as train_lib
@@ -49,6 +52,57 @@ def straight(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('straight')
   train(helpers.job_config(), workdir)
   return workdir
+
+
+# --------------------------------------------------- the loop's intervals
+
+
+@pytest.mark.parametrize(
+  'key, value, message',
+  [
+    ('progress_every', 0, r'config.progress_every=0 must be >= 1'),
+    ('eval_every', -1, r'config.eval_every=-1 must be >= 0'),
+    ('checkpoint_every', -5, r'config.checkpoint_every=-5 must be >= 0'),
+    ('total_steps', 0, r'config.total_steps=0 must be >= 1'),
+  ],
+)
+def test_an_interval_out_of_range_is_refused_before_the_workdir(
+  tmp_path, key, value, message
+):
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError, match=message):
+    train(helpers.job_config(**{key: value}), workdir)
+  assert not workdir.exists()
+
+
+def test_an_interval_that_is_not_an_integer_is_refused():
+  """A config built in code (`ConfigDict`'s types do not stop it)."""
+  config = ml_collections.ConfigDict(
+    {
+      'total_steps': 10,
+      'progress_every': 2.5,
+      'eval_every': 0,
+      'checkpoint_every': 0,
+    }
+  )
+  with pytest.raises(ConfigError, match='progress_every=2.5 must be an int'):
+    lifecycle.Intervals.from_config(config)
+
+
+def test_intervals_say_what_is_due_after_each_step():
+  """Evaluation every 4 steps and at the end, checkpoints every 3 and at
+  the end, reports every 5 steps and at each of those."""
+  intervals = lifecycle.Intervals(
+    total_steps=10, progress_every=5, eval_every=4, checkpoint_every=3
+  )
+  due = {step: intervals.due(step) for step in range(1, 11)}
+  assert [s for s, d in due.items() if d.evaluate] == [4, 8, 10]
+  assert [s for s, d in due.items() if d.save] == [3, 6, 9, 10]
+  assert [s for s, d in due.items() if d.report] == [3, 4, 5, 6, 8, 9, 10]
+  assert [s for s, d in due.items() if d.last] == [10]
+  never = lifecycle.Intervals(10, 20, 0, 0)
+  assert [s for s in range(1, 11) if never.due(s).evaluate] == [10]
+  assert not any(never.due(s).save for s in range(1, 11))
 
 
 # --------------------------------------------------- the config record
@@ -96,10 +150,10 @@ def test_restart_after_an_attempt_that_saved_nothing_starts_over(tmp_path):
   """A record without a checkpoint or results (e.g. a run that failed at
   its first step) does not block a corrected config."""
   results_lib.write_config_record(str(tmp_path), helpers.job_config(batch=64))
-  train_lib.check_restart(helpers.job_config(), str(tmp_path))
+  lifecycle.check_restart(helpers.job_config(), str(tmp_path))
   (tmp_path / results_lib.RESULTS_FILE).write_text('{}')
   with pytest.raises(ConfigError, match=r'batch: 64 -> 32'):
-    train_lib.check_restart(helpers.job_config(), str(tmp_path))
+    lifecycle.check_restart(helpers.job_config(), str(tmp_path))
 
 
 @pytest.mark.slow
@@ -123,7 +177,7 @@ def test_restart_with_another_config_is_refused(straight, tmp_path):
   after = {name: (workdir / name).read_bytes() for name in OUTPUTS}
   assert after == before  # results.json and the task file untouched.
 
-  train_lib.check_restart(
+  lifecycle.check_restart(
     helpers.job_config(seed=1, resume_anyway=True), str(workdir)
   )  # Does not raise.
   longer = train(helpers.job_config(total_steps=8), workdir)
@@ -152,7 +206,7 @@ def test_sigterm_saves_the_step_and_resumes_as_uninterrupted(
   assert threading.current_thread() is threading.main_thread()
   handler = signal.getsignal(signal.SIGTERM)
   monkeypatch.setattr(metrics.MetricWriter, 'write', preempt_at_step_2)
-  with pytest.raises(train_lib.Interrupted) as error:
+  with pytest.raises(errors.Interrupted) as error:
     train(config, workdir)
   monkeypatch.undo()
   assert str(error.value) == (

@@ -23,13 +23,13 @@ import pytest
 
 from tests import helpers
 from tests import multihost_worker
+from vit_jax import evaluation
 from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import main as main_lib
 from vit_jax import metrics
 from vit_jax import results as results_lib
 from vit_jax import steps
-from vit_jax import train
 from vit_jax.checkpoint import train_state
 from vit_jax.input_pipeline import splits
 
@@ -261,7 +261,7 @@ def test_evaluation_scored_every_test_example_once(runs, reference, source):
     batch_size=config.batch_eval,
     hosts=input_pipeline.Hosts(0, 1, jax.local_device_count()),
   )
-  expected = train.evaluate(
+  expected = evaluation.evaluate(
     steps.data_parallel(steps.make_eval_step(setup.model)),
     steps.replicate(state.params),
     eval_data,

@@ -7,6 +7,7 @@ import pytest
 
 from tests import helpers
 from vit_jax import models
+from vit_jax import steps
 from vit_jax.benchmarks import timing
 from vit_jax.models import table
 
@@ -66,6 +67,32 @@ def test_train_step_flops_full_vs_head_only():
   assert head.trainable_params < full.params / 10
   for _ in range(3):  # The donated state is replaced after every call.
     full.run()
+
+
+def test_the_timed_train_step_is_the_trainers():
+  """`experiment.build` makes the benchmark's step as the trainer's: with a
+  moving average, the state carries one and the step updates it."""
+  devices = jax.local_devices()[:1]
+  step, state = timing.train_step_and_state(
+    helpers.job_config(batch=8, ema_decay=0.5), 10, devices
+  )
+  assert state.ema_params is not None
+  initial = jax.device_get(steps.unreplicate(state).params)
+  batch = timing.synthetic_batch(8, helpers.CROP, 10, devices)
+  for _ in range(2):
+    state, _ = step(state, batch)
+  trained = jax.device_get(steps.unreplicate(state))
+  # Two updates p1, p2 at decay 0.5: the average is (0.5 p1 + p2) / 1.5,
+  # neither the weights nor the initial weights.
+  averaged = steps.evaluated_params(trained)['head']['kernel']
+  assert not np.allclose(averaged, trained.params['head']['kernel'])
+  assert not np.allclose(averaged, initial['head']['kernel'])
+  with pytest.raises(ValueError, match='cache_features=True'):
+    timing.train_step_and_state(
+      helpers.job_config(finetune={'mode': 'head', 'cache_features': True}),
+      10,
+      devices,
+    )
 
 
 def test_synthetic_batch_is_split_over_devices():

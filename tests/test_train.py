@@ -16,8 +16,12 @@ import pytest
 from configs import common
 from tests import helpers
 from vit_jax import checkpoint
+from vit_jax import errors
+from vit_jax import evaluation
 from vit_jax import input_pipeline
+from vit_jax import lifecycle
 from vit_jax import losses
+from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import steps as step_lib
@@ -364,19 +368,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   crash_dir = str(tmp_path / 'crashed')
-  original_write = train_lib.metrics_lib.MetricWriter.write
+  original_write = metrics_lib.MetricWriter.write
 
   def crash_at_step_4(self, step, scalars):
     if step == 4:
       raise KeyboardInterrupt('simulated crash at step 4')
     original_write(self, step, scalars)
 
-  monkeypatch.setattr(
-    train_lib.metrics_lib.MetricWriter, 'write', crash_at_step_4
-  )
+  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', crash_at_step_4)
   # Ctrl-C saves the step it stopped at (3 was saved on its interval).
   with pytest.raises(
-    train_lib.Interrupted, match='saved a checkpoint of step 4 in'
+    errors.Interrupted, match='saved a checkpoint of step 4 in'
   ):
     train_lib.train_and_evaluate(config, crash_dir)
   monkeypatch.undo()
@@ -400,7 +402,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   eval_step = step_lib.data_parallel(step_lib.make_eval_step(setup.model))
   hosts = input_pipeline.Hosts.from_jax()
   source = input_pipeline.get_source(config.dataset)
-  test = train_lib.evaluate(
+  test = evaluation.evaluate(
     eval_step,
     step_lib.replicate(evaluated),
     input_pipeline.eval_dataset(source, config.pp, batch_size=256, hosts=hosts),
@@ -450,7 +452,7 @@ def test_divergence_message(last_checkpoint, dtype):
   """Says whether a finite checkpoint exists; suggests float32 only when
   the run computes in another dtype."""
   message = str(
-    train_lib.divergence_error(
+    lifecycle.divergence_error(
       7,
       {'loss': float('nan'), 'params_finite': 0.0},
       last_checkpoint,

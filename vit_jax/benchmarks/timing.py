@@ -20,12 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import experiment
 from vit_jax import finetune
-from vit_jax import losses
-from vit_jax import optim
 from vit_jax import steps
 from vit_jax import trainable as trainable_lib
-from vit_jax.checkpoint import pretrained
 from vit_jax.models import table
 
 # The matmul sizes `matmul_peak` tries: large enough to reach the peak of
@@ -165,27 +163,17 @@ def train_step_and_state(
   num_classes: int,
   devices: Sequence[jax.Device],
 ) -> Tuple[Callable, steps.TrainState]:
-  """The trainer's data-parallel train step for `config` (model, fine-tuning
-  mode, optimizer, accumulation, dtype), built from the same functions as
-  `vit_jax.train`, and its step-0 state (randomly initialised weights),
-  replicated on `devices`."""
-  fine = finetune.from_config(config.finetune)
-  model = finetune.build_model(config, num_classes, fine)
-  params = pretrained.init_params(model, config.pp.crop, seed=config.seed)
-  schedule, optimizer = optim.from_config(config)
-  step = steps.data_parallel(
-    steps.make_train_step(
-      losses.classifier_loss(model, config.label_smoothing),
-      optimizer,
-      schedule,
-      fine.is_trainable,
-      accum_steps=config.accum_steps,
-    ),
-    donate_state=True,
-    devices=devices,
-  )
-  state = steps.initial_state(params, optimizer, fine.is_trainable)
-  return step, steps.replicate(state, devices)
+  """The trainer's data-parallel train step for `config`, built by
+  `experiment.build` as `vit_jax.train` builds it, and its step-0 state
+  (randomly initialised weights), replicated on `devices`."""
+  if config.finetune.cache_features:
+    raise ValueError(
+      'config.finetune.cache_features=True trains on features, which the '
+      'benchmark does not make; time it with cache_features=False.'
+    )
+  exp = experiment.build(config, num_classes)
+  step = steps.data_parallel(exp.train_step, donate_state=True, devices=devices)
+  return step, steps.replicate(exp.state, devices)
 
 
 def train_workload(
@@ -197,7 +185,7 @@ def train_workload(
   devices = devices or jax.local_devices()
   step, state = train_step_and_state(config, num_classes, devices)
   params = steps.unreplicate(state).params
-  fine = finetune.from_config(config.finetune)
+  trainable = finetune.from_config(config.finetune).is_trainable
   data = synthetic_batch(config.batch, config.pp.crop, num_classes, devices)
   return _workload(
     step,
@@ -207,7 +195,7 @@ def train_workload(
     len(devices),
     donated=True,
     params=trainable_lib.count(params),
-    trainable_params=trainable_lib.count(params, fine.is_trainable),
+    trainable_params=trainable_lib.count(params, trainable),
   )
 
 

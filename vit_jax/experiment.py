@@ -1,0 +1,106 @@
+"""What a run builds from its config before the first step.
+
+`build` makes the model, its initial parameters, the fine-tuning mode (the
+run's one decision of what trains), the optimizer, the step-0 train state
+and the per-device train and eval step functions. The trainer
+(`vit_jax.train`) and the benchmarks (`vit_jax.benchmarks.timing`) both
+call it, so a benchmark times the very step a run trains with: its moving
+average, seed, accumulation and, with `config.finetune.cache_features`,
+the head-only loss on features. The steps are returned unmapped: the caller
+maps them over its devices (`steps.data_parallel`).
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import ml_collections
+import optax
+
+from vit_jax import features
+from vit_jax import finetune
+from vit_jax import losses
+from vit_jax import optim
+from vit_jax import steps
+from vit_jax.checkpoint import pretrained
+from vit_jax.models import heads
+
+
+@dataclasses.dataclass
+class Experiment:
+  """The parts of a run that its config determines.
+
+  Attributes:
+    model: the model, with the fine-tuning mode's injected modules.
+    finetune: the fine-tuning mode; `finetune.is_trainable` decides which
+      leaves train.
+    schedule: the learning rate by step.
+    optimizer: the update rule of the trainable leaves.
+    state: the step-0 train state (initial or pretrained params).
+    train_step: `(state, batch) -> (state, metrics)` on one device's batch.
+    eval_step: `(params, batch) -> sums` on one device's batch.
+  """
+
+  model: nn.Module
+  finetune: finetune.Finetune
+  schedule: optax.Schedule
+  optimizer: optax.GradientTransformation
+  state: steps.TrainState
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+
+  @property
+  def trainable(self) -> Callable[[str], bool]:
+    """Whether the leaf at a path trains."""
+    return self.finetune.is_trainable
+
+
+def build(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  pretrained_path: Optional[str] = None,
+) -> Experiment:
+  """The `Experiment` of `config` for `num_classes` classes, starting from
+  `pretrained_path` (None: random initialisation, seeded by config.seed).
+
+  ConfigErrors, before anything compiles, for a fine-tuning mode the
+  params do not fit and for features that cannot be cached.
+  """
+  fine = finetune.from_config(config.finetune)
+  model = finetune.build_model(config, num_classes, fine)
+  params = pretrained.init_params(
+    model,
+    config.pp.crop,
+    seed=config.seed,
+    pretrained_path=pretrained_path,
+    model_config=config.model,
+    is_added=fine.is_added,
+  )
+  fine.check(params)
+  cache_features = config.finetune.cache_features
+  if cache_features:
+    features.check_cacheable(config, model, params, fine.is_trainable)
+  schedule, optimizer = optim.from_config(config)
+  train_step = steps.make_train_step(
+    losses.classifier_loss(
+      heads.Head.of(model) if cache_features else model,
+      config.label_smoothing,
+    ),
+    optimizer,
+    schedule,
+    fine.is_trainable,
+    accum_steps=config.accum_steps,
+    seed=config.seed,
+    ema_decay=config.ema_decay,
+  )
+  return Experiment(
+    model=model,
+    finetune=fine,
+    schedule=schedule,
+    optimizer=optimizer,
+    state=steps.initial_state(
+      params, optimizer, fine.is_trainable, config.ema_decay
+    ),
+    train_step=train_step,
+    eval_step=steps.make_eval_step(model, config.eval_shift),
+  )
