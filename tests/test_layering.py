@@ -26,9 +26,17 @@ LAYERS = (
     'input_pipeline',
   ),
   ('checkpoint', 'features'),
-  ('finetune', 'fewshot', 'steps', 'results', 'metrics', 'utils'),
+  (
+    'finetune',
+    'fewshot',
+    'steps',
+    'results',
+    'metrics',
+    'utils',
+    'test_utils',
+  ),
   ('publish', 'benchmarks'),
-  ('predict', 'attention'),
+  ('predict', 'attention', 'inference_time'),
   ('train',),
 )
 ENTRY_POINTS = ('main', '__main__')
