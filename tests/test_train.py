@@ -16,6 +16,7 @@ import pytest
 from configs import common
 from tests import helpers
 from vit_jax import checkpoint
+from vit_jax import inference_time
 from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import models
@@ -23,7 +24,6 @@ from vit_jax import optim
 from vit_jax import steps as step_lib
 from vit_jax import train as train_lib
 from vit_jax import trainable as trainable_lib
-from vit_jax.benchmarks import inference_time
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
