@@ -25,6 +25,8 @@ setuptools.setup(
   # `configs` (the experiment configs, `from configs import common` as in
   # the repository): `--config=configs/vit.py:...` finds the installed copy
   # outside the repository root (vit_jax.cli.with_installed_configs).
+  # `vit_jax.configs` is a link to it (vit_jax's path of the same files);
+  # the wheel holds a copy of each file under both names.
   packages=setuptools.find_packages(
     include=['vit_jax', 'vit_jax.*', 'configs']
   ),

@@ -26,10 +26,18 @@ LAYERS = (
     'input_pipeline',
   ),
   ('checkpoint', 'features'),
-  ('finetune', 'fewshot', 'steps', 'results', 'metrics', 'utils'),
+  (
+    'finetune',
+    'fewshot',
+    'steps',
+    'results',
+    'metrics',
+    'utils',
+    'test_utils',
+  ),
   ('experiment',),
   ('publish', 'benchmarks', 'lifecycle', 'evaluation'),
-  ('predict', 'attention'),
+  ('predict', 'attention', 'inference_time'),
   ('train',),
 )
 ENTRY_POINTS = ('main', '__main__')

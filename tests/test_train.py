@@ -18,6 +18,7 @@ from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import errors
 from vit_jax import evaluation
+from vit_jax import inference_time
 from vit_jax import input_pipeline
 from vit_jax import lifecycle
 from vit_jax import losses
@@ -27,7 +28,6 @@ from vit_jax import optim
 from vit_jax import steps as step_lib
 from vit_jax import train as train_lib
 from vit_jax import trainable as trainable_lib
-from vit_jax.benchmarks import inference_time
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
@@ -62,6 +62,14 @@ def test_schedule_values(decay_type, expected):
   np.testing.assert_allclose(values, expected, atol=1e-7)
 
 
+@pytest.mark.parametrize('decay_type', optim.DECAY_TYPES)
+def test_a_run_shorter_than_its_warm_up_warms_up_throughout(decay_type):
+  short = schedule(decay_type, warmup=200, total=110)
+  np.testing.assert_allclose(
+    [float(short(step)) for step in (0, 50, 110)], [0.0, 0.125, 0.275]
+  )
+
+
 def test_cosine_matches_vit_jax_formula():
   cosine = schedule('cosine')
   for step in (13, 37, 81):
@@ -83,8 +91,8 @@ def test_linear_matches_vit_jax_formula():
 def test_schedule_rejects_bad_settings():
   with pytest.raises(ConfigError, match='decay_type'):
     schedule('step')
-  with pytest.raises(ConfigError, match='warmup_steps=200'):
-    schedule('cosine', warmup=200)
+  with pytest.raises(ConfigError, match='warmup_steps=-1'):
+    schedule('cosine', warmup=-1)
   with pytest.raises(ConfigError, match="optimizer='lamb'"):
     optim.make_optimizer(
       'lamb',

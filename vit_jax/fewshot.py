@@ -143,10 +143,11 @@ class Evaluator:
         source, config.pp, batch_size=batch, hosts=hosts, split=name
       )
 
+    pp = input_pipeline.complete_pp(config.pp)
     self.train = _training_examples(
-      split(config.pp.train), max(shots), self.num_classes
+      split(pp.train), max(shots), self.num_classes
     )
-    self.test = split(config.pp.test)
+    self.test = split(pp.test)
     self.batch = batch
     self._extract = features_lib.extractor(model)
 

@@ -23,9 +23,9 @@ from ml_collections import config_flags
 
 from vit_jax import cli
 from vit_jax import cpu_devices
+from vit_jax import inference_time
 from vit_jax import paths
 from vit_jax import train
-from vit_jax.benchmarks import inference_time
 from vit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -132,7 +132,8 @@ def main(argv) -> None:
     )
   check_workdir(_WORKDIR.value)
   cpu_devices.configure(config)
-  if config.distributed:
+  # vit_jax's inference_time config has no `distributed` (one host).
+  if config.get('distributed', False):
     initialize_distributed()
   logging.info(
     'JAX process %d of %d, %d local / %d total devices (%s)',

@@ -14,6 +14,7 @@ never updated.
 
 from typing import Any, Mapping, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -36,16 +37,30 @@ def learning_rate_schedule(
   linear_end: float = LINEAR_END,
 ) -> optax.Schedule:
   """0 at step 0, `base_lr` after `warmup_steps`, then decayed: to 0 at the
-  end (cosine), to `linear_end` (linear), or not at all (constant)."""
+  end (cosine), to `linear_end` (linear), or not at all (constant).
+
+  A run no longer than its warm-up (e.g. vit_jax's one-step test with the
+  default 500 warm-up steps) warms up throughout: the rate rises as
+  `base_lr * step / warmup_steps` and never decays (vit_jax's formula runs
+  such a cosine schedule at 0), with a warning.
+  """
   if decay_type not in DECAY_TYPES:
     raise ConfigError(
       f'config.decay_type={decay_type!r}; choose one of {DECAY_TYPES}.'
     )
-  if not 0 <= warmup_steps < total_steps:
-    raise ConfigError(
-      f'config.warmup_steps={warmup_steps} must be in [0, '
-      f'config.total_steps={total_steps}).'
+  if warmup_steps < 0:
+    raise ConfigError(f'config.warmup_steps={warmup_steps} must be >= 0.')
+  warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+  if warmup_steps >= total_steps:
+    logging.warning(
+      'config.warmup_steps=%d >= config.total_steps=%d: the learning rate '
+      'warms up throughout and ends at %g, below base_lr=%g.',
+      warmup_steps,
+      total_steps,
+      base_lr * total_steps / warmup_steps,
+      base_lr,
     )
+    return warmup
   decay_steps = total_steps - warmup_steps
   decay = {
     'cosine': optax.cosine_decay_schedule(base_lr, decay_steps),
@@ -54,9 +69,7 @@ def learning_rate_schedule(
   }[decay_type]
   if not warmup_steps:
     return decay
-  return optax.join_schedules(
-    [optax.linear_schedule(0.0, base_lr, warmup_steps), decay], [warmup_steps]
-  )
+  return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def _decayed(params):

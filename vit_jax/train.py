@@ -88,7 +88,7 @@ def training_data(
     config.pp,
     batch_size=config.batch_eval,
     hosts=hosts,
-    split=config.pp.train,
+    split=input_pipeline.complete_pp(config.pp).train,
   )
   cached, labels = features.of_split(
     features.extractor(exp.model), params, split

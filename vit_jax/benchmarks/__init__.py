@@ -1,1 +1,2 @@
-"""Speed measurements: the timing harness and the `inference_time` job."""
+"""Speed measurements: the timing harness (`vit_jax.inference_time` and the
+benchmark scripts use it)."""

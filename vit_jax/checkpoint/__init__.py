@@ -306,7 +306,10 @@ def load_pretrained(
 
 
 def save(
-  path: str, params: Mapping[str, Any], *, num_heads: Optional[int] = None
+  path: Union[str, Mapping[str, Any]],
+  params: Union[Mapping[str, Any], str],
+  *,
+  num_heads: Optional[int] = None,
 ) -> None:
   """Writes `params` atomically, in the format of `path`'s extension.
 
@@ -314,7 +317,10 @@ def save(
   `.safetensors`: timm's names and layouts (needs `num_heads`, except for a
   Swin tree), loadable by
   `timm.create_model(..., pretrained_cfg_overlay=dict(file=path))`.
+  vit_jax's argument order, `save(params, path)`, is accepted too.
   """
+  if isinstance(path, Mapping):
+    path, params = params, path
   flat = {
     key: np.asarray(value, np.float32)
     for key, value in inspect.flatten(params).items()

@@ -31,8 +31,12 @@ from vit_jax.input_pipeline.pipeline import feature_dataset
 from vit_jax.input_pipeline.pipeline import get_datasets
 from vit_jax.input_pipeline.pipeline import get_source
 from vit_jax.input_pipeline.pipeline import train_dataset
+from vit_jax.input_pipeline.preprocess import complete_pp
 from vit_jax.input_pipeline.sources import DatasetInfo
 from vit_jax.input_pipeline.sources import Source
+
+# vit_jax's name of `device_prefetch`.
+prefetch = device_prefetch
 
 __all__ = [
   'DatasetError',
@@ -41,11 +45,13 @@ __all__ = [
   'Hosts',
   'Source',
   'class_names',
+  'complete_pp',
   'device_prefetch',
   'eval_dataset',
   'feature_dataset',
   'get_datasets',
   'get_source',
+  'prefetch',
   'read_images',
   'train_dataset',
 ]

@@ -165,7 +165,8 @@ def train_dataset(
   Args:
     source: where the examples come from (`get_source`).
     pp: the preprocessing settings (`config.pp`): the split `pp.train`,
-      `crop`, `augment`, `pad`, `flip`.
+      `crop`, `augment`, `pad`, `flip`; the keys it lacks are
+      `preprocess.PP_DEFAULTS`' (vit_jax's).
     batch_size: the global batch, over all hosts and devices.
     seed: of the shuffle and the augmentation (per host).
     shuffle_buffer: examples in tf.data's shuffle buffer.
@@ -176,6 +177,7 @@ def train_dataset(
   """
   hosts = hosts or Hosts.from_jax()
   host_batch = hosts.per_device_batch(batch_size) * hosts.local_devices
+  pp = preprocess.complete_pp(pp)
   split = pp.train
   size = source.num_examples(split, hosts.process_index, hosts.process_count)
   if size == 0:
@@ -250,13 +252,14 @@ def eval_dataset(
   hosts: Optional[Hosts] = None,
   split: Optional[str] = None,
 ) -> EvalData:
-  """Every example of `split` (default `pp.test`) once, resized to
-  `pp.crop`, in padded, masked batches of `batch_size` over all hosts and
-  devices."""
+  """Every example of `split` (default `pp.test`, else 'test') once,
+  resized to `pp.crop`, in padded, masked batches of `batch_size` over all
+  hosts and devices."""
   hosts = hosts or Hosts.from_jax()
   host_batch = (
     hosts.per_device_batch(batch_size, 'batch_eval') * hosts.local_devices
   )
+  pp = preprocess.complete_pp(pp)
   split = split or pp.test
   sizes = [
     source.num_examples(split, index, hosts.process_count)

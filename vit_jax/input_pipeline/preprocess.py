@@ -27,7 +27,7 @@ however many threads tf.data uses.
 """
 
 import math
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import ml_collections
 import numpy as np
@@ -39,6 +39,34 @@ AUGMENTATIONS = ('inception_crop', 'pad_and_crop', 'affine', 'none')
 INCEPTION_AREA_RANGE = (0.05, 1.0)
 
 Example = Dict[str, tf.Tensor]
+
+
+# What a `config.pp` without these keys gets: vit_jax's preprocessing.
+# vit_jax's configs set only `train`, `test` and `crop`, and for an image
+# folder only `crop` (its `train/` and `test/` sub-folders are the splits).
+PP_DEFAULTS = {
+  'train': 'train',
+  'test': 'test',
+  'augment': 'inception_crop',
+  'pad': 0,
+  'rotate': 0.0,
+  'scale': 0.0,
+  'shear': 0.0,
+  'elastic': 0.0,
+  'elastic_sigma': 4.0,
+  'flip': True,
+}
+
+
+def complete_pp(pp: Optional[Mapping[str, Any]]) -> ml_collections.ConfigDict:
+  """A copy of `config.pp` with every key it lacks at `PP_DEFAULTS`; a
+  ConfigError if it has no `crop` (the one key without a default)."""
+  if pp is None or 'crop' not in pp:
+    raise ConfigError(
+      'config.pp.crop is not set; give the image side fed to the model, '
+      'e.g. --config.pp.crop=224 (or use a dataset preset).'
+    )
+  return ml_collections.ConfigDict({**PP_DEFAULTS, **dict(pp.items())})
 
 
 def check_pp(pp: ml_collections.ConfigDict) -> None:
