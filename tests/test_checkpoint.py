@@ -1,4 +1,5 @@
-"""Google .npz loading, inspection, adaptation for fine-tuning, the CLI."""
+"""Google .npz loading, inspection, adaptation for fine-tuning, task files
+as checkpoints, the CLI."""
 
 import json
 import subprocess
@@ -13,8 +14,10 @@ import pytest
 from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import task_file
 
 
 def write_published_npz(path, shapes, seed=0, group_norm_units=False):
@@ -318,6 +321,29 @@ def test_missing_layers_are_reported(tmp_path):
     )
 
 
+# Task files as checkpoints.
+############################
+
+
+def save_task_file(path, params, mode, trainable):
+  """Writes `params`' `trainable` leaves as the trainer does after a run of
+  finetune.mode `mode` from `base.npz`, on the 'testing' model."""
+  task_file.save_task_params(
+    str(path),
+    params,
+    trainable,
+    metadata={
+      'model': models.MODEL_CONFIGS['testing'].to_dict(),
+      'finetune': {'mode': mode},
+      'crop': 32,
+      'dataset': 'cifar10',
+      'num_classes': 5,
+      'pretrained_path': 'base.npz',
+    },
+  )
+  return str(path)
+
+
 # Command line.
 ###############
 
@@ -340,6 +366,25 @@ def test_cli_inspect(tmp_path, small_params):
   total = sum(v.size for v in jax.tree.leaves(params))
   assert f'parameters: {total:,}' in result.stdout
   assert 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel' in result.stdout
+
+
+def test_cli_inspect_describes_a_task_file_and_counts_its_parameters(
+  tmp_path, small_params
+):
+  _, params = small_params
+  path = save_task_file(
+    tmp_path / 'task.npz', params, 'head', trainable_lib.is_head
+  )
+  result = run_cli('inspect', path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert "format: vit_jax task file, finetune.mode='head'" in lines
+  head = trainable_lib.count(params, trainable_lib.is_head)
+  assert f'parameters: {head:,} in 2 arrays' in lines
+  body = trainable_lib.count(params) - head
+  assert f'{body:,} more' in result.stdout
+  assert any(line.startswith('base: base.npz (fingerprint ') for line in lines)
+  assert task_file.META_PREFIX not in result.stdout
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
