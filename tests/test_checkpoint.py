@@ -17,6 +17,7 @@ from vit_jax import models
 from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
 
 
@@ -342,6 +343,45 @@ def save_task_file(path, params, mode, trainable):
     },
   )
   return str(path)
+
+
+def test_a_full_mode_task_file_loads_as_the_pretrained_checkpoint(
+  tmp_path, small_params
+):
+  """Every parameter, the record left out; the head is reset as for any
+  pretrained checkpoint."""
+  model, params = small_params
+  path = save_task_file(tmp_path / 'task.npz', params, 'full', lambda p: True)
+  loaded = pretrained.init_params(
+    model,
+    32,
+    seed=0,
+    pretrained_path=path,
+    model_config=models.MODEL_CONFIGS['testing'],
+  )
+  _, body = trainable_lib.partition(params, trainable_lib.is_head)
+  _, loaded_body = trainable_lib.partition(loaded, trainable_lib.is_head)
+  chex.assert_trees_all_close(loaded_body, body)
+  assert checkpoint.read(path).format == 'task'
+
+
+def test_a_head_mode_task_file_as_checkpoint_says_to_export_it(
+  tmp_path, small_params
+):
+  _, params = small_params
+  path = save_task_file(
+    tmp_path / 'task.npz', params, 'head', trainable_lib.is_head
+  )
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    checkpoint.read(path)
+  assert str(error.value).startswith(
+    f"{path}: a task file of finetune.mode='head'"
+  )
+  assert (
+    f'python -m vit_jax.finetune export --base=base.npz --task={path} '
+    in str(error.value)
+  )
+  assert '\n' not in str(error.value)
 
 
 # Command line.

@@ -79,7 +79,9 @@ def _read_arrays(path: str) -> Dict[str, np.ndarray]:
   return files.read_npz(path)
 
 
-def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
+def read(
+  path: str, *, num_heads: Optional[int] = None, partial: bool = False
+) -> Checkpoint:
   """Reads a checkpoint of any supported format.
 
   Args:
@@ -87,10 +89,12 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
     num_heads: attention heads of a timm/HF file, whose fused or
       per-projection matrices do not record how they split into heads. If
       None: the `config.json` beside the file, else width / 64.
+    partial: also read a task file that holds only part of a model (e.g.
+      its head), to inspect it; its params are that part alone.
   """
   arrays = _read_arrays(path)
   if task_file.is_task_file(arrays):
-    return _read_task_file(path, arrays)
+    return _read_task_file(path, arrays, partial)
   arrays = files.as_float32(arrays)
   if swin_names.is_timm_swin(arrays):
     try:
@@ -118,10 +122,23 @@ def _read_google(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
   return Checkpoint(path, 'google', inspect.unflatten(flat), {})
 
 
-def _read_task_file(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+def _read_task_file(
+  path: str, arrays: Mapping[str, np.ndarray], partial: bool
+) -> Checkpoint:
   """A vit_jax task file: its parameters without the record, with the model
-  options its record's model config sets."""
+  options its record's model config sets. Unless `partial`, one that holds
+  only part of a model is an error saying how to make it whole."""
   record, params = task_file.parse(path, arrays)
+  if not (partial or task_file.holds_every_parameter(record)):
+    base = record['metadata'].get('pretrained_path') or 'BASE.npz'
+    raise CheckpointError(
+      f'{path}: a task file of finetune.mode={task_file.mode(record)!r}; it '
+      f'holds {len(params)} trained arrays, and the other '
+      f'{len(record["base_shapes"])} are in the checkpoint it was fine-tuned '
+      'from. Join them into one checkpoint first: python -m vit_jax.finetune '
+      f'export --base={base} --task={path} --out=whole.npz (then use '
+      'whole.npz).'
+    )
   model = record['metadata'].get('model') or {}
   options = {key: model[key] for key in _MODEL_DEFAULTS if key in model}
   return Checkpoint(

@@ -49,7 +49,7 @@ def _task_lines(record: Mapping[str, Any]) -> List[str]:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-  ckpt = checkpoint.read(args.file, num_heads=args.num_heads)
+  ckpt = checkpoint.read(args.file, num_heads=args.num_heads, partial=True)
   flat = inspect.flatten(ckpt.params)
   width = max(len(path) for path in flat)
   for path, value in sorted(flat.items()):
