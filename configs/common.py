@@ -38,8 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # tfds data directory (default: ~/tensorflow_datasets).
   config.tfds_data_dir = config_dict.placeholder(str)
   # Download and prepare a tfds dataset that is not in `tfds_data_dir` yet.
-  # Without network set False: the run then fails at once with the
-  # `tfds build` command to run elsewhere (tfds would retry for minutes).
+  # False: an unprepared dataset fails at once with the `tfds build`
+  # command to run elsewhere (without network, an unreachable download
+  # host fails in seconds either way).
   config.tfds_download = True
   # Number of training steps (dataset presets set it).
   config.total_steps = config_dict.placeholder(int)

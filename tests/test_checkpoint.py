@@ -1,4 +1,5 @@
-"""Google .npz loading, inspection, adaptation for fine-tuning, the CLI."""
+"""Google .npz loading, inspection, adaptation for fine-tuning, task files
+as checkpoints, the CLI."""
 
 import json
 import subprocess
@@ -13,8 +14,11 @@ import pytest
 from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import pretrained
+from vit_jax.checkpoint import task_file
 
 
 def write_published_npz(path, shapes, seed=0, group_norm_units=False):
@@ -318,6 +322,68 @@ def test_missing_layers_are_reported(tmp_path):
     )
 
 
+# Task files as checkpoints.
+############################
+
+
+def save_task_file(path, params, mode, trainable):
+  """Writes `params`' `trainable` leaves as the trainer does after a run of
+  finetune.mode `mode` from `base.npz`, on the 'testing' model."""
+  task_file.save_task_params(
+    str(path),
+    params,
+    trainable,
+    metadata={
+      'model': models.MODEL_CONFIGS['testing'].to_dict(),
+      'finetune': {'mode': mode},
+      'crop': 32,
+      'dataset': 'cifar10',
+      'num_classes': 5,
+      'pretrained_path': 'base.npz',
+    },
+  )
+  return str(path)
+
+
+def test_a_full_mode_task_file_loads_as_the_pretrained_checkpoint(
+  tmp_path, small_params
+):
+  """Every parameter, the record left out; the head is reset as for any
+  pretrained checkpoint."""
+  model, params = small_params
+  path = save_task_file(tmp_path / 'task.npz', params, 'full', lambda p: True)
+  loaded = pretrained.init_params(
+    model,
+    32,
+    seed=0,
+    pretrained_path=path,
+    model_config=models.MODEL_CONFIGS['testing'],
+  )
+  _, body = trainable_lib.partition(params, trainable_lib.is_head)
+  _, loaded_body = trainable_lib.partition(loaded, trainable_lib.is_head)
+  chex.assert_trees_all_close(loaded_body, body)
+  assert checkpoint.read(path).format == 'task'
+
+
+def test_a_head_mode_task_file_as_checkpoint_says_to_export_it(
+  tmp_path, small_params
+):
+  _, params = small_params
+  path = save_task_file(
+    tmp_path / 'task.npz', params, 'head', trainable_lib.is_head
+  )
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    checkpoint.read(path)
+  assert str(error.value).startswith(
+    f"{path}: a task file of finetune.mode='head'"
+  )
+  assert (
+    f'python -m vit_jax.finetune export --base=base.npz --task={path} '
+    in str(error.value)
+  )
+  assert '\n' not in str(error.value)
+
+
 # Command line.
 ###############
 
@@ -340,6 +406,25 @@ def test_cli_inspect(tmp_path, small_params):
   total = sum(v.size for v in jax.tree.leaves(params))
   assert f'parameters: {total:,}' in result.stdout
   assert 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel' in result.stdout
+
+
+def test_cli_inspect_describes_a_task_file_and_counts_its_parameters(
+  tmp_path, small_params
+):
+  _, params = small_params
+  path = save_task_file(
+    tmp_path / 'task.npz', params, 'head', trainable_lib.is_head
+  )
+  result = run_cli('inspect', path)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert "format: vit_jax task file, finetune.mode='head'" in lines
+  head = trainable_lib.count(params, trainable_lib.is_head)
+  assert f'parameters: {head:,} in 2 arrays' in lines
+  body = trainable_lib.count(params) - head
+  assert f'{body:,} more' in result.stdout
+  assert any(line.startswith('base: base.npz (fingerprint ') for line in lines)
+  assert task_file.META_PREFIX not in result.stdout
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

@@ -20,10 +20,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRATCH = '--config=configs/scratch.py:mnist5k'
 
 
-def run_module(module, *args, xla_flags=None, cwd=REPO):
-  """`python -m module args` from `cwd` (the repo root) on CPU: (exit code,
-  stderr)."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+def run_module(module, *args, xla_flags=None, cwd=REPO, jax_platforms='cpu'):
+  """`python -m module args` from `cwd` (the repo root) on CPU (None: on
+  the backends JAX finds): (exit code, stderr)."""
+  env = {**os.environ, 'JAX_PLATFORMS': jax_platforms or ''}
   if xla_flags is not None:
     env['XLA_FLAGS'] = xla_flags
   process = subprocess.run(
@@ -161,6 +161,30 @@ def test_verbose_shows_the_traceback(tmp_path):
   )
   assert returncode == 1 and 'Traceback' in stderr
   assert "ConfigError: config.trainer='typo'; choose one of" in stderr
+
+
+# TensorFlow's start-up notice, and JAX's when it looks for a TPU.
+LIBRARY_NOTICES = ('oneDNN custom operations', 'Unable to initialize backend')
+
+
+def test_library_notices_show_only_with_verbose(tmp_path):
+  """A run imports TensorFlow and starts JAX's backends (the device count
+  checks config.batch) before it fails; the libraries' notices come only
+  with --verbose, the project's lines always."""
+  args = (SCRATCH, f'--workdir={tmp_path}', '--config.batch=0')
+  loud = run_module('vit_jax.main', *args, '--verbose', jax_platforms=None)[1]
+  quiet = run_module('vit_jax.main', *args, jax_platforms=None)[1]
+  for stderr in (loud, quiet):
+    assert 'JAX process 0 of 1' in stderr and 'config.batch=0' in stderr
+  assert all(notice in loud for notice in LIBRARY_NOTICES), loud
+  assert not any(notice in quiet for notice in LIBRARY_NOTICES), quiet
+
+
+def test_a_tool_whose_package_imports_tensorflow_is_quiet_too():
+  """`vit_jax.predict`'s package imports TensorFlow before its __main__."""
+  returncode, stderr = run_module('vit_jax.predict', SCRATCH)
+  assert 'Give image files' in error_line(returncode, stderr)
+  assert LIBRARY_NOTICES[0] not in stderr, stderr
 
 
 def test_tools_report_a_bad_checkpoint_in_one_line(tmp_path):

@@ -4,6 +4,7 @@ import functools
 import os
 import re
 import shutil
+import time
 
 import chex
 import jax
@@ -16,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from tests import data_helpers
+from tests import helpers
 from tests import tfds_mock
 from vit_jax import input_pipeline
 from vit_jax.errors import ConfigError
@@ -241,6 +243,8 @@ def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch, tmp_path):
     raise OSError('Network is unreachable')
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
+  # Skip the probe of the download hosts: the download itself fails here.
+  monkeypatch.setattr(tfds_source, '_download_urls', lambda builder: [])
   config = make_config('cifar10')
   config.tfds_data_dir = str(tmp_path)
   with pytest.raises(input_pipeline.DatasetError) as error:
@@ -265,6 +269,51 @@ def test_tfds_unprepared_dataset_explains_how_to_prepare(monkeypatch, tmp_path):
   ):
     source_of(config)
   assert len(attempts) == 2  # Failed without trying to download.
+
+
+def test_tfds_unreachable_download_host_fails_at_once(monkeypatch, tmp_path):
+  """Without network tfds retries a download for minutes; an unreachable
+  host (here a closed local port) is an error in seconds, before tfds
+  starts."""
+  port = helpers.free_port()
+  monkeypatch.setattr(
+    tfds_source,
+    '_download_urls',
+    lambda builder: [f'http://127.0.0.1:{port}/cifar-10-binary.tar.gz'],
+  )
+  monkeypatch.setenv('no_proxy', '*')
+
+  def download(self, *args, **kwargs):
+    raise AssertionError('tfds started downloading')
+
+  monkeypatch.setattr(
+    tfds.core.DatasetBuilder, 'download_and_prepare', download
+  )
+  config = make_config('cifar10')
+  config.tfds_data_dir = str(tmp_path)
+  start = time.monotonic()
+  with pytest.raises(input_pipeline.DatasetError) as error:
+    source_of(config)
+  assert time.monotonic() - start < tfds_source.CONNECT_TIMEOUT_S
+  message = str(error.value)
+  assert "'cifar10' is not prepared in " + str(tmp_path) in message
+  assert f'download cannot start: 127.0.0.1:{port} cannot be reached' in message
+  assert f'tfds build cifar10 --data_dir={tmp_path}' in message
+  assert 'then copy the directory here' in message
+  assert '--config.tfds_data_dir=DIR' in message
+
+
+def test_tfds_download_probe_connects_to_the_proxy(monkeypatch):
+  monkeypatch.setenv('https_proxy', 'http://proxy.example:3128')
+  monkeypatch.setenv('no_proxy', 'localhost')
+  assert tfds_source._endpoint('https://www.cs.toronto.edu/a.tar.gz') == (
+    'proxy.example',
+    3128,
+  )
+  assert tfds_source._endpoint('https://localhost/a.tar.gz') == (
+    'localhost',
+    443,
+  )
 
 
 def test_unknown_dataset_name():

@@ -1,4 +1,5 @@
-"""Every registered model's exact size; jit == no-jit for one per family."""
+"""Every registered model's exact size; jit == no-jit for one per family;
+the shared MLP head on every model class."""
 
 import chex
 import jax
@@ -6,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from tests import helpers
+from vit_jax import finetune
 from vit_jax import models
+from vit_jax.models import heads as heads_lib
 from vit_jax.models import table
 
 # Published by vit_jax (models_test.py), 1000 classes at 224x224.
@@ -187,6 +191,45 @@ def test_jit_output_equals_eager_output(name):
   assert float(jnp.std(logits)) > 0.1
   chex.assert_trees_all_close(
     logits, forward(variables, images), rtol=1e-4, atol=1e-4
+  )
+
+
+# The smallest registered model of each model class.
+ONE_PER_CLASS = ('ViT-Micro_4', 'Mixer-Mini_4', 'Swin-Mini_2', 'ResNet-Micro')
+
+
+def test_one_per_class_covers_every_model_class():
+  assert {models.model_class(n) for n in ONE_PER_CLASS} == {
+    models.model_class(n) for n in models.MODEL_CONFIGS
+  }
+
+
+@pytest.mark.parametrize('name', ONE_PER_CLASS)
+def test_every_model_class_takes_the_mlp_head(name):
+  """`config.finetune.head.type='mlp'` builds `head/{hidden,out}` on every
+  model class, and the model's logits are that head's on its features."""
+  config = common.get_config()
+  config.model = models.MODEL_CONFIGS[name]
+  config.finetune.head.update({'type': 'mlp', 'mlp_dim': 8})
+  model = finetune.build_model(config, 7)
+  resolution = small_resolution(name)
+  images = jax.random.uniform(
+    jax.random.key(2), (2, resolution, resolution, 3), minval=-1, maxval=1
+  )
+  params = helpers.random_variables(model, images)['params']
+  features = heads_lib.head_inputs(model, params, images)
+  width = features.shape[-1]
+  chex.assert_trees_all_equal_shapes(
+    params['head'],
+    {
+      'hidden': {'kernel': np.zeros((width, 8)), 'bias': np.zeros(8)},
+      'out': {'kernel': np.zeros((8, 7)), 'bias': np.zeros(7)},
+    },
+  )
+  chex.assert_trees_all_close(
+    heads_lib.Head.of(model).apply({'params': params}, features, train=False),
+    model.apply({'params': params}, images, train=False),
+    atol=1e-5,
   )
 
 

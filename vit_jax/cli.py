@@ -8,21 +8,35 @@ An expected error (`vit_jax.errors.Error` and its subclasses, a diverging
 loss's `FloatingPointError`, `absl.app.UsageError`, a flag or config
 override absl or ml_collections rejects) prints `error: MESSAGE` on stderr
 and exits with status 1; any other exception is a bug and keeps its
-traceback. `--verbose` shows the traceback of expected errors too, and
-Orbax's INFO lines (about 40 per checkpoint, otherwise dropped).
+traceback. `--verbose` shows the traceback of expected errors too, and the
+libraries' own start-up and INFO lines, otherwise dropped (`quiet_libraries`):
+TensorFlow's oneDNN notice, JAX's "Unable to initialize backend" probes and
+Orbax's INFO lines (about 40 per checkpoint).
 
 A misspelt `--config.KEY` is reported against the config's keys:
 `Unknown config key 'totl_steps'; did you mean 'total_steps'?`.
 """
 
 import argparse
+import contextlib
 import difflib
+import importlib.abc
 import importlib.util
 import logging
 import os
 import re
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
+import tempfile
+from typing import (
+  Any,
+  Callable,
+  Iterator,
+  List,
+  NoReturn,
+  Optional,
+  Sequence,
+  Tuple,
+)
 
 from absl import app
 from absl import flags
@@ -34,11 +48,24 @@ from vit_jax import errors
 
 EXPECTED_ERRORS = (errors.Error, FloatingPointError, app.UsageError)
 VERBOSE_HELP = (
-  'Show the Python traceback of expected errors, and the INFO logs of Orbax.'
+  'Show the Python traceback of expected errors, and the start-up and INFO '
+  'lines of TensorFlow, JAX and Orbax.'
 )
 
 _VERBOSE = flags.DEFINE_bool('verbose', False, VERBOSE_HELP)
 _ORBAX_DIR = f'{os.sep}orbax{os.sep}'
+# Logs, at INFO, each accelerator backend JAX fails to find.
+_JAX_BACKEND_LOGGER = 'jax._src.xla_bridge'
+# The lines TensorFlow's C++ code writes to stderr while it loads, which
+# TF_CPP_MIN_LOG_LEVEL does not drop (TensorFlow 2.21): the oneDNN notice,
+# twice, each after absl's note on early logging, and the CPU feature notice
+# (two lines).
+_TENSORFLOW_LOAD_NOTICES = (
+  b'All log messages before absl::InitializeLog() is called',
+  b'oneDNN custom operations are on',
+  b'This TensorFlow binary is optimized to use available CPU instructions',
+  b'To enable the following instructions:',
+)
 
 
 def _fail(message: str) -> NoReturn:
@@ -52,13 +79,96 @@ def _drop_orbax_info(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING or _ORBAX_DIR not in record.pathname
 
 
+@contextlib.contextmanager
+def _stderr_without(notices: Sequence[bytes]) -> Iterator[None]:
+  """Holds back what is written to file descriptor 2 inside (by Python or
+  C++ code), then writes it out without the lines holding one of
+  `notices`."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      lines = held.read().splitlines(keepends=True)
+      os.write(
+        2, b''.join(x for x in lines if not any(n in x for n in notices))
+      )
+
+
+class _QuietLoader(importlib.abc.Loader):
+  """Runs `loader`'s module with `notices` dropped from stderr; any other
+  method is `loader`'s."""
+
+  def __init__(self, loader: importlib.abc.Loader, notices: Sequence[bytes]):
+    self._loader = loader
+    self._notices = notices
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._loader, name)
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module) -> None:
+    with _stderr_without(self._notices):
+      self._loader.exec_module(module)
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+  """The first import of `name` (found by the other finders) drops
+  `notices` from stderr while the module loads."""
+
+  def __init__(self, name: str, notices: Sequence[bytes]):
+    self._name = name
+    self._notices = notices
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname != self._name:
+      return None
+    sys.meta_path.remove(self)  # Once; the other finders find the module.
+    spec = importlib.util.find_spec(fullname)
+    if spec is not None and spec.loader is not None:
+      spec.loader = _QuietLoader(spec.loader, self._notices)
+    return spec
+
+
+_QUIET_TENSORFLOW = _QuietImport('tensorflow', _TENSORFLOW_LOAD_NOTICES)
+
+
+def quiet_libraries(verbose: bool) -> None:
+  """Unless `verbose`, keeps the console to the project's own lines: drops
+  TensorFlow's start-up notices (oneDNN, CPU features), JAX's backend
+  probing ("Unable to initialize backend 'tpu'") and Orbax's INFO lines.
+  Only messages go: oneDNN stays on (TF_ENABLE_ONEDNN_OPTS would change
+  TensorFlow's kernels).
+
+  TensorFlow prints its notices while it loads, so `python -m vit_jax.X`
+  calls this first, from the package's `__init__` (which runs before the
+  entry point's own package imports TensorFlow).
+  """
+  absl_logger = logging.getLogger('absl')
+  backend_logger = logging.getLogger(_JAX_BACKEND_LOGGER)
+  if verbose:
+    absl_logger.removeFilter(_drop_orbax_info)
+    backend_logger.setLevel(logging.NOTSET)
+    if _QUIET_TENSORFLOW in sys.meta_path:
+      sys.meta_path.remove(_QUIET_TENSORFLOW)
+    return
+  absl_logger.addFilter(_drop_orbax_info)
+  backend_logger.setLevel(logging.WARNING)
+  if 'tensorflow' not in sys.modules and _QUIET_TENSORFLOW not in sys.meta_path:
+    sys.meta_path.insert(0, _QUIET_TENSORFLOW)
+
+
 def _call(main: Callable[[], Any], verbose: bool) -> Any:
   """`main()`, with expected errors reported in one line unless `verbose`."""
-  logger = logging.getLogger('absl')
-  if verbose:
-    logger.removeFilter(_drop_orbax_info)
-  else:
-    logger.addFilter(_drop_orbax_info)
+  quiet_libraries(verbose)
   try:
     return main()
   except EXPECTED_ERRORS as e:
@@ -141,8 +251,9 @@ def _one_line(error: flags.Error) -> str:
   return ' '.join(lines)
 
 
-def _verbose_in(argv: Sequence[str]) -> bool:
-  """Whether `argv` sets --verbose, for when the flags fail to parse."""
+def verbose_in(argv: Sequence[str]) -> bool:
+  """Whether `argv` sets --verbose, before (or without) parsing the
+  flags."""
   values = flags.FlagValues()
   flags.DEFINE_bool('verbose', False, VERBOSE_HELP, flag_values=values)
   try:
@@ -198,12 +309,12 @@ def _parse_flags(argv: List[str]) -> List[str]:
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:
-    if _verbose_in(argv):
+    if verbose_in(argv):
       raise
     _fail(_one_line(e))
   except (KeyError, AttributeError):  # How ml_collections rejects a key.
     message = _unknown_override(argv)
-    if message is None or _verbose_in(argv):
+    if message is None or verbose_in(argv):
       raise
     _fail(message)
   for name in list(flags.FLAGS):

@@ -11,7 +11,8 @@
 Formats, detected from the file's keys: Google `.npz` (ImageNet-21k, AugReg
 and big_vision layouts, see `google_npz`), timm and Hugging Face transformers
 ViT weights as `.safetensors` or as a PyTorch `state_dict` saved to `.npz`
-(see `torch_names`), and timm's Swin Transformers (see `swin_names`). Every
+(see `torch_names`), timm's Swin Transformers (see `swin_names`), and the
+trainer's task files (see `task_file`) that hold every parameter. Every
 error is a `CheckpointError` naming the file.
 """
 
@@ -28,6 +29,7 @@ from vit_jax.checkpoint import files
 from vit_jax.checkpoint import google_npz
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import swin_names
+from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import torch_names
 from vit_jax.errors import CheckpointError
 
@@ -51,7 +53,7 @@ class Checkpoint:
 
   Attributes:
     path: the file it came from.
-    format: 'google', 'timm' or 'hf'.
+    format: 'google', 'timm', 'hf' or 'task' (a vit_jax task file).
     params: nested dict of float32 numpy arrays, this project's names.
     model_options: `VisionTransformer` options under which `params` compute
       what they computed in their source (e.g. exact GELU for timm).
@@ -59,6 +61,7 @@ class Checkpoint:
       argument inferred from the tensors (`VisionTransformer(**architecture)`
       computes the source model); None for Google files, whose registry name
       says it.
+    task: a task file's record (`task_file.read_record`); None otherwise.
   """
 
   path: str
@@ -66,16 +69,19 @@ class Checkpoint:
   params: Dict[str, Any]
   model_options: Dict[str, Any]
   architecture: Optional[Dict[str, Any]] = None
+  task: Optional[Dict[str, Any]] = None
 
 
 def _read_arrays(path: str) -> Dict[str, np.ndarray]:
   """The flat {key: array} content of an .npz or .safetensors file."""
   if path.endswith('.safetensors'):
     return files.read_safetensors(path)
-  return files.read_npz(path, float32=True)
+  return files.read_npz(path)
 
 
-def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
+def read(
+  path: str, *, num_heads: Optional[int] = None, partial: bool = False
+) -> Checkpoint:
   """Reads a checkpoint of any supported format.
 
   Args:
@@ -83,8 +89,13 @@ def read(path: str, *, num_heads: Optional[int] = None) -> Checkpoint:
     num_heads: attention heads of a timm/HF file, whose fused or
       per-projection matrices do not record how they split into heads. If
       None: the `config.json` beside the file, else width / 64.
+    partial: also read a task file that holds only part of a model (e.g.
+      its head), to inspect it; its params are that part alone.
   """
   arrays = _read_arrays(path)
+  if task_file.is_task_file(arrays):
+    return _read_task_file(path, arrays, partial)
+  arrays = files.as_float32(arrays)
   if swin_names.is_timm_swin(arrays):
     try:
       params, architecture = swin_names.from_timm(arrays)
@@ -109,6 +120,34 @@ def _read_google(path: str, arrays: Mapping[str, np.ndarray]) -> Checkpoint:
       f'first keys: {sorted(arrays)[:5]}.'
     )
   return Checkpoint(path, 'google', inspect.unflatten(flat), {})
+
+
+def _read_task_file(
+  path: str, arrays: Mapping[str, np.ndarray], partial: bool
+) -> Checkpoint:
+  """A vit_jax task file: its parameters without the record, with the model
+  options its record's model config sets. Unless `partial`, one that holds
+  only part of a model is an error saying how to make it whole."""
+  record, params = task_file.parse(path, arrays)
+  if not (partial or task_file.holds_every_parameter(record)):
+    base = record['metadata'].get('pretrained_path') or 'BASE.npz'
+    raise CheckpointError(
+      f'{path}: a task file of finetune.mode={task_file.mode(record)!r}; it '
+      f'holds {len(params)} trained arrays, and the other '
+      f'{len(record["base_shapes"])} are in the checkpoint it was fine-tuned '
+      'from. Join them into one checkpoint first: python -m vit_jax.finetune '
+      f'export --base={base} --task={path} --out=whole.npz (then use '
+      'whole.npz).'
+    )
+  model = record['metadata'].get('model') or {}
+  options = {key: model[key] for key in _MODEL_DEFAULTS if key in model}
+  return Checkpoint(
+    path,
+    'task',
+    inspect.unflatten(files.as_float32(params)),
+    options,
+    task=record,
+  )
 
 
 # The width of an attention head in every published ViT (Ti 192 / 3,

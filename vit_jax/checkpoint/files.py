@@ -35,13 +35,8 @@ _NPZ_ERRORS = (
 _HALF_PRECISION = ('float16', 'bfloat16')
 
 
-def read_npz(path: PathLike, *, float32: bool = False) -> Dict[str, np.ndarray]:
+def read_npz(path: PathLike) -> Dict[str, np.ndarray]:
   """Every array of the `.npz` at `path`, as stored (no pickles).
-
-  Args:
-    path: the archive.
-    float32: if True, floating-point arrays (float16, bfloat16, float64)
-      become float32, the dtype of Flax parameters.
 
   Raises:
     CheckpointError: naming `path` if it is missing, empty, truncated,
@@ -66,8 +61,6 @@ def read_npz(path: PathLike, *, float32: bool = False) -> Dict[str, np.ndarray]:
     arrays = _read_arrays(path, archive, not_readable)
   if not arrays:
     raise CheckpointError(f'{path}: the archive holds no arrays.')
-  if float32:
-    arrays = {key: _as_float32(value) for key, value in arrays.items()}
   return arrays
 
 
@@ -99,11 +92,15 @@ def _check_is_file(path: str) -> None:
     raise CheckpointError(f'{path}: no such file; check the path.')
 
 
-def _as_float32(value: np.ndarray) -> np.ndarray:
-  """float16/bfloat16/float64 arrays become float32 (Flax params' dtype)."""
-  if value.dtype.kind == 'f' or value.dtype.name == 'bfloat16':
-    return value.astype(np.float32)
-  return value
+def as_float32(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """`arrays` with the floating-point ones (float16, bfloat16, float64) as
+  float32, the dtype of Flax parameters; other arrays unchanged."""
+  return {
+    key: value.astype(np.float32)
+    if value.dtype.kind == 'f' or value.dtype.name == 'bfloat16'
+    else value
+    for key, value in arrays.items()
+  }
 
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:

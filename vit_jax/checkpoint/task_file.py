@@ -20,7 +20,7 @@ the parameters saved are replicated, and one writer is enough.
 
 import hashlib
 import json
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +161,40 @@ def read_record(path: str) -> Dict[str, Any]:
   return _parse_meta(path, files.read_npz(path))
 
 
+def is_task_file(arrays: Mapping[str, np.ndarray]) -> bool:
+  """Whether the arrays of an `.npz` are a task file's (they hold a record),
+  so that readers of checkpoints do not take the record for a parameter."""
+  return META_KEY in arrays
+
+
+def holds_every_parameter(record: Mapping[str, Any]) -> bool:
+  """Whether the task file of `record` needs no base (e.g. finetune.mode
+  'full' trains, so saves, every parameter)."""
+  return not record['base_shapes']
+
+
+def mode(record: Mapping[str, Any]) -> str:
+  """The `config.finetune.mode` the task file was trained in, as its record
+  says ('not recorded' for files saved without the trainer's metadata)."""
+  finetune = record['metadata'].get('finetune') or {}
+  return finetune.get('mode') or 'not recorded'
+
+
+def parse(
+  path: str, arrays: Mapping[str, np.ndarray]
+) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """A task file's record (see `read_record`) and parameters ({'/'-joined
+  path: array}, in the dtypes they were saved in), from the arrays of the
+  `.npz` at `path` as stored."""
+  meta = _parse_meta(path, arrays)
+  task = {
+    p: v.view(jnp.dtype(meta['task_dtypes'][p]))
+    for p, v in arrays.items()
+    if not p.startswith(META_PREFIX)
+  }
+  return meta, task
+
+
 def load_task_params(
   path: str, base_params: PyTree, strict: bool = True
 ) -> PyTree:
@@ -184,13 +218,7 @@ def load_task_params(
     CheckpointError: naming `path`, if the file is missing, corrupt or not a
       task file, or `base_params` is not the base the task was trained on.
   """
-  arrays = files.read_npz(path)
-  meta = _parse_meta(path, arrays)
-  task = {
-    p: v.view(jnp.dtype(meta['task_dtypes'][p]))
-    for p, v in arrays.items()
-    if not p.startswith(META_PREFIX)
-  }
+  meta, task = parse(path, files.read_npz(path))
   flat = inspect.flatten(base_params)
   if not flat and meta['base_shapes']:
     raise CheckpointError(

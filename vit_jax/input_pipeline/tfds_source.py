@@ -1,13 +1,17 @@
 """tfds image-classification datasets, prepared on disk by tfds.
 
 As vit_jax does, a dataset that is not prepared yet is downloaded and
-prepared on first use (unless `download=False`, for machines without network,
-where tfds would otherwise retry for minutes). Where that fails, the error
-names the dataset, the directory that was searched and the `tfds build`
-command that prepares it elsewhere.
+prepared on first use (unless `download=False`). tfds retries each URL for
+minutes, so its download hosts are first probed with one short connection:
+on a machine without network it fails in seconds. Where preparing fails, the
+error names the dataset, the directory that was searched and the `tfds
+build` command that prepares it elsewhere.
 """
 
-from typing import Optional, Tuple
+import socket
+from typing import List, Optional, Sequence, Tuple
+import urllib.parse
+import urllib.request
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -38,12 +42,53 @@ def _not_prepared(
   )
 
 
+# Seconds a download host has to accept a connection.
+CONNECT_TIMEOUT_S = 5.0
+_DEFAULT_PORTS = {'http': 80, 'https': 443, 'ftp': 21}
+
+
+def _download_urls(builder: tfds.core.DatasetBuilder) -> List[str]:
+  """The URLs tfds downloads `builder`'s data from (its registered
+  checksums); none for a dataset whose archives are downloaded by hand."""
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    return []
+  return sorted(builder.url_infos or {})
+
+
+def _endpoint(url: str) -> Optional[Tuple[str, int]]:
+  """The (host, port) a download of `url` connects to: the proxy's where
+  the environment sets one for it; None for an unknown scheme."""
+  parts = urllib.parse.urlsplit(url)
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(parts.hostname or ''):
+    parts = urllib.parse.urlsplit(proxy)
+  port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+  return (parts.hostname, port) if parts.hostname and port else None
+
+
+def _unreachable(urls: Sequence[str]) -> Optional[str]:
+  """Why a download of `urls` cannot start: the first of their hosts that
+  does not accept a TCP connection within `CONNECT_TIMEOUT_S`, and the
+  error; None when every host accepts one."""
+  for host, port in sorted({e for e in map(_endpoint, urls) if e}):
+    try:
+      socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+      return f'{host}:{port} cannot be reached ({e})'
+  return None
+
+
 def _prepare(
   builder: tfds.core.DatasetBuilder, manual_dir: Optional[str], download: bool
 ) -> None:
   """Downloads and prepares `builder`, explaining how to do it by hand."""
   if not download:
     raise _not_prepared(builder, manual_dir, 'config.tfds_download is False')
+  reason = _unreachable(_download_urls(builder))
+  if reason:
+    raise _not_prepared(
+      builder, manual_dir, f'its download cannot start: {reason}'
+    )
   try:
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)

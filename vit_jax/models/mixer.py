@@ -4,7 +4,8 @@ stem/{kernel,bias}
 MixerBlock_{i}/LayerNorm_0, token_mixing/Dense_{0,1},
 MixerBlock_{i}/LayerNorm_1, channel_mixing/Dense_{0,1}
 pre_head_layer_norm
-head/{kernel,bias}
+head/{kernel,bias}                  only with `num_classes`
+head/{hidden,out}/{kernel,bias}     instead, with `head_mlp_dim`
 """
 
 from typing import Any, Optional
@@ -13,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import heads
 from vit_jax.models.vit import MlpBlock
 from vit_jax.models.vit import PatchEmbedding
 
@@ -69,6 +71,8 @@ class MlpMixer(nn.Module):
     hidden_dim: token width.
     tokens_mlp_dim: hidden width of token mixing.
     channels_mlp_dim: hidden width of channel mixing.
+    head_mlp_dim, head_dropout_rate, head_bias_init: as in VisionTransformer
+      (the Mixer has no dropout; `train` only affects an MLP head's).
     model_name: the registry name; informational.
     dtype: compute dtype; parameters stay float32, logits are float32.
   """
@@ -79,12 +83,14 @@ class MlpMixer(nn.Module):
   hidden_dim: int
   tokens_mlp_dim: int
   channels_mlp_dim: int
+  head_mlp_dim: Optional[int] = None
+  head_dropout_rate: float = 0.0
+  head_bias_init: float = 0.0
   model_name: Optional[str] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
-    del train  # Mixer has no dropout.
     if inputs.ndim != 4:
       raise ValueError(
         f'MlpMixer expects images [batch, height, width, channels], got '
@@ -102,11 +108,12 @@ class MlpMixer(nn.Module):
       )(x)
     x = nn.LayerNorm(dtype=self.dtype, name='pre_head_layer_norm')(x)
     x = jnp.mean(x, axis=1)
-    if self.num_classes:
-      x = nn.Dense(
-        self.num_classes,
-        dtype=self.dtype,
-        kernel_init=nn.initializers.zeros,
-        name='head',
-      )(x)
-    return x.astype(jnp.float32)
+    return heads.classifier_head(
+      x,
+      self.num_classes,
+      self.head_mlp_dim,
+      self.head_dropout_rate,
+      self.head_bias_init,
+      self.dtype,
+      train,
+    )
