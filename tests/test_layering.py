@@ -98,3 +98,21 @@ def test_imports_point_down(path):
     elif LAYER_OF[target] >= LAYER_OF.get(importer, -1):
       upward.append(module)
   assert not upward, f'{path.relative_to(PACKAGE)} imports {upward}'
+
+
+# The training job reads top to bottom on a few screens; what surrounds its
+# loop lives in `lifecycle` and `evaluation`, what it builds in `experiment`.
+MAX_JOB_LINES = 150
+
+
+def test_the_training_job_reads_in_a_few_screens():
+  tree = ast.parse((PACKAGE / 'train.py').read_text())
+  (job,) = [
+    node
+    for node in tree.body
+    if isinstance(node, ast.FunctionDef) and node.name == 'train_and_evaluate'
+  ]
+  lines = job.end_lineno - job.lineno + 1
+  assert lines <= MAX_JOB_LINES, (
+    f'train_and_evaluate has {lines} lines; move a concern out of it'
+  )
