@@ -44,6 +44,16 @@ def test_repeated_headings_get_numbered_anchors(check_docs):
   assert check_docs.anchors(text) == ['results', 'results-1', 'results-2']
 
 
+def run_checker(root: pathlib.Path) -> subprocess.CompletedProcess:
+  """`scripts/check_docs.py --root ROOT`, as CI runs it."""
+  return subprocess.run(
+    [sys.executable, str(SCRIPT), '--root', str(root)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+
+
 def test_checker_reports_exactly_the_broken_links(tmp_path):
   docs = tmp_path / 'docs'
   docs.mkdir()
@@ -64,12 +74,7 @@ def test_checker_reports_exactly_the_broken_links(tmp_path):
     '```\n',
     encoding='utf-8',
   )
-  result = subprocess.run(
-    [sys.executable, str(SCRIPT), '--root', str(tmp_path)],
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  result = run_checker(tmp_path)
   assert result.returncode == 1, result.stdout + result.stderr
   assert result.stdout.splitlines() == [
     'README.md:5: docs/missing.md — no file docs/missing.md',
@@ -81,10 +86,5 @@ def test_checker_reports_exactly_the_broken_links(tmp_path):
     '# Project\n\n[guide](docs/guide.md#guide) and [top](#project).\n',
     encoding='utf-8',
   )
-  result = subprocess.run(
-    [sys.executable, str(SCRIPT), '--root', str(tmp_path)],
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  result = run_checker(tmp_path)
   assert result.returncode == 0, result.stdout + result.stderr
