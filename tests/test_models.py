@@ -126,6 +126,18 @@ def closed_form_size(name: str, resolution: int, num_classes: int) -> int:
   )
 
 
+# big_vision's giant ViTs, registered in vit_jax's style (class token, no
+# representation layer), with a 1000-class head at 224 px.
+BIG_VISION_SIZES = {'ViT-g_14': 1_012_611_432, 'ViT-G_14': 1_844_440_680}
+
+
+@pytest.mark.parametrize('name, size', sorted(BIG_VISION_SIZES.items()))
+def test_giant_vits_have_big_visions_sizes(name, size):
+  model = models.get_model(name, num_classes=1000)
+  variables = table.abstract_variables(model, 224)
+  assert table.count_params(variables) == size
+
+
 def test_every_vit_jax_model_is_registered():
   assert set(VIT_JAX_SIZES) <= set(models.MODEL_CONFIGS)
 

@@ -163,6 +163,20 @@ def get_h14_config() -> ml_collections.ConfigDict:
   )
 
 
+# big_vision's giant sizes (Zhai et al., "Scaling Vision Transformers",
+# 2022), in vit_jax's style: class token, no representation layer.
+@_register()
+def get_g14_config() -> ml_collections.ConfigDict:
+  """ViT-g/14."""
+  return _vit('ViT-g_14', 14, hidden=1408, mlp=6144, heads=16, layers=40)
+
+
+@_register()
+def get_G14_config() -> ml_collections.ConfigDict:
+  """ViT-G/14."""
+  return _vit('ViT-G_14', 14, hidden=1664, mlp=8192, heads=16, layers=48)
+
+
 @_register()
 def get_b8_config() -> ml_collections.ConfigDict:
   """ViT-B/8."""
