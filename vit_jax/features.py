@@ -64,12 +64,11 @@ def check_cacheable(
   training on images: augmented or flipped input, a trainable leaf outside
   the head, or an encoder that is random in training mode (dropout)."""
   key = 'config.finetune.cache_features'
-  pp = input_pipeline.complete_pp(config.pp)
-  if pp.augment != 'none' or pp.flip:
+  if config.pp.augment != 'none' or config.pp.flip:
     raise ConfigError(
       f'{key}=True needs the same input at every epoch, but '
-      f'config.pp.augment={pp.augment!r}, config.pp.flip='
-      f'{pp.flip}; set --config.pp.augment=none '
+      f'config.pp.augment={config.pp.augment!r}, config.pp.flip='
+      f'{config.pp.flip}; set --config.pp.augment=none '
       '--config.pp.flip=False, or drop the cache.'
     )
   outside = [

@@ -143,11 +143,10 @@ class Evaluator:
         source, config.pp, batch_size=batch, hosts=hosts, split=name
       )
 
-    pp = input_pipeline.complete_pp(config.pp)
     self.train = _training_examples(
-      split(pp.train), max(shots), self.num_classes
+      split(config.pp.train), max(shots), self.num_classes
     )
-    self.test = split(pp.test)
+    self.test = split(config.pp.test)
     self.batch = batch
     self._extract = features_lib.extractor(model)
 

@@ -88,7 +88,7 @@ def training_data(
     config.pp,
     batch_size=config.batch_eval,
     hosts=hosts,
-    split=input_pipeline.complete_pp(config.pp).train,
+    split=config.pp.train,
   )
   cached, labels = features.of_split(
     features.extractor(exp.model), params, split
@@ -108,6 +108,20 @@ def training_data(
   )
 
 
+def with_complete_pp(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """A locked copy of `config` whose `pp` has every preprocessing key
+  (`input_pipeline.complete_pp`: vit_jax's configs set only `crop`, and
+  `train`/`test` for tfds), so that the run, its record and every reader of
+  the config see one preprocessing."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.pp = input_pipeline.complete_pp(config.pp)
+  config.lock()
+  return config
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, command: Optional[str] = None
 ) -> Dict[str, Any]:
@@ -117,6 +131,7 @@ def train_and_evaluate(
   `results.json`, for the model card of a published run.
   """
   start_time = time.perf_counter()
+  config = with_complete_pp(config)
 
   # Setup: intervals, hosts, batch sizes, the checkpoint to start from,
   # the workdir and its config record. ----------------------------------
