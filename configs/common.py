@@ -119,6 +119,17 @@ def get_config() -> ml_collections.ConfigDict:
   # ViT-Ti/16 inference at 224, docs/benchmarks.md); 0 = one per core.
   # XLA_FLAGS' or JAX_NUM_CPU_DEVICES' count comes first.
   config.cpu_devices = 1
+  # How the steps run over the devices (`vit_jax.engine`): 'pmap'
+  # (vit_jax's data parallelism over each host's devices, a whole copy of
+  # the state per device) or 'mesh' (`jax.jit` over a mesh of every device
+  # of every host).
+  config.engine = 'pmap'
+  # Mesh engine only: shard parameters, gradients, optimizer state and the
+  # moving average over the devices (FSDP, about 1/N of the state per
+  # device), each leaf of at least `fsdp_min_size` elements along its
+  # largest dimension the device count divides; smaller leaves replicate.
+  config.fsdp = False
+  config.fsdp_min_size = 2**16
 
   # What trains (see `vit_jax.finetune`):
   #   mode: 'full' (every weight), 'head' (frozen model, head only) or

@@ -22,6 +22,10 @@ parallel, the batch split between them); on a CPU host, JAX then gets 2
 devices, as with the trainer's `config.cpu_devices=2`. Without it, every
 row runs on all local devices.
 
+`--engines pmap,mesh` times the train step under each engine
+(`config.engine`: `jax.pmap`, or `jax.jit` over a mesh of the devices)
+side by side; the inference rows always use pmap.
+
 `--compare timm` adds, for every row, the same work done by timm
 (PyTorch; `scripts/timm_reference.py`, `pip install -e '.[bench]'`) on the
 same weights and images, bfloat16 rows under `torch.autocast('cpu',
@@ -232,6 +236,12 @@ def main() -> None:
     'devices)',
   )
   parser.add_argument(
+    '--engines',
+    default='pmap',
+    help='comma-separated engines of the train rows (config.engine: pmap, '
+    'mesh), timed side by side',
+  )
+  parser.add_argument(
     '--finetune',
     default='full',
     choices=sorted(modes.presets()),
@@ -319,24 +329,32 @@ def main() -> None:
     args.dtypes.split(','),
     args.model_options.split(';'),
     counts,
+    args.engines.split(','),
   )
+  engines = args.engines.split(',')
   rows, runs = [], {}
-  for work, model, crop, batch, dtype, options, count in grid:
-    key: Tuple = (work, model, crop, batch, dtype, options, count)
+  for work, model, crop, batch, dtype, options, count, engine in grid:
+    train_engine = work == 'train' and len(engines) > 1
+    if work == 'inference' and engine != engines[0]:
+      continue  # Inference is pmap's forward pass, timed once.
+    key: Tuple = (work, model, crop, batch, dtype, options, count, engine)
     config = experiment_config(
       model, crop, batch, dtype, args.finetune, parse_options(options)
     )
+    config.engine = engine
     workload = make_workload(work, config, local[:count])
     row = dict(
       zip(('work', 'model', 'crop', 'batch', 'dtype'), key),
       key=key,
       devices=count,
-      code=f'vit_jax {options}'.strip(),
+      code=' '.join(
+        ['vit_jax', options] + ([f'engine={engine}'] if train_engine else [])
+      ).strip(),
       workload=workload,
     )
     rows.append(row)
     runs[key] = workload.run
-    if reference and not options and count == counts[-1]:
+    if reference and not options and count == counts[-1] and engine == 'pmap':
       data = jax.device_get(
         timing.synthetic_batch(batch, crop, NUM_CLASSES, local[:count])
       )

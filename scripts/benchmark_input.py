@@ -118,7 +118,7 @@ def measure_row(
     for _ in range(3)
   )
 
-  step, state = timing.train_step_and_state(
+  step, state, _ = timing.train_step_and_state(
     config, source.info.num_classes, device
   )
   fixed = next(batches)

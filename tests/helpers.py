@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from vit_jax import evaluation
 from vit_jax import experiment
 from vit_jax import models
 from vit_jax import results
@@ -233,6 +234,15 @@ def create_setup(config, num_classes: int) -> experiment.Experiment:
   """What `train.train_and_evaluate` builds for `config` before its first
   step (`experiment.build`, from the config's pretrained checkpoint)."""
   return experiment.build(config, num_classes, results.pretrained_path(config))
+
+
+def evaluate(setup: experiment.Experiment, params, data) -> dict:
+  """`evaluation.evaluate` of `params` on `data` by the setup's engine, as
+  the trainer evaluates."""
+  engine = setup.engine
+  return evaluation.evaluate(
+    engine, engine.eval_step(setup.eval_step), engine.place(params), data, 1
+  )
 
 
 def numpy_shift(images: np.ndarray, rows: int, cols: int) -> np.ndarray:

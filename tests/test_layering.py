@@ -36,6 +36,7 @@ LAYERS = (
     'utils',
     'test_utils',
   ),
+  ('engine',),
   ('experiment',),
   ('publish', 'benchmarks', 'lifecycle', 'evaluation'),
   ('predict', 'attention', 'inference_time'),

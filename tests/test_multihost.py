@@ -23,7 +23,6 @@ import pytest
 
 from tests import helpers
 from tests import multihost_worker
-from vit_jax import evaluation
 from vit_jax import input_pipeline
 from vit_jax import losses
 from vit_jax import main as main_lib
@@ -261,12 +260,7 @@ def test_evaluation_scored_every_test_example_once(runs, reference, source):
     batch_size=config.batch_eval,
     hosts=input_pipeline.Hosts(0, 1, jax.local_device_count()),
   )
-  expected = evaluation.evaluate(
-    steps.data_parallel(steps.make_eval_step(setup.model)),
-    steps.replicate(state.params),
-    eval_data,
-    prefetch=1,
-  )
+  expected = helpers.evaluate(setup, state.params, eval_data)
   assert expected['examples'] == source.num_examples(config.pp.test) == 1000
   with open(os.path.join(workdir, results_lib.RESULTS_FILE)) as f:
     written = json.load(f)

@@ -73,7 +73,7 @@ def test_the_timed_train_step_is_the_trainers():
   """`experiment.build` makes the benchmark's step as the trainer's: with a
   moving average, the state carries one and the step updates it."""
   devices = jax.local_devices()[:1]
-  step, state = timing.train_step_and_state(
+  step, state, _ = timing.train_step_and_state(
     helpers.job_config(batch=8, ema_decay=0.5), 10, devices
   )
   assert state.ema_params is not None

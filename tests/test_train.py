@@ -17,7 +17,6 @@ from configs import common
 from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import errors
-from vit_jax import evaluation
 from vit_jax import inference_time
 from vit_jax import input_pipeline
 from vit_jax import lifecycle
@@ -406,15 +405,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     os.path.join(crash_dir, config.finetune.task_file), resumed.params
   )
   chex.assert_trees_all_equal(saved, evaluated)
-  setup = helpers.create_setup(config, num_classes=10)
-  eval_step = step_lib.data_parallel(step_lib.make_eval_step(setup.model))
   hosts = input_pipeline.Hosts.from_jax()
   source = input_pipeline.get_source(config.dataset)
-  test = evaluation.evaluate(
-    eval_step,
-    step_lib.replicate(evaluated),
+  test = helpers.evaluate(
+    helpers.create_setup(config, num_classes=10),
+    evaluated,
     input_pipeline.eval_dataset(source, config.pp, batch_size=256, hosts=hosts),
-    prefetch=1,
   )
   assert test['accuracy'] == results['test_accuracy']
   assert set(resumed.ema_params) == set(resumed.params)

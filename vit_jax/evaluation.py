@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from absl import logging
 import jax
 
+from vit_jax import engine as engine_lib
 from vit_jax import fewshot
 from vit_jax import input_pipeline
 from vit_jax import metrics as metrics_lib
@@ -22,15 +23,20 @@ Scores = Tuple[Dict[str, float], Optional[Dict[str, float]]]
 
 
 def evaluate(
-  eval_step, params, data: input_pipeline.EvalData, prefetch: int
+  engine: engine_lib.Engine,
+  eval_step: Callable[..., Any],
+  params: Any,
+  data: input_pipeline.EvalData,
+  prefetch: int,
 ) -> Dict[str, float]:
   """Accuracy and loss over every example of the test split, and those of
   the unshifted images alone (`one_view_*`: the same unless the step
-  averages over views, `config.eval_shift`)."""
+  averages over views, `config.eval_shift`), by `engine`'s compiled
+  `eval_step` on its placed `params`."""
   totals = None
-  for batch in input_pipeline.device_prefetch(data.dataset, prefetch):
-    sums = jax.device_get(eval_step(params, batch))
-    sums = {k: float(v[0]) for k, v in sums.items()}
+  for batch in engine.batches(data.dataset, prefetch):
+    sums = jax.device_get(engine.first(eval_step(params, batch)))
+    sums = {k: float(v) for k, v in sums.items()}
     totals = (
       sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     )
@@ -69,7 +75,8 @@ class Evaluation:
   """The evaluations of a run's current parameters.
 
   Attributes:
-    eval_step: the data-parallel eval step (`steps.make_eval_step`).
+    engine: runs the step over the devices (`vit_jax.engine`).
+    eval_step: the eval step (`steps.make_eval_step`), compiled by `engine`.
     data: the test split.
     prefetch: batches put on the devices ahead.
     eval_shift: the views averaged per image (0: one view).
@@ -79,6 +86,7 @@ class Evaluation:
 
   def __init__(
     self,
+    engine: engine_lib.Engine,
     eval_step: Callable[..., Any],
     data: input_pipeline.EvalData,
     prefetch: int,
@@ -86,6 +94,7 @@ class Evaluation:
     fewshot_evaluator: Optional[fewshot.Evaluator],
     writer: metrics_lib.MetricWriter,
   ):
+    self.engine = engine
     self.eval_step = eval_step
     self.data = data
     self.prefetch = prefetch
@@ -93,19 +102,21 @@ class Evaluation:
     self.fewshot_evaluator = fewshot_evaluator
     self.writer = writer
 
-  def scores(self, replicated: steps.TrainState) -> Scores:
+  def scores(self, state: steps.TrainState) -> Scores:
     """The test scores and few-shot accuracies (None if not configured) of
-    the evaluated params (`steps.evaluated_params`) of a replicated state."""
-    params = steps.evaluated_params(replicated)
-    test = evaluate(self.eval_step, params, self.data, self.prefetch)
+    the evaluated params (`steps.evaluated_params`) of a placed state."""
+    params = steps.evaluated_params(state)
+    test = evaluate(
+      self.engine, self.eval_step, params, self.data, self.prefetch
+    )
     shots = None
     if self.fewshot_evaluator:
-      shots = self.fewshot_evaluator(steps.unreplicate(params))
+      shots = self.fewshot_evaluator(self.engine.gather(params))
     return test, shots
 
-  def __call__(self, step: int, replicated: steps.TrainState) -> Scores:
+  def __call__(self, step: int, state: steps.TrainState) -> Scores:
     """`scores` at `step`, logged and written."""
-    test, shots = self.scores(replicated)
+    test, shots = self.scores(state)
     logging.info(
       'step %d: test accuracy %.4f over %d examples%s',
       step,

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from vit_jax import engine as engine_lib
 from vit_jax import metrics as metrics_lib
 from vit_jax import paths
 from vit_jax import results as results_lib
@@ -190,18 +191,20 @@ class StopSignals:
 
 def save_on_stop(
   checkpointer: train_state.TrainCheckpointer,
-  replicated: steps.TrainState,
+  engine: engine_lib.Engine,
+  placed: steps.TrainState,
   step: int,
   reason: str,
   checkpoint_every: int,
 ) -> Interrupted:
-  """Saves the state of `step` (the last one done) unless it is saved
-  already; the `Interrupted` error saying where it is."""
+  """Saves `placed`, `engine`'s state of `step` (the last one done), unless
+  it is saved already or was lost to a step cut short; the `Interrupted`
+  error saying where the latest state is."""
   checkpointer.wait_until_finished()
   directory = checkpointer.directory
   intact = not any(
     leaf.is_deleted()
-    for leaf in jax.tree.leaves(replicated)
+    for leaf in jax.tree.leaves(placed)
     if isinstance(leaf, jax.Array)
   )
   if not checkpoint_every:
@@ -209,7 +212,7 @@ def save_on_stop(
   elif checkpointer.latest_step() == step:
     saved = f'the checkpoint of step {step} is in {directory}'
   elif intact and step > 0:
-    checkpointer.save(step, steps.unreplicate(replicated))
+    checkpointer.save(step, engine.saveable(placed))
     checkpointer.wait_until_finished()
     saved = f'saved a checkpoint of step {step} in {directory}'
   elif checkpointer.latest_step() is not None:
@@ -230,7 +233,7 @@ def first_non_finite(
 ) -> Tuple[Optional[int], Dict[str, float]]:
   """The first step with a NaN/inf loss or params, else the mean metrics."""
   values = [
-    (step, {k: float(v[0]) for k, v in jax.device_get(m).items()})
+    (step, {k: float(v) for k, v in jax.device_get(m).items()})
     for step, m in history
   ]
   for step, scalars in values:

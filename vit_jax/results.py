@@ -36,6 +36,11 @@ RESUMABLE_KEYS = frozenset(
     'batch_eval',
     'cpu_devices',
     'prefetch',
+    # How the same steps run over the devices: checkpoints hold global
+    # arrays, restored into any engine, layout and device count.
+    'engine',
+    'fsdp',
+    'fsdp_min_size',
     # How each evaluation scores (`vit_jax.views`) and what else it
     # measures (`vit_jax.fewshot`).
     'eval_shift',

@@ -1,9 +1,11 @@
-"""The per-device train and eval steps, and how they map onto devices.
+"""The train and eval steps, and the `jax.pmap` layout they run in.
 
-The steps are plain functions of one device's batch that reduce over the
-named axis `AXIS`; `data_parallel`, `replicate` and `unreplicate` are the only
-places that say how they run over devices (today `jax.pmap`), so moving to
-`jax.shard_map` touches this file only.
+The steps are plain functions of the batch they are given. Under
+`jax.pmap` (`data_parallel`, with `replicate`/`shard`/`unreplicate` for the
+layout) that is one device's share, and they reduce over the named axis
+`AXIS`; built with `axis_name=None` they take the global batch of a
+`jax.jit` over a mesh and reduce nothing themselves. `vit_jax.engine`
+chooses between the two.
 """
 
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -100,15 +102,18 @@ def make_train_step(
   accum_steps: int = 1,
   seed: int = 0,
   ema_decay: float = 0.0,
+  axis_name: Optional[str] = AXIS,
+  batch_shards: int = 1,
 ) -> Callable[[TrainState, Batch], Tuple[TrainState, Metrics]]:
-  """One optimizer update from one device's batch `[B, H, W, 3]`.
+  """One optimizer update from a batch `[B, H, W, 3]`.
 
   Only the `trainable` leaves are differentiated and updated, so the
   backward pass computes no gradient of a frozen weight, and frozen leaves
   pass through untouched. Gradients are averaged over `accum_steps`
-  micro-batches and over `AXIS` (`mean_gradients`), then applied: with
-  equal micro-batches, the update of the whole batch at once. Dropout keys
-  derive from (seed, step, device), so a resumed run draws the same masks.
+  micro-batches and over `axis_name` (`mean_gradients`), then applied:
+  with equal micro-batches, the update of the whole batch at once. Dropout
+  keys derive from (seed, step, device index along `axis_name`), so a
+  resumed run draws the same masks.
 
   Args:
     loss_fn: `loss_fn(params, images, labels, dropout_key)`, a scalar (see
@@ -120,6 +125,10 @@ def make_train_step(
     seed: the run's seed, for dropout.
     ema_decay: the decay of the moving average of the trainable leaves
       (`ema_weight`), as in `initial_state`; 0 for none.
+    axis_name: the mapped axis of one device's batch (pmap); None for the
+      global batch (jit over a mesh).
+    batch_shards: the devices a global batch is sharded over (1 under
+      pmap), see `mean_gradients`.
   """
 
   def train_step(state: TrainState, batch: Batch):
@@ -129,10 +138,9 @@ def make_train_step(
         f'make_train_step(ema_decay={ema_decay}) got a state {has} moving '
         'averages; build it by initial_state with the same ema_decay.'
       )
-    key = jax.random.fold_in(
-      jax.random.fold_in(jax.random.key(seed), state.step),
-      jax.lax.axis_index(AXIS),
-    )
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    if axis_name is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     params, frozen = trainable_lib.partition(state.params, trainable)
     loss, grads = mean_gradients(
       lambda p, *args: loss_fn(trainable_lib.combine(p, frozen), *args),
@@ -140,6 +148,8 @@ def make_train_step(
       batch,
       key,
       accum_steps,
+      axis_name,
+      batch_shards,
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -175,12 +185,17 @@ def mean_gradients(
   batch: Batch,
   key: jax.Array,
   accum_steps: int = 1,
+  axis_name: Optional[str] = AXIS,
+  batch_shards: int = 1,
 ) -> Tuple[jnp.ndarray, Any]:
-  """The loss and its gradient w.r.t. `params` on one device's batch,
-  both averaged over `accum_steps` micro-batches and then over `AXIS`.
+  """The loss and its gradient w.r.t. `params` on a batch, both averaged
+  over `accum_steps` micro-batches and then over `axis_name` (if any).
 
   The micro-batches run in a `lax.scan`, so memory is that of one
-  micro-batch; micro-batch `i` draws dropout from `fold_in(key, i)`.
+  micro-batch; micro-batch `i` draws dropout from `fold_in(key, i)`. The
+  batch is `batch_shards` equal blocks (a global batch's shards, one per
+  device of a mesh), and micro-batch `i` is the `i`-th part of each: the
+  micro-batches of `jax.pmap`'s devices, and no example leaves its device.
   """
 
   def accumulate(grad_sum, inputs):
@@ -198,21 +213,30 @@ def mean_gradients(
     micro_losses = loss[None]
   else:
     micro = jax.tree.map(
-      lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch
+      lambda x: (
+        x.reshape(batch_shards, accum_steps, -1, *x.shape[1:])
+        .swapaxes(0, 1)
+        .reshape(accum_steps, -1, *x.shape[1:])
+      ),
+      batch,
     )
     grad_sum, micro_losses = jax.lax.scan(
       accumulate,
       zeros,
       (micro['image'], micro['label'], jnp.arange(accum_steps)),
     )
-  grads = jax.lax.pmean(jax.tree.map(lambda g: g / accum_steps, grad_sum), AXIS)
-  return jax.lax.pmean(micro_losses.mean(), AXIS), grads
+  grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+  loss = micro_losses.mean()
+  if axis_name is None:
+    return loss, grads
+  return jax.lax.pmean(loss, axis_name), jax.lax.pmean(grads, axis_name)
 
 
 def make_eval_step(
-  model: nn.Module, eval_shift: int = 0
+  model: nn.Module, eval_shift: int = 0, axis_name: Optional[str] = AXIS
 ) -> Callable[[Any, Batch], Metrics]:
-  """Sums of correct predictions, loss and real examples over all devices.
+  """Sums of correct predictions, loss and real examples over the batch,
+  and over the devices of `axis_name` (pmap; None: a global batch).
 
   With `eval_shift` > 0 the predictions are the mean softmax over the
   shifted views of each image (`vit_jax.views`), and `one_view_correct`
@@ -224,14 +248,16 @@ def make_eval_step(
 
     labels, mask = batch['label'], batch['mask']
     if not eval_shift:
-      sums = losses.eval_sums(logits_fn(batch['image']), labels, mask)
-      return jax.lax.psum(sums, AXIS)
+      return total(losses.eval_sums(logits_fn(batch['image']), labels, mask))
     logits = views.view_logits(logits_fn, batch['image'], eval_shift)
     one_view = losses.eval_sums(logits[0], labels, mask)
     sums = losses.eval_sums(views.mean_log_probabilities(logits), labels, mask)
     sums['one_view_correct'] = one_view['correct']
     sums['one_view_loss'] = one_view['loss']
-    return jax.lax.psum(sums, AXIS)
+    return total(sums)
+
+  def total(sums: Metrics) -> Metrics:
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return eval_step
 

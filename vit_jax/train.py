@@ -10,9 +10,10 @@ resumes from the latest checkpoint in `workdir`. Process 0 writes
 average of the trained weights (`steps.evaluated_params`).
 
 A batch goes: `input_pipeline.train_dataset` (read, decode, augment, batch
-per device) → `input_pipeline.device_prefetch` → the train step that
-`experiment.build` makes (the loss `losses.classifier_loss`, its gradient
-with respect to the trainable leaves, the optimizer update). What surrounds
+per device) → the engine (`config.engine`: `jax.pmap` or `jax.jit` over a
+mesh) puts it on the devices → the train step that `experiment.build`
+makes (the loss `losses.classifier_loss`, its gradient with respect to the
+trainable leaves, the optimizer update), compiled by the engine. What surrounds
 the loop (intervals, restart check, stop signals, the NaN guard) is
 `vit_jax.lifecycle`'s; the evaluations are `vit_jax.evaluation`'s.
 """
@@ -71,7 +72,8 @@ def training_data(
 ) -> Any:
   """This host's training batches from `start_step` on (a tf.data
   Dataset): augmented images, or with `config.finetune.cache_features` the
-  frozen model's features of every training image, computed here, once."""
+  frozen model's features of every training image, computed here, once,
+  with `params` (placed by `exp.engine`)."""
   if not config.finetune.cache_features:
     return input_pipeline.train_dataset(
       source,
@@ -91,7 +93,7 @@ def training_data(
     split=config.pp.train,
   )
   cached, labels = features.of_split(
-    features.extractor(exp.model), params, split
+    features.extractor(exp.model), exp.engine.gather(params), split
   )
   logging.info(
     'Cached the features of %d training images (%d wide) in %.1f s.',
@@ -168,10 +170,11 @@ def train_and_evaluate(
     else None
   )
 
+  engine = exp.engine
   with train_state.TrainCheckpointer(workdir) as checkpointer:
     # Resume: the latest checkpoint in the workdir, if any. --------------
     state = exp.state
-    restored = checkpointer.restore(state)
+    restored = checkpointer.restore(engine.restore_target(state))
     if restored is not None:
       state = restored
       logging.info(
@@ -183,38 +186,39 @@ def train_and_evaluate(
       intervals, start_step, config.batch, writer, checkpointer, config.dtype
     )
     evaluate = evaluation.Evaluation(
-      steps.data_parallel(exp.eval_step),
+      engine,
+      engine.eval_step(exp.eval_step),
       eval_data,
       config.prefetch,
       config.eval_shift,
       fewshot_evaluator,
       writer,
     )
-    train_step = steps.data_parallel(exp.train_step, donate_state=True)
-    batches = input_pipeline.device_prefetch(
-      training_data(config, source, hosts, start_step, exp, state.params),
+    placed = engine.place(state)
+    batches = engine.batches(
+      training_data(config, source, hosts, start_step, exp, placed.params),
       config.prefetch,
     )
+    train_step = engine.train_step(exp.train_step)
 
     # Loop: a step, then what is due after it. ----------------------------
-    replicated = steps.replicate(state)
     scores = None  # The latest evaluation's.
-    done_step = start_step  # The step whose state `replicated` holds.
+    done_step = start_step  # The step whose state `placed` holds.
     finished = False
     with lifecycle.StopSignals() as stop:
       for step in range(start_step + 1, intervals.total_steps + 1):
         if step == start_step + 1:
           logging.info('Compiling the train step (the first step waits)...')
-        replicated, step_metrics = train_step(replicated, next(batches))
+        placed, step_metrics = train_step(placed, next(batches))
         done_step = step
-        monitor.record(step, step_metrics)
+        monitor.record(step, engine.first(step_metrics))
         due = intervals.due(step)
         if due.report:
           monitor.report(step)
         if due.evaluate:
-          scores = evaluate(step, replicated)
+          scores = evaluate(step, placed)
         if due.save:
-          checkpointer.save(step, steps.unreplicate(replicated))
+          checkpointer.save(step, engine.saveable(placed))
         if due.evaluate or due.save:
           monitor.restart_clock()
         if not due.last and stop.requested(poll_other_hosts=due.report):
@@ -226,18 +230,19 @@ def train_and_evaluate(
       writer.close()
       raise lifecycle.save_on_stop(
         checkpointer,
-        replicated,
+        engine,
+        placed,
         done_step,
         stop.reason,
         intervals.checkpoint_every,
       )
     if scores is None:  # Resumed a run that had already finished.
-      scores = evaluate.scores(replicated)
+      scores = evaluate.scores(placed)
   writer.close()
 
   # Outputs: the task file (what was trained) and results.json. ----------
   test, shots = scores
-  params = steps.unreplicate(steps.evaluated_params(replicated))
+  params = engine.gather(steps.evaluated_params(placed))
   task_path = write_task_file(
     config, workdir, params, exp, source.info, pretrained_path, test
   )

@@ -7,7 +7,6 @@ machine whose load drifts slows all of them alike, and ratios between them
 stay meaningful; `matmul_peak` measures what this machine's matmul reaches,
 the yardstick for achieved FLOP/s. The `inference_time` job and the
 benchmark scripts use these, so every figure they print is measured one way.
-Nothing here imports TensorFlow: the benchmarks run where only JAX is.
 """
 
 import dataclasses
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import engine as engine_lib
 from vit_jax import experiment
 from vit_jax import finetune
 from vit_jax import steps
@@ -113,24 +113,31 @@ def _workload(
   )
 
 
-def synthetic_batch(
-  batch: int, crop: int, num_classes: int, devices: Sequence[jax.Device]
-) -> Dict[str, jax.Array]:
-  """A fixed batch of `batch` images split over `devices`, as the trainer
-  feeds them (`[devices, batch / devices, crop, crop, 3]`)."""
-  if batch % len(devices):
+def host_batch(
+  batch: int, crop: int, num_classes: int, num_devices: int
+) -> Dict[str, np.ndarray]:
+  """A fixed batch of `batch` random images and labels on the host, laid
+  out per device as the input pipeline makes it (`[num_devices, batch /
+  num_devices, crop, crop, 3]`)."""
+  if batch % num_devices:
     raise ValueError(
-      f'Batch {batch} does not split over {len(devices)} '
+      f'Batch {batch} does not split over {num_devices} '
       'devices; use a multiple of the device count.'
     )
   rng = np.random.default_rng(0)
-  shape = [len(devices), batch // len(devices)]
+  shape = [num_devices, batch // num_devices]
+  return {
+    'image': rng.uniform(-1, 1, shape + [crop, crop, 3]).astype(np.float32),
+    'label': rng.integers(0, num_classes, shape).astype(np.int32),
+  }
+
+
+def synthetic_batch(
+  batch: int, crop: int, num_classes: int, devices: Sequence[jax.Device]
+) -> Dict[str, jax.Array]:
+  """`host_batch` split over `devices` as `jax.pmap` takes it."""
   return steps.shard(
-    {
-      'image': rng.uniform(-1, 1, shape + [crop, crop, 3]).astype(np.float32),
-      'label': rng.integers(0, num_classes, shape).astype(np.int32),
-    },
-    devices,
+    host_batch(batch, crop, num_classes, len(devices)), devices
   )
 
 
@@ -162,18 +169,19 @@ def train_step_and_state(
   config: ml_collections.ConfigDict,
   num_classes: int,
   devices: Sequence[jax.Device],
-) -> Tuple[Callable, steps.TrainState]:
-  """The trainer's data-parallel train step for `config`, built by
-  `experiment.build` as `vit_jax.train` builds it, and its step-0 state
-  (randomly initialised weights), replicated on `devices`."""
+) -> Tuple[Callable, steps.TrainState, engine_lib.Engine]:
+  """The trainer's train step for `config` over `devices`, built by
+  `experiment.build` and compiled by the engine of `config.engine` as in
+  `vit_jax.train`; its step-0 state (randomly initialised weights), placed
+  by that engine; and the engine (whose `put_batch` places batches)."""
   if config.finetune.cache_features:
     raise ValueError(
       'config.finetune.cache_features=True trains on features, which the '
       'benchmark does not make; time it with cache_features=False.'
     )
-  exp = experiment.build(config, num_classes)
-  step = steps.data_parallel(exp.train_step, donate_state=True, devices=devices)
-  return step, steps.replicate(exp.state, devices)
+  exp = experiment.build(config, num_classes, devices=devices)
+  engine = exp.engine
+  return engine.train_step(exp.train_step), engine.place(exp.state), engine
 
 
 def train_workload(
@@ -183,10 +191,12 @@ def train_workload(
 ) -> Workload:
   """`train_step_and_state`'s step on a fixed batch of `config.batch`."""
   devices = devices or jax.local_devices()
-  step, state = train_step_and_state(config, num_classes, devices)
-  params = steps.unreplicate(state).params
+  step, state, engine = train_step_and_state(config, num_classes, devices)
+  params = engine.gather(state.params)
   trainable = finetune.from_config(config.finetune).is_trainable
-  data = synthetic_batch(config.batch, config.pp.crop, num_classes, devices)
+  data = engine.put_batch(
+    host_batch(config.batch, config.pp.crop, num_classes, len(devices))
+  )
   return _workload(
     step,
     state,
