@@ -605,8 +605,9 @@ class VisionTransformer(nn.Module):
       optionally 'padding': 'VALID' (default, vit_jax's) or 'SAME' (zero-pads
       the grid to whole patches, e.g. a 7x7 stem output to 4x4 patches of 2).
     transformer: keyword arguments of `Encoder` (num_layers, mlp_dim,
-      num_heads, dropout_rate, attention_dropout_rate); None stops after the
-      patch embedding.
+      num_heads, dropout_rate, attention_dropout_rate; optionally remat,
+      remat_policy, scan and attention); None stops after the patch
+      embedding.
     hidden_size: token width.
     resnet: {'num_layers': (...), 'width_factor': w} for a hybrid model.
     conv_stem: widths of 3x3 stride-2 convolutions (each followed by a
