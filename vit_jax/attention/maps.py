@@ -2,7 +2,9 @@
 
 The weights come from the model's own forward pass (each Encoder1DBlock sows
 its softmaxed attention when built with `sow_attention_weights=True`), not
-from a re-implementation of attention:
+from a re-implementation of attention. A model with a scanned or
+rematerialised encoder runs here as its plain equivalent, one block per
+layer with the explicit attention, on its parameters unstacked:
 
   weights = attention_weights(model, params, images)   # [L, N, H, T, T]
   grid = patch_grid(model, images.shape[1:3])
@@ -24,6 +26,7 @@ from typing import Any, Tuple
 import jax
 import jax.numpy as jnp
 
+from vit_jax.checkpoint import layer_stack
 from vit_jax.models import vit
 
 Array = jax.Array
@@ -31,8 +34,14 @@ HEAD_FUSIONS = ('mean', 'max', 'min')
 _BLOCK = re.compile(r'encoderblock_(\d+)$')
 
 
+# The encoder options that compute what the plain encoder computes, but
+# record the weights another way or not at all; maps run without them.
+_PLAIN_ENCODER = {'scan': False, 'remat': False, 'attention': 'explicit'}
+
+
 def _with_sown_attention(model: Any) -> Any:
-  """The same model (injected or not) recording its attention weights."""
+  """The same model (injected or not) recording its attention weights, one
+  block per layer (`_PLAIN_ENCODER`)."""
   if hasattr(model, 'injection'):  # finetune.InjectedModel
     return dataclasses.replace(model, base=_with_sown_attention(model.base))
   if not hasattr(model, 'sow_attention_weights'):
@@ -40,7 +49,10 @@ def _with_sown_attention(model: Any) -> Any:
       f'{type(model).__name__} has no attention to record; attention maps '
       'need a VisionTransformer.'
     )
-  return model.clone(sow_attention_weights=True)
+  transformer = model.transformer
+  if transformer is not None:
+    transformer = {**transformer, **_PLAIN_ENCODER}
+  return model.clone(sow_attention_weights=True, transformer=transformer)
 
 
 def attention_weights(model: Any, params: Any, images: Array) -> Array:
@@ -52,7 +64,10 @@ def attention_weights(model: Any, params: Any, images: Array) -> Array:
     images: `[batch, height, width, 3]`, preprocessed as for evaluation.
   """
   _, state = _with_sown_attention(model).apply(
-    {'params': params}, images, train=False, mutable=['intermediates']
+    {'params': layer_stack.to_file_layout(params)},
+    images,
+    train=False,
+    mutable=['intermediates'],
   )
   blocks = state.get('intermediates', {}).get('Transformer', {})
   layers = sorted(

@@ -14,6 +14,11 @@ ViT weights as `.safetensors` or as a PyTorch `state_dict` saved to `.npz`
 (see `torch_names`), timm's Swin Transformers (see `swin_names`), and the
 trainer's task files (see `task_file`) that hold every parameter. Every
 error is a `CheckpointError` naming the file.
+
+Files always hold per-layer encoder blocks (`Transformer/encoderblock_{i}`);
+`load_pretrained` returns the layout of the model it loads into, stacked for
+a scanned encoder, and `save` writes any layout as files hold it (see
+`layer_stack`).
 """
 
 import dataclasses
@@ -28,6 +33,7 @@ from vit_jax.checkpoint import adapt
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import google_npz
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import layer_stack
 from vit_jax.checkpoint import swin_names
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import torch_names
@@ -294,7 +300,7 @@ def load_pretrained(
       `Checkpoint` already read (to adapt one file to several models without
       reading it again).
     init_params: the model's initialised params (their structure and dtypes
-      are the target).
+      are the target; a scanned model's stacked blocks too).
     model_config: the model's config (e.g. `config.model`), for the number
       of heads and to check the checkpoint's model options.
     reset_head: start from a zero head even if the sizes match (vit_jax's
@@ -320,9 +326,12 @@ def load_pretrained(
         f'`**checkpoint.read(path).model_options` (or '
         f'--config.model.{option}={value}).'
       )
-  expected = inspect.flatten(init_params)
+  # Adapted as files hold them, per layer; stacked again at the end for a
+  # scanned model.
+  target = layer_stack.to_file_layout(init_params)
+  expected = inspect.flatten(target)
   loaded = adapt.adapt_to_model(
-    inspect.flatten(ckpt.params),
+    inspect.flatten(layer_stack.to_file_layout(ckpt.params)),
     expected,
     reset_head=reset_head,
     resize_method=resize_method,
@@ -333,14 +342,17 @@ def load_pretrained(
   )
   inspect_params(
     params=inspect.unflatten(loaded),
-    expected=init_params,
+    expected=target,
     source=pretrained_path,
   )
-  return inspect.unflatten(
-    {
-      key: np.asarray(loaded[key], dtype=value.dtype)
-      for key, value in expected.items()
-    }
+  return layer_stack.like(
+    inspect.unflatten(
+      {
+        key: np.asarray(loaded[key], dtype=value.dtype)
+        for key, value in expected.items()
+      }
+    ),
+    init_params,
   )
 
 
@@ -353,6 +365,7 @@ def save(
   """Writes `params` atomically, in the format of `path`'s extension.
 
   `.npz`: Google's published naming (read by vit_jax and timm's npz loader).
+  A scanned model's stacked blocks are written per layer, as files hold them.
   `.safetensors`: timm's names and layouts (needs `num_heads`, except for a
   Swin tree), loadable by
   `timm.create_model(..., pretrained_cfg_overlay=dict(file=path))`.
@@ -360,6 +373,7 @@ def save(
   """
   if isinstance(path, Mapping):
     path, params = params, path
+  params = layer_stack.to_file_layout(params)
   flat = {
     key: np.asarray(value, np.float32)
     for key, value in inspect.flatten(params).items()

@@ -14,6 +14,10 @@ each base path's shape, and a SHA-256 fingerprint of the base's paths, shapes,
 dtypes and values. Loading checks the given base against it, so a task file is
 never silently applied to a different backbone.
 
+Paths are those of files: a scanned model's stacked encoder blocks are saved
+per layer (`layer_stack`), so its task file has the keys and fingerprint of
+the unscanned model's, and loading returns the layout of the base given.
+
 In multi-host training, save from one process (`jax.process_index() == 0`):
 the parameters saved are replicated, and one writer is enough.
 """
@@ -28,6 +32,7 @@ import numpy as np
 from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import layer_stack
 from vit_jax.errors import CheckpointError
 
 PyTree = Any
@@ -41,8 +46,12 @@ _SHORT = 12
 
 
 def _flat_numpy(tree: PyTree) -> Dict[str, np.ndarray]:
-  """{'a/b': leaf} of a nested dict, with leaves as host numpy arrays."""
-  return {path: np.asarray(x) for path, x in inspect.flatten(tree).items()}
+  """{'a/b': leaf} of a nested dict as files hold it (per-layer blocks),
+  with leaves as host numpy arrays."""
+  return {
+    path: np.asarray(x)
+    for path, x in inspect.flatten(layer_stack.to_file_layout(tree)).items()
+  }
 
 
 def fingerprint(flat: Mapping[str, np.ndarray]) -> str:
@@ -74,7 +83,9 @@ def save_task_params(
     path: the `.npz` file to write (replaced atomically if it exists).
     params: the fine-tuned parameter tree (nested dicts of arrays).
     trainable: the run's predicate on '/'-joined paths (see
-      `vit_jax.trainable`), true for the leaves that were trained.
+      `vit_jax.trainable`), true for the leaves that were trained. It is
+      asked about the paths of `params`' own layout: for stacked blocks, a
+      layer's leaves are saved when their stacked path is trainable.
     base_params: the base the fine-tuning started from. Default: the leaves
       of `params` that are not trainable, which were frozen so still equal
       the base. If given, those frozen leaves must equal it.
@@ -86,7 +97,11 @@ def save_task_params(
       `META_PREFIX`, or a frozen leaf differs from `base_params`.
   """
   flat = _flat_numpy(params)
-  task = {p: v for p, v in flat.items() if trainable(p)}
+  # `trainable` knows the paths the run trained, stacked for a scanned model.
+  trained_path = (
+    layer_stack.stacked_path if layer_stack.is_stacked(params) else str
+  )
+  task = {p: v for p, v in flat.items() if trainable(trained_path(p))}
   if not task:
     raise CheckpointError(
       f'{path}: `trainable` selects none of the parameters (e.g. '
@@ -210,16 +225,17 @@ def load_task_params(
       to try a task on a base in another dtype or a re-export.
 
   Returns:
-    `base_params` (a new nested dict) with the task's leaves inserted: they
-    replace base leaves or add new paths (e.g. adapters). Task leaves are
-    numpy arrays in the dtype they were saved in.
+    `base_params` (a new nested dict, in its layout: stacked blocks for a
+    scanned model) with the task's leaves inserted: they replace base
+    leaves or add new paths (e.g. adapters). Task leaves are numpy arrays
+    in the dtype they were saved in.
 
   Raises:
     CheckpointError: naming `path`, if the file is missing, corrupt or not a
       task file, or `base_params` is not the base the task was trained on.
   """
   meta, task = parse(path, files.read_npz(path))
-  flat = inspect.flatten(base_params)
+  flat = inspect.flatten(layer_stack.to_file_layout(base_params))
   if not flat and meta['base_shapes']:
     raise CheckpointError(
       f'{path}: holds only the fine-tuned arrays ({len(task)}); the other '
@@ -249,4 +265,4 @@ def load_task_params(
         f'dtypes. Pass the base it was fine-tuned from, or strict=False to '
         f'apply it anyway.'
       )
-  return inspect.unflatten({**flat, **task})
+  return layer_stack.like(inspect.unflatten({**flat, **task}), base_params)

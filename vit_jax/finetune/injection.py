@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 import flax.linen as nn
 
 from vit_jax.checkpoint import inspect
+from vit_jax.checkpoint import layer_stack
 from vit_jax.errors import ConfigError
 from vit_jax.finetune import methods
 
@@ -150,10 +151,12 @@ class Injection:
 
     Each target module's added parameters are folded into its kernel/scale
     and bias (`method.fold`); the result has exactly the base model's paths
-    and runs without injection, at no extra cost.
+    and runs without injection, at no extra cost. A scanned model's stacked
+    blocks are folded layer by layer and returned stacked.
     """
     flat: Dict[str, Any] = {}
-    for module, leaves in _module_paths(params).items():
+    per_layer = layer_stack.to_file_layout(params)
+    for module, leaves in _module_paths(per_layer).items():
       if self.is_target(module) and any(
         name in leaves for name in self.method.param_names
       ):
@@ -164,7 +167,7 @@ class Injection:
           for leaf, value in leaves.items()
         }
       )
-    return inspect.unflatten(flat)
+    return layer_stack.like(inspect.unflatten(flat), params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ and every task is rebuilt on top of it:
                                                   224)
 
 Tasks of the same architecture and resolution share the base's arrays (one
-copy in memory). `export` folds injected methods into the weights, so the
+copy in memory; a scanned encoder's stacked blocks are one copy per task). `export` folds injected methods into the weights, so the
 exported file is a plain ViT checkpoint that any loader of the format reads
 and runs at the base model's cost.
 """
@@ -38,6 +38,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import paths
 from vit_jax import trainable as trainable_lib
+from vit_jax.checkpoint import layer_stack
 from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
 from vit_jax.errors import ConfigError
@@ -181,7 +182,10 @@ def load_tasks(
     key = json.dumps([config['model'], meta['crop']], sort_keys=True)
     if key not in adapted:
       adapted[key] = {} if base is None else _base_for(base, model, fine, meta)
-    params = task_file.load_task_params(path, adapted[key], strict=strict)
+    params = layer_stack.to_model_layout(
+      task_file.load_task_params(path, adapted[key], strict=strict),
+      config['model'],
+    )
     name = task_name(path)
     if name in tasks:
       raise ConfigError(f'Two task files are named {name!r}; rename one.')

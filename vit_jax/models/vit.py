@@ -15,6 +15,11 @@ this model is interchangeable with one of theirs:
   head/{kernel,bias}                            only with `num_classes`
   head/{hidden,out}/{kernel,bias}               instead, with `head_mlp_dim`
 
+With `transformer.scan=True` the blocks run under `nn.scan`, and their
+parameters are one module, `Transformer/encoderblock/...` (`SCANNED_BLOCK`),
+each leaf stacked over the layers on a new leading axis; files always hold
+the per-layer names (`vit_jax.checkpoint.layer_stack` converts).
+
 Hybrid models (R50+ViT-B/16 and friends) add vit_jax's ResNet root
 (`conv_root`, `gn_root`, `block{i}/unit{j}/...`) in front of the embedding.
 
@@ -23,6 +28,7 @@ always created in float32, LayerNorm statistics and the attention softmax are
 computed in float32, and the logits are returned in float32.
 """
 
+import inspect
 from typing import Any, Callable, Optional, Sequence, Tuple, Type
 
 import flax.linen as nn
@@ -40,6 +46,39 @@ Initializer = Callable[..., Array]
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 POSITION_EMBEDDINGS = ('learned', 'sincos2d', 'none')
+# How `MultiHeadSelfAttention` computes softmax(q k^T / sqrt(d)) v.
+ATTENTION_KERNELS = ('explicit', 'dot_product_attention')
+# The module name of the encoder blocks run under `nn.scan`: one module whose
+# parameters are stacked over the layers.
+SCANNED_BLOCK = 'encoderblock'
+
+
+def remat_policies() -> Tuple[str, ...]:
+  """The names of the policies in `jax.checkpoint_policies` (e.g.
+  'nothing_saveable', 'dots_saveable'), leaving out the functions that
+  build a policy from arguments (`save_only_these_names`, ...): a policy
+  takes a primitive and its parameters as keywords."""
+  names = []
+  for name in dir(jax.checkpoint_policies):
+    value = getattr(jax.checkpoint_policies, name)
+    if name.startswith('_') or not callable(value):
+      continue
+    parameters = inspect.signature(value).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+      names.append(name)
+  return tuple(names)
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+  """The `jax.checkpoint_policies` policy `name`: what a rematerialised
+  block keeps from its forward pass (the rest is recomputed for the
+  gradient). A ConfigError names the valid ones."""
+  if name not in remat_policies():
+    raise ConfigError(
+      f'config.model.transformer.remat_policy={name!r} is not a policy of '
+      f'jax.checkpoint_policies; choose one of {list(remat_policies())}.'
+    )
+  return getattr(jax.checkpoint_policies, name)
 
 
 class IdentityLayer(nn.Module):
@@ -270,9 +309,11 @@ class MultiHeadSelfAttention(nn.Module):
     {query,key,value}/kernel [width, heads, head_dim], .../bias [heads, head_dim]
     out/kernel [heads, head_dim, width], out/bias [width]
 
-  The four projections run on the tokens' rows (`as_rows`), the attention
-  head-major (`[batch, heads, tokens, head_dim]`), so neither of its
-  matmuls needs a transpose.
+  The four projections run on the tokens' rows (`as_rows`). The explicit
+  attention runs head-major (`[batch, heads, tokens, head_dim]`), so neither
+  of its matmuls needs a transpose; `jax.nn.dot_product_attention` takes
+  the projections token-major as they come (`[batch, tokens, heads,
+  head_dim]`).
 
   Attributes:
     num_heads: attention heads; must divide the width.
@@ -281,6 +322,11 @@ class MultiHeadSelfAttention(nn.Module):
     kernel_init: initialiser of the four kernels.
     sow_weights: record the softmaxed weights `[batch, heads, query, key]`
       in the `intermediates` collection as `attention_weights`.
+    implementation: 'explicit' (einsums and a softmax) or
+      'dot_product_attention' (`jax.nn.dot_product_attention`: XLA's, or
+      cuDNN's fused kernel on a GPU where it applies). The latter has no
+      weights to drop out or sow: it cannot train with `dropout_rate` > 0,
+      and `sow_weights` computes the explicit attention.
   """
 
   num_heads: int
@@ -288,6 +334,7 @@ class MultiHeadSelfAttention(nn.Module):
   dropout_rate: float = 0.0
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   sow_weights: bool = False
+  implementation: str = 'explicit'
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -296,26 +343,53 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(
         f'Width {width} is not divisible by {self.num_heads} attention heads.'
       )
+    fused = self._fused(deterministic)
     batch, tokens = x.shape[:2]
     heads = (self.num_heads, width // self.num_heads)
     rows = as_rows(x.astype(self.dtype))
     query, key, value = (
       nn.DenseGeneral(
         heads, dtype=self.dtype, kernel_init=self.kernel_init, name=name
-      )(rows)
-      .reshape(batch, tokens, *heads)
-      .swapaxes(1, 2)
+      )(rows).reshape(batch, tokens, *heads)
       for name in ('query', 'key', 'value')
     )
-    out = self._attention(query, key, value, deterministic)
+    if fused:
+      out = jax.nn.dot_product_attention(query, key, value)
+    else:
+      out = self._attention(
+        query.swapaxes(1, 2),
+        key.swapaxes(1, 2),
+        value.swapaxes(1, 2),
+        deterministic,
+      ).swapaxes(1, 2)
     out = nn.DenseGeneral(
       width,
       axis=(-2, -1),
       dtype=self.dtype,
       kernel_init=self.kernel_init,
       name='out',
-    )(out.swapaxes(1, 2).reshape(batch * tokens, *heads))
+    )(out.reshape(batch * tokens, *heads))
     return out.reshape(batch, tokens, width)
+
+  def _fused(self, deterministic: bool) -> bool:
+    """Whether `jax.nn.dot_product_attention` computes the attention: when
+    configured, unless the weights are sown; a ConfigError when it would
+    have to drop them out."""
+    if self.implementation not in ATTENTION_KERNELS:
+      raise ConfigError(
+        f'config.model.transformer.attention={self.implementation!r}; '
+        f'choose one of {ATTENTION_KERNELS}.'
+      )
+    if self.implementation == 'explicit' or self.sow_weights:
+      return False
+    if self.dropout_rate > 0 and not deterministic:
+      raise ConfigError(
+        'config.model.transformer.attention="dot_product_attention" cannot '
+        'drop out attention weights, and config.model.transformer.'
+        f'attention_dropout_rate={self.dropout_rate} trains with dropout; '
+        'set attention_dropout_rate=0 or attention="explicit".'
+      )
+    return True
 
   def _attention(
     self, query: Array, key: Array, value: Array, deterministic: bool
@@ -349,6 +423,8 @@ class Encoder1DBlock(nn.Module):
     approximate_gelu: see `MlpBlock`.
     layernorm_epsilon: epsilon of both LayerNorms (1e-6 as Flax and timm;
       Hugging Face transformers' ViT uses 1e-12).
+    attention: how the attention is computed, one of `ATTENTION_KERNELS`
+      (see `MultiHeadSelfAttention.implementation`).
   """
 
   mlp_dim: int
@@ -359,9 +435,12 @@ class Encoder1DBlock(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
+  attention: str = 'explicit'
 
+  # `deterministic` may be positional: `nn.remat` needs it static, and
+  # static arguments are positional (`static_argnums`).
   @nn.compact
-  def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
+  def __call__(self, inputs: Array, deterministic: bool) -> Array:
     if inputs.ndim != 3:
       raise ValueError(
         f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}'
@@ -372,6 +451,7 @@ class Encoder1DBlock(nn.Module):
       dtype=self.dtype,
       dropout_rate=self.attention_dropout_rate,
       sow_weights=self.sow_attention_weights,
+      implementation=self.attention,
       name='MultiHeadDotProductAttention_0',
     )(x, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -405,6 +485,18 @@ class Encoder(nn.Module):
     sow_attention_weights: see `Encoder1DBlock`.
     approximate_gelu: see `MlpBlock`.
     layernorm_epsilon: epsilon of every LayerNorm, see `Encoder1DBlock`.
+    remat: rematerialise each block (`nn.remat`): its activations are
+      recomputed for the gradient instead of kept, trading compute for
+      memory. The outputs and gradients are unchanged.
+    remat_policy: the name of the `jax.checkpoint_policies` policy saying
+      what a rematerialised block keeps (see `remat_policies()`).
+    scan: run the blocks as one `nn.scan` over the layers (compiled once,
+      not `num_layers` times). Their parameters are then stacked over a
+      leading layer axis under `Transformer/encoderblock` (`SCANNED_BLOCK`)
+      instead of `Transformer/encoderblock_{i}`; see
+      `vit_jax.checkpoint.layer_stack`.
+    attention: 'explicit' or 'dot_product_attention', see
+      `MultiHeadSelfAttention.implementation`.
   """
 
   num_layers: int
@@ -418,6 +510,10 @@ class Encoder(nn.Module):
   sow_attention_weights: bool = False
   approximate_gelu: bool = True
   layernorm_epsilon: float = 1e-6
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+  scan: bool = False
+  attention: str = 'explicit'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -435,21 +531,53 @@ class Encoder(nn.Module):
     if self.posemb != 'none':
       x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
-    for layer in range(self.num_layers):
-      x = Encoder1DBlock(
-        mlp_dim=self.mlp_dim,
-        num_heads=self.num_heads,
-        dtype=self.dtype,
-        dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
-        sow_attention_weights=self.sow_attention_weights,
-        approximate_gelu=self.approximate_gelu,
-        layernorm_epsilon=self.layernorm_epsilon,
-        name=f'encoderblock_{layer}',
-      )(x, deterministic=not train)
+    x = self._blocks(x, deterministic=not train)
     return nn.LayerNorm(
       epsilon=self.layernorm_epsilon, dtype=self.dtype, name='encoder_norm'
     )(x)
+
+  def _blocks(self, x: Array, deterministic: bool) -> Array:
+    """The `num_layers` blocks, one after the other or scanned, each
+    rematerialised with `remat`."""
+    block = Encoder1DBlock
+    policy = remat_policy(self.remat_policy)
+    if self.remat:
+      # 0 is the module, 1 the inputs. Inside a scan, common subexpression
+      # elimination cannot defeat the rematerialisation, so XLA may keep it.
+      block = nn.remat(
+        Encoder1DBlock,
+        static_argnums=(2,),
+        policy=policy,
+        prevent_cse=not self.scan,
+      )
+    options = dict(
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      sow_attention_weights=self.sow_attention_weights,
+      approximate_gelu=self.approximate_gelu,
+      layernorm_epsilon=self.layernorm_epsilon,
+      attention=self.attention,
+    )
+    if not self.scan:
+      for layer in range(self.num_layers):
+        x = block(name=f'encoderblock_{layer}', **options)(x, deterministic)
+      return x
+
+    def layer(module: nn.Module, carry: Array) -> Tuple[Array, None]:
+      return module(carry, deterministic), None
+
+    # Each layer gets its own parameters (and sown weights) along axis 0 of
+    # the stacked arrays, and its own initialisation and dropout rngs.
+    x, _ = nn.scan(
+      layer,
+      variable_axes={'params': 0, 'intermediates': 0},
+      split_rngs={'params': True, 'dropout': True},
+      length=self.num_layers,
+    )(block(name=SCANNED_BLOCK, **options), x)
+    return x
 
   def _sincos2d_table(self, seq_len: int, dim: int) -> Array:
     """The fixed table for `seq_len` tokens: zeros for prefix tokens."""
@@ -477,8 +605,9 @@ class VisionTransformer(nn.Module):
       optionally 'padding': 'VALID' (default, vit_jax's) or 'SAME' (zero-pads
       the grid to whole patches, e.g. a 7x7 stem output to 4x4 patches of 2).
     transformer: keyword arguments of `Encoder` (num_layers, mlp_dim,
-      num_heads, dropout_rate, attention_dropout_rate); None stops after the
-      patch embedding.
+      num_heads, dropout_rate, attention_dropout_rate; optionally remat,
+      remat_policy, scan and attention); None stops after the patch
+      embedding.
     hidden_size: token width.
     resnet: {'num_layers': (...), 'width_factor': w} for a hybrid model.
     conv_stem: widths of 3x3 stride-2 convolutions (each followed by a
