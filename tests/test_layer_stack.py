@@ -5,6 +5,7 @@ the one conversion between the per-layer and the scanned parameter layout
 import chex
 import flax
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from tests import helpers
 from vit_jax import checkpoint
 from vit_jax import finetune
 from vit_jax import models
+from vit_jax import results
 from vit_jax import trainable as trainable_lib
 from vit_jax.attention import maps
 from vit_jax.checkpoint import inspect
@@ -215,6 +217,38 @@ def test_fused_attention_with_attention_dropout_cannot_train(images):
       ),
       images,
     )
+
+
+def test_the_options_are_config_keys_that_old_records_resume_without():
+  """Every registered ViT holds them (a locked config takes only existing
+  keys from the command line); a run recorded before them resumes, and
+  remat may change on resume while scan may not."""
+  options = {
+    'remat': False,
+    'remat_policy': 'nothing_saveable',
+    'scan': False,
+    'attention': 'explicit',
+  }
+  for name, config in models.MODEL_CONFIGS.items():
+    if models.model_class(name) is models.VisionTransformer:
+      transformer = config.transformer
+      assert {k: transformer[k] for k in options} == options, name
+  config = ml_collections.ConfigDict(
+    {'model': models.MODEL_CONFIGS['ViT-B_16'].to_dict()}
+  )
+  old_record = {
+    key: value
+    for key, value in results.config_record(config).items()
+    if key.rpartition('.')[2] not in options
+  }
+  assert results.config_changes(old_record, config) == []
+  config.model.transformer.remat = True
+  config.model.transformer.remat_policy = 'dots_saveable'
+  assert results.config_changes(old_record, config) == []
+  config.model.transformer.scan = True
+  assert results.config_changes(old_record, config) == [
+    ('model.transformer.scan', False, True)
+  ]
 
 
 # ------------------------------------------------------ the layout change

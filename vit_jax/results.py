@@ -31,7 +31,8 @@ RESUMABLE_KEYS = frozenset(
     'progress_every',
     'checkpoint_every',
     # Memory and throughput: micro-batches give the update of the whole
-    # batch; evaluation scores every example whatever its batch.
+    # batch; evaluation scores every example whatever its batch; a
+    # rematerialised encoder computes the same gradients.
     'accum_steps',
     'batch_eval',
     'cpu_devices',
@@ -41,6 +42,8 @@ RESUMABLE_KEYS = frozenset(
     'engine',
     'fsdp',
     'fsdp_min_size',
+    'model.transformer.remat',
+    'model.transformer.remat_policy',
     # How each evaluation scores (`vit_jax.views`) and what else it
     # measures (`vit_jax.fewshot`).
     'eval_shift',
@@ -57,7 +60,15 @@ RESUMABLE_KEYS = frozenset(
 # Config keys added after runs were first recorded, each with the value
 # that computes what a run recorded without it computed: a record that
 # lacks the key counts as holding that value, so such runs still resume.
-ADDED_KEYS = {'ema_decay': 0.0, 'pp.elastic': 0.0, 'pp.elastic_sigma': 4.0}
+ADDED_KEYS = {
+  'ema_decay': 0.0,
+  'pp.elastic': 0.0,
+  'pp.elastic_sigma': 4.0,
+  'model.transformer.remat': False,
+  'model.transformer.remat_policy': 'nothing_saveable',
+  'model.transformer.scan': False,
+  'model.transformer.attention': 'explicit',
+}
 _ABSENT = '(absent)'
 
 

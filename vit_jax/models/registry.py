@@ -56,6 +56,12 @@ def _vit(
         'num_layers': layers,
         'attention_dropout_rate': 0.0,
         'dropout_rate': dropout,
+        # How the encoder computes, not what (`vit.Encoder`'s defaults);
+        # here so that the command line can set them.
+        'remat': False,
+        'remat_policy': 'nothing_saveable',
+        'scan': False,
+        'attention': 'explicit',
       },
       'classifier': 'token',
       'representation_size': None,
