@@ -32,7 +32,8 @@ RESUMABLE_KEYS = frozenset(
     'checkpoint_every',
     # Memory and throughput: micro-batches give the update of the whole
     # batch; evaluation scores every example whatever its batch; a
-    # rematerialised encoder computes the same gradients.
+    # rematerialised encoder computes the same gradients, and either
+    # attention kernel the same attention.
     'accum_steps',
     'batch_eval',
     'cpu_devices',
@@ -44,6 +45,7 @@ RESUMABLE_KEYS = frozenset(
     'fsdp_min_size',
     'model.transformer.remat',
     'model.transformer.remat_policy',
+    'model.transformer.attention',
     # How each evaluation scores (`vit_jax.views`) and what else it
     # measures (`vit_jax.fewshot`).
     'eval_shift',
