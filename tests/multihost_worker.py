@@ -46,9 +46,15 @@ _OVERRIDES = {
 }
 
 
-def job_config(total_steps: int):
-  """The config every process (and the test's reference) trains."""
-  return helpers.job_config(total_steps=total_steps, **_OVERRIDES)
+# The mesh engine's run: FSDP, with the micro model's matrices sharded.
+MESH = {'engine': 'mesh', 'fsdp': True, 'fsdp_min_size': 64}
+
+
+def job_config(total_steps: int, engine: str = 'pmap'):
+  """The config every process (and the test's reference) trains, under
+  `engine` ('pmap', or 'mesh' with FSDP)."""
+  overrides = dict(_OVERRIDES, **(MESH if engine == 'mesh' else {}))
+  return helpers.job_config(total_steps=total_steps, **overrides)
 
 
 class WriteAudit:
@@ -114,7 +120,7 @@ def _recording(function, calls: list):
   return wrapper
 
 
-def main(workdir: str, total_steps: int, record_path: str) -> None:
+def main(workdir: str, total_steps: int, record_path: str, engine: str) -> None:
   logging.set_verbosity(logging.INFO)  # Into the log the test shows on failure.
   # CPU collectives across processes (JAX 0.10's default, said explicitly).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -129,7 +135,7 @@ def main(workdir: str, total_steps: int, record_path: str) -> None:
   input_pipeline.eval_dataset = _recording(
     input_pipeline.eval_dataset, pipelines['eval']
   )
-  results = train.train_and_evaluate(job_config(total_steps), workdir)
+  results = train.train_and_evaluate(job_config(total_steps, engine), workdir)
   record = {
     'process_index': jax.process_index(),
     'process_count': jax.process_count(),
@@ -154,4 +160,4 @@ def main(workdir: str, total_steps: int, record_path: str) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -60,8 +60,11 @@ def _stop(processes) -> None:
       process.wait()
 
 
-def run_processes(workdir: str, total_steps: int, out_dir: str) -> list:
-  """Trains `total_steps` on 2 processes; their records, by process index.
+def run_processes(
+  workdir: str, total_steps: int, out_dir: str, engine: str = 'pmap'
+) -> list:
+  """Trains `total_steps` on 2 processes under `engine`; their records, by
+  process index.
 
   Both processes are killed as soon as one fails or the time is up (a
   process whose peer died would wait for it for minutes).
@@ -89,6 +92,7 @@ def run_processes(workdir: str, total_steps: int, out_dir: str) -> list:
             workdir,
             str(total_steps),
             record,
+            engine,
           ],
           cwd=REPO,
           env=env,
@@ -132,6 +136,17 @@ def runs(tmp_path_factory):
     out_dir.mkdir()
     records[steps_] = run_processes(workdir, steps_, str(out_dir))
   return workdir, records
+
+
+@pytest.fixture(scope='module')
+def mesh_run(tmp_path_factory):
+  """The workdir of a 4-step run of the 2 processes on the mesh engine
+  with FSDP (each process holds its shards of the state)."""
+  root = tmp_path_factory.mktemp('multihost_mesh')
+  workdir = str(root / 'workdir')
+  os.makedirs(workdir)
+  run_processes(workdir, TOTAL_STEPS, str(root), engine='mesh')
+  return workdir
 
 
 @pytest.fixture(scope='module')
@@ -183,6 +198,25 @@ def reference(source):
   return train_reference(source)
 
 
+def train_mesh_reference(source):
+  """`TOTAL_STEPS` FSDP steps on one process's mesh of 8 devices, fed the
+  global batches of the 2 processes (host h's on devices 4h..4h+3)."""
+  config = multihost_worker.job_config(TOTAL_STEPS, 'mesh')
+  setup = helpers.create_setup(config, source.info.num_classes)
+  engine = setup.engine
+  train_step = engine.train_step(setup.train_step)
+  streams = [
+    host_batches(config, source, input_pipeline.Hosts(h, 2, LOCAL_DEVICES))
+    for h in range(PROCESSES)
+  ]
+  state = engine.place(setup.state)
+  for _ in range(TOTAL_STEPS):
+    host = [next(stream) for stream in streams]
+    batch = {k: np.concatenate([b[k] for b in host]) for k in host[0]}
+    state, _ = train_step(state, engine.put_batch(batch))
+  return setup, engine.gather(state)
+
+
 def restored(workdir, setup):
   with train_state.TrainCheckpointer(workdir) as checkpointer:
     return checkpointer.all_steps(), checkpointer.restore(setup.state)
@@ -214,6 +248,18 @@ def test_params_equal_one_process_with_eight_devices(runs, reference):
     state.params,
   )
   assert min(jax.tree.leaves(moved)) > 0  # Every param trained.
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_equals_one_process(mesh_run, source):
+  """The mesh engine with FSDP over 2 processes x 4 devices saves, at step
+  4, the state one process with a mesh of 8 devices reaches on the same
+  global batches (dropout included: the mesh draws one mask for the global
+  batch, whatever its layout), to 1e-5 as above."""
+  setup, expected = train_mesh_reference(source)
+  _, state = restored(mesh_run, setup)
+  assert int(state.step) == TOTAL_STEPS
+  chex.assert_trees_all_close(state, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
