@@ -6,6 +6,11 @@ environment variables of `--config.distributed=True`; they train the real
 job for 2 steps in one shared workdir, then again to 4 steps, so both
 resume from the checkpoint. The tests compare what they did with a
 1-process, 8-device run of the same global batches in this process.
+
+Another case (another engine or config) needs no other worker: a module
+fixture of its own that calls `run_processes(workdir, steps, out_dir,
+overrides)` in a fresh workdir, and a reference trained here from
+`multihost_worker.job_config(steps, **overrides)`.
 """
 
 import json
@@ -71,8 +76,11 @@ def _stop(processes) -> None:
       process.wait()
 
 
-def run_processes(workdir: str, total_steps: int, out_dir: str) -> list:
-  """Trains `total_steps` on 2 processes; their records, by process index.
+def run_processes(
+  workdir: str, total_steps: int, out_dir: str, overrides=None
+) -> list:
+  """Trains `total_steps` on 2 processes, with the config overrides of
+  `multihost_worker.job_config`; their records, by process index.
 
   Both processes are killed as soon as one fails or the time is up (a
   process whose peer died would wait for it for minutes).
@@ -100,6 +108,7 @@ def run_processes(workdir: str, total_steps: int, out_dir: str) -> list:
             workdir,
             str(total_steps),
             record,
+            json.dumps(overrides or {}),
           ],
           cwd=REPO,
           env=env,
