@@ -41,7 +41,9 @@ SLOW_FILES_FIRST = (
   'test_multihost.py',
   'test_train.py',
   'test_gcs.py',
+  'test_engine.py',
   'test_lifecycle.py',
+  'test_layer_stack.py',
 )
 
 
