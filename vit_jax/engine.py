@@ -124,13 +124,16 @@ class Engine(abc.ABC):
 
 
 class PmapEngine(Engine):
-  """vit_jax's data-parallel `jax.pmap` over this host's devices."""
+  """vit_jax's data-parallel `jax.pmap`: each host maps the step over its
+  local devices (or `devices`, one host only), reducing over all hosts'."""
 
   axis_name = steps.AXIS
   batch_shards = 1
 
   def __init__(self, devices: Optional[Sequence[jax.Device]] = None):
-    self.devices = list(devices or jax.local_devices())
+    # None: pmap's default, every device of every host (this host's run
+    # the step), which is what makes its reductions span the hosts.
+    self.devices = devices
 
   def train_step(self, step_fn: Callable) -> Callable:
     return steps.data_parallel(step_fn, donate_state=True, devices=self.devices)
