@@ -142,6 +142,30 @@ def measure(model: str, fsdp: bool, remat: bool, scan: bool) -> Dict:
   return row
 
 
+def compared(
+  figure: str,
+  unit: float,
+  spec: str,
+  model: str,
+  fsdp=True,
+  remat=True,
+  scan=True,
+) -> List[str]:
+  """`figure` of `model` in two rows that differ in the one option given
+  as a pair (before, after): both values in `unit`, and after / before."""
+  options = {'fsdp': fsdp, 'remat': remat, 'scan': scan}
+  varied = next(k for k, v in options.items() if isinstance(v, tuple))
+  rows = [
+    measure(model, **{**options, varied: value}) for value in options[varied]
+  ]
+  before, after = (row[figure] for row in rows)
+  return [
+    f'{before / unit:{spec}}',
+    f'{after / unit:{spec}}',
+    f'{after / before:.3f}',
+  ]
+
+
 def table(header: List[str], lines: List[List[str]]) -> str:
   """A Markdown table."""
   rows = [header, ['---'] * len(header)] + lines
@@ -168,44 +192,34 @@ def main() -> None:
     'AdamW, mesh engine'
   )
   split = lambda names: [n for n in names.split(',') if n]  # noqa: E731
-  fsdp_lines = []
-  for model in split(ARGS.fsdp_models):
-    plain = measure(model, fsdp=False, remat=True, scan=True)
-    sharded = measure(model, fsdp=True, remat=True, scan=True)
-    fsdp_lines.append(
-      [
+  fsdp_lines = [
+    [model, *compared('state', GIB, '.2f', model, fsdp=(False, True))]
+    for model in split(ARGS.fsdp_models)
+  ]
+  remat_lines = [
+    [
+      model,
+      'scanned' if scan else 'unrolled',
+      *compared(
+        'temporary',
+        GIB,
+        '.2f',
         model,
-        f'{plain["state"] / GIB:.2f}',
-        f'{sharded["state"] / GIB:.2f}',
-        f'{sharded["state"] / plain["state"]:.3f}',
-      ]
-    )
-  remat_lines = []
-  for model in split(ARGS.remat_models):
-    for scan in (True, False):
-      kept = measure(model, fsdp=False, remat=False, scan=scan)
-      recomputed = measure(model, fsdp=False, remat=True, scan=scan)
-      remat_lines.append(
-        [
-          model,
-          'scanned' if scan else 'unrolled',
-          f'{kept["temporary"] / GIB:.2f}',
-          f'{recomputed["temporary"] / GIB:.2f}',
-          f'{recomputed["temporary"] / kept["temporary"]:.3f}',
-        ]
-      )
-  scan_lines = []
-  for model in split(ARGS.scan_models):
-    unrolled = measure(model, fsdp=False, remat=True, scan=False)
-    scanned = measure(model, fsdp=False, remat=True, scan=True)
-    scan_lines.append(
-      [
-        model,
-        f'{unrolled["compile_s"]:.1f}',
-        f'{scanned["compile_s"]:.1f}',
-        f'{scanned["compile_s"] / unrolled["compile_s"]:.3f}',
-      ]
-    )
+        fsdp=False,
+        remat=(False, True),
+        scan=scan,
+      ),
+    ]
+    for model in split(ARGS.remat_models)
+    for scan in (True, False)
+  ]
+  scan_lines = [
+    [
+      model,
+      *compared('compile_s', 1, '.1f', model, fsdp=False, scan=(False, True)),
+    ]
+    for model in split(ARGS.scan_models)
+  ]
   fit_lines = []
   for model in split(ARGS.fit_models):
     row = measure(model, fsdp=True, remat=True, scan=True)

@@ -29,11 +29,9 @@ import pytest
 from tests import helpers
 from tests import multihost_worker
 from vit_jax import input_pipeline
-from vit_jax import losses
 from vit_jax import main as main_lib
 from vit_jax import metrics
 from vit_jax import results as results_lib
-from vit_jax import steps
 from vit_jax.checkpoint import train_state
 from vit_jax.input_pipeline import splits
 
@@ -180,46 +178,16 @@ def host_batches(config, source, hosts):
   ).as_numpy_iterator()
 
 
-def train_reference(source):
-  """`TOTAL_STEPS` steps on this process's 8 devices, host h's batches on
-  devices 4h..4h+3: the global batches of the 2 processes, in their order."""
-  config = multihost_worker.job_config(TOTAL_STEPS)
-  setup = helpers.create_setup(config, source.info.num_classes)
-  train_step = steps.data_parallel(
-    steps.make_train_step(
-      losses.classifier_loss(setup.model, config.label_smoothing),
-      setup.optimizer,
-      setup.schedule,
-      setup.trainable,
-      accum_steps=config.accum_steps,
-      seed=config.seed,
-    )
-  )
-  assert jax.local_device_count() == PROCESSES * LOCAL_DEVICES
-  streams = [
-    host_batches(config, source, input_pipeline.Hosts(h, 2, LOCAL_DEVICES))
-    for h in range(PROCESSES)
-  ]
-  replicated = steps.replicate(setup.state)
-  for _ in range(TOTAL_STEPS):
-    host = [next(stream) for stream in streams]
-    batch = {k: np.concatenate([b[k] for b in host]) for k in host[0]}
-    replicated, _ = train_step(replicated, batch)
-  return setup, steps.unreplicate(replicated)
-
-
-@pytest.fixture(scope='module')
-def reference(source):
-  return train_reference(source)
-
-
-def train_mesh_reference(source):
-  """`TOTAL_STEPS` FSDP steps on one process's mesh of 8 devices, fed the
-  global batches of the 2 processes (host h's on devices 4h..4h+3)."""
-  config = multihost_worker.job_config(TOTAL_STEPS, **multihost_worker.MESH)
+def train_reference(source, overrides=None):
+  """`TOTAL_STEPS` steps of `multihost_worker.job_config` with `overrides`
+  on this process's 8 devices, host h's batches on devices 4h..4h+3: the
+  global batches of the 2 processes, in their order. The setup and the
+  final state."""
+  config = multihost_worker.job_config(TOTAL_STEPS, **(overrides or {}))
   setup = helpers.create_setup(config, source.info.num_classes)
   engine = setup.engine
   train_step = engine.train_step(setup.train_step)
+  assert jax.local_device_count() == PROCESSES * LOCAL_DEVICES
   streams = [
     host_batches(config, source, input_pipeline.Hosts(h, 2, LOCAL_DEVICES))
     for h in range(PROCESSES)
@@ -230,6 +198,11 @@ def train_mesh_reference(source):
     batch = {k: np.concatenate([b[k] for b in host]) for k in host[0]}
     state, _ = train_step(state, engine.put_batch(batch))
   return setup, engine.gather(state)
+
+
+@pytest.fixture(scope='module')
+def reference(source):
+  return train_reference(source)
 
 
 def restored(workdir, setup):
@@ -271,7 +244,7 @@ def test_fsdp_on_two_processes_equals_one_process(mesh_run, source):
   4, the state one process with a mesh of 8 devices reaches on the same
   global batches (dropout included: the mesh draws one mask for the global
   batch, whatever its layout), to 1e-5 as above."""
-  setup, expected = train_mesh_reference(source)
+  setup, expected = train_reference(source, multihost_worker.MESH)
   _, state = restored(mesh_run, setup)
   assert int(state.step) == TOTAL_STEPS
   chex.assert_trees_all_close(state, expected, rtol=1e-5, atol=1e-6)
