@@ -348,8 +348,8 @@ def main() -> None:
       key=key,
       devices=count,
       code=' '.join(
-        ['vit_jax', options] + ([f'engine={engine}'] if train_engine else [])
-      ).strip(),
+        filter(None, ['vit_jax', options, train_engine and f'engine={engine}'])
+      ),
       workload=workload,
     )
     rows.append(row)

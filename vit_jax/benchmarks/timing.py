@@ -82,15 +82,17 @@ def _workload(
   first: Any,
   rest: Sequence[Any],
   images: int,
-  devices: int,
+  mapped_devices: int,
   donated: bool,
   params: int,
   trainable_params: int = 0,
 ) -> Workload:
   """Compiles `step(first, *rest)` once and wraps it as a `Workload`.
 
-  With `donated`, each call's first output replaces `first` (a train
-  state whose buffers the step reuses).
+  `mapped_devices` is how many devices a `jax.pmap`ped step runs on (XLA
+  counts one device's FLOPs), 1 for a step compiled for all of them
+  (`jax.jit` over a mesh). With `donated`, each call's first output
+  replaces `first` (a train state whose buffers the step reuses).
   """
   lowered = step.lower(first, *rest)
   compiled = lowered.compile()
@@ -105,7 +107,7 @@ def _workload(
   return Workload(
     run,
     images,
-    _cost(lowered)['flops'] * devices,
+    _cost(lowered)['flops'] * mapped_devices,
     _memory_bytes(compiled),
     params,
     trainable_params,
@@ -202,7 +204,7 @@ def train_workload(
     state,
     [data],
     config.batch,
-    len(devices),
+    len(devices) if engine.axis_name else 1,
     donated=True,
     params=trainable_lib.count(params),
     trainable_params=trainable_lib.count(params, trainable),
