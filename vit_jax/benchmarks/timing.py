@@ -194,7 +194,8 @@ def train_workload(
   """`train_step_and_state`'s step on a fixed batch of `config.batch`."""
   devices = devices or jax.local_devices()
   step, state, engine = train_step_and_state(config, num_classes, devices)
-  params = engine.gather(state.params)
+  # Global arrays (no copy), whatever the engine's layout: their sizes.
+  params = engine.saveable(state).params
   trainable = finetune.from_config(config.finetune).is_trainable
   data = engine.put_batch(
     host_batch(config.batch, config.pp.crop, num_classes, len(devices))
