@@ -29,6 +29,12 @@ def get_config(model_dataset: str = 'b16,cifar10'):
   # vit_jax's default: fine-tune ./MODEL_NAME.npz. A missing file stops the
   # run; `--config.pretrained_dir=` (empty) trains from scratch instead.
   config.pretrained_dir = '.'
+  patches = config.model.get('patches') or {}
+  side = (patches.get('size') or (1,))[0]
+  if config.model.get('resnet') is None and config.pp.crop % side:
+    # The presets' 384 under /14 patches would leave pixels no patch
+    # covers: the next crop the patches tile (392, 28 x 28, for /14).
+    config.pp.crop += side - config.pp.crop % side
   if (model, dataset) == ('b16', 'cifar10'):
     config.base_lr = 0.01  # vit_jax's tuned value for this pair.
   return config

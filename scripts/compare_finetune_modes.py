@@ -41,6 +41,7 @@ from configs import vit as vit_configs
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import paths
+from vit_jax import results as results_lib
 from vit_jax import train
 from vit_jax.checkpoint import task_file
 from vit_jax.finetune import modes
@@ -58,7 +59,9 @@ def upstream_checkpoint(args, out: str) -> str:
   config.model.posemb = 'learned'
   workdir = os.path.join(out, 'upstream')
   results = train.train_and_evaluate(config, workdir)
-  params = task_file.load_task_params(results['task_file'], base_params={})
+  params = task_file.load_task_params(
+    results_lib.task_file_path(workdir, results), base_params={}
+  )
   path = os.path.join(out, UPSTREAM_FILE)
   checkpoint.save(path, params)
   logging.info(
@@ -109,7 +112,7 @@ def serve_accuracy(upstream: str, runs: Dict[str, Any]) -> Dict[str, float]:
   tasks = serving.load_tasks(
     upstream,
     [
-      os.path.join(run['workdir'], run['results']['task_file'])
+      results_lib.task_file_path(run['workdir'], run['results'])
       for run in runs.values()
     ],
   )

@@ -2,16 +2,21 @@
 that sends every client of the project to it.
 
 `GcsEmulator` serves one in-memory bucket on 127.0.0.1 at a free port, in a
-daemon thread. Two gaps of the emulator (2026.7.19) against the real API
-are filled here, since the project's clients use both:
+daemon thread. Gaps of the emulator (2026.7.19) against the real API are
+filled here, since the project's clients use them:
 
 * `objects.moveTo` (gcsfs renames with it) is missing; without it every
   rename is retried for about half a minute before gcsfs copies instead;
 * media downloads carry no `x-goog-generation` header, which tensorstore
   (Orbax's array store) requires of GCS: larger checkpoints fail with
-  'Malformed StorageGeneration'.
+  'Malformed StorageGeneration';
+* the `ifGenerationMatch` / `ifMetagenerationMatch` preconditions of
+  uploads, metadata updates and deletes are ignored, and a metadata update
+  leaves the object's `updated` time as it was (the workdir lock relies on
+  both, as on the real API).
 """
 
+import datetime
 import functools
 from http import HTTPStatus
 from http import server as http_server
@@ -65,6 +70,58 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
   return _download(request, response, storage, *args, **kwargs)
 
 
+def _precondition_failed(request, storage) -> bool:
+  """Whether the request's ifGenerationMatch / ifMetagenerationMatch do
+  not hold for the object it names (generation 0: no such object)."""
+  wanted = {
+    field: request.query[name][0]
+    for name, field in (
+      ('ifGenerationMatch', 'generation'),
+      ('ifMetagenerationMatch', 'metageneration'),
+    )
+    if request.query.get(name)
+  }
+  if not wanted:
+    return False
+  object_id = request.params.get('object_id')
+  if object_id is None:  # An upload names its object in the query or body.
+    meta = (
+      request.data.get('meta', {}) if isinstance(request.data, dict) else {}
+    )
+    object_id = (request.query.get('name') or [meta.get('name', '')])[0]
+  try:
+    found = storage.get_file_obj(request.params['bucket_name'], object_id)
+  except NotFound:
+    found = {'generation': '0', 'metageneration': '0'}
+  return any(str(found[field]) != value for field, value in wanted.items())
+
+
+def _with_preconditions(handler, touches: bool = False):
+  """`handler`, answering 412 when a precondition fails; with `touches`,
+  the object's `updated` time becomes the request's, as a metadata update
+  makes it on the real API."""
+
+  def checked(request, response, storage, *args, **kwargs):
+    if _precondition_failed(request, storage):
+      response.status = HTTPStatus.PRECONDITION_FAILED
+      return None
+    result = handler(request, response, storage, *args, **kwargs)
+    if touches:
+      bucket, object_id = (
+        request.params[k] for k in ('bucket_name', 'object_id')
+      )
+      try:
+        found = storage.get_file_obj(bucket, object_id)
+      except NotFound:
+        return result
+      now = datetime.datetime.now(datetime.timezone.utc)
+      found['updated'] = now.strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+      storage.patch_object(bucket, object_id, found)
+    return result
+
+  return checked
+
+
 def _patch_routes() -> None:
   """Adds moveTo and the download headers to the emulator's route table
   (read per request), once per process."""
@@ -78,12 +135,18 @@ def _patch_routes() -> None:
     )
     for prefix in (emulator_settings.API_ENDPOINT, '')
   )
+  replaced = {
+    _download: _download_with_generation,
+    objects.insert: _with_preconditions(objects.insert),
+    objects.delete: _with_preconditions(objects.delete),
+    objects.patch: _with_preconditions(objects.patch, touches=True),
+  }
   for pattern, handlers in emulator_server.HANDLERS:
     routes += (
       (
         pattern,
         {
-          method: _download_with_generation if handler is _download else handler
+          method: replaced.get(handler, handler)
           for method, handler in handlers.items()
         },
       ),

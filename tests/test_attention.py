@@ -1,6 +1,9 @@
 """Attention maps: weights from the forward pass, rollout, per-token maps."""
 
 import os
+import re
+import subprocess
+import sys
 
 import chex
 import jax
@@ -18,6 +21,7 @@ from vit_jax import models
 from vit_jax.attention import render
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import pretrained
+from vit_jax.errors import ConfigError
 
 CROP = 16  # A 4x4 grid of ViT-Micro_4's 4-pixel patches.
 
@@ -135,10 +139,67 @@ def test_injected_models_show_their_attention():
 
 
 def test_models_without_attention_are_refused():
-  with pytest.raises(ValueError, match='MlpMixer has no attention'):
+  with pytest.raises(
+    ConfigError, match=r'Mixer-Mini_4 \(MlpMixer\) has no attention'
+  ):
     attention.attention_weights(
       models.get_model('Mixer-Mini_4', num_classes=10), {}, images()
     )
+
+
+@pytest.mark.parametrize(
+  'name, reason',
+  [
+    ('Mixer-Mini_4', r'\(MlpMixer\) has no attention: it mixes tokens'),
+    ('ResNet-Micro', r'\(ResNet\) has no attention: it is a convolutional'),
+    ('Swin-Mini_2-w56', r'\(SwinTransformer\) attends only within shifted'),
+    ('R+ViT-Ti_16', r'\(VisionTransformer\) is a hybrid'),
+  ],
+)
+def test_maps_of_models_other_than_a_plain_vit_are_refused_by_name(
+  tmp_path, name, reason
+):
+  """Refused before any image is read or any folder is made."""
+  model = models.get_model(name, num_classes=10)
+  out = tmp_path / 'out'
+  with pytest.raises(
+    ConfigError,
+    match=rf'^{re.escape(name)} {reason}.*'
+    'attention maps need a plain ViT model',
+  ):
+    render.write_pngs(
+      model, {}, [str(tmp_path / 'missing.png')], CROP, str(out)
+    )
+  assert not out.exists()
+
+
+def test_the_command_line_refuses_a_mixer_in_one_line(tmp_path):
+  model = models.get_model('Mixer-Mini_4', num_classes=10)
+  params = helpers.random_variables(model, images())['params']
+  checkpoint.save(str(tmp_path / 'mixer.npz'), params)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'vit_jax.attention',
+      '--config=configs/scratch.py:digits,mixer_mini4',
+      f'--checkpoint={tmp_path / "mixer.npz"}',
+      f'--image={write_image(tmp_path / "a.png", (20, 20), "RGB")}',
+      f'--out={tmp_path / "out"}',
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+    'error: Mixer-Mini_4 (MlpMixer) has no attention: it mixes tokens with '
+    'MLPs; attention maps need a plain ViT model (e.g. ViT-B_16, '
+    'ViT-Micro_4).'
+  )
+  assert not (tmp_path / 'out').exists()
 
 
 def write_image(path, size, mode):

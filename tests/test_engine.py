@@ -175,18 +175,19 @@ def test_a_run_moves_between_engines(tmp_path):
   workdir = str(tmp_path / 'moved')
   first = train_lib.train_and_evaluate(config, workdir)
   assert first['fewshot_accuracy']['2shot'] >= 0
-  assert os.path.exists(first['task_file'])
+  assert os.path.exists(os.path.join(workdir, first['task_file']))
   config.update(engine='pmap', fsdp=False, total_steps=4)
   moved = train_lib.train_and_evaluate(config, workdir)
   assert moved['resumed_from_step'] == 2
   config.update(eval_every=4, checkpoint_every=4)
-  straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
+  straight_dir = str(tmp_path / 'straight')
+  straight = train_lib.train_and_evaluate(config, straight_dir)
   np.testing.assert_allclose(
     moved['test_loss'], straight['test_loss'], rtol=1e-5
   )
   chex.assert_trees_all_close(
-    trained_arrays(moved['task_file']),
-    trained_arrays(straight['task_file']),
+    trained_arrays(os.path.join(workdir, moved['task_file'])),
+    trained_arrays(os.path.join(straight_dir, straight['task_file'])),
     rtol=1e-4,
     atol=1e-6,
   )

@@ -17,6 +17,7 @@ from vit_jax import checkpoint
 from vit_jax import finetune
 from vit_jax import losses
 from vit_jax import models
+from vit_jax import paths
 from vit_jax import results as results_lib
 from vit_jax import steps as step_lib
 from vit_jax import train as train_lib
@@ -488,8 +489,11 @@ def test_results_and_task_file_record_what_trained(two_tasks):
     LAYERS * (64 + 64 + 128) + 64 * 10 + 10
   )
   assert results['total_params'] > results['trainable_params']
-  assert results['task_file_bytes'] == os.path.getsize(results['task_file'])
-  stored = np.load(results['task_file'])
+  task_path = os.path.join(workdir, 'task_params.npz')
+  assert results['task_file'] == 'task_params.npz'
+  assert results['task_file_bytes'] == os.path.getsize(task_path)
+  assert results['task_file_sha256'] == paths.sha256(task_path)
+  stored = np.load(task_path)
   task_leaves = {k for k in stored.files if not k.startswith('__meta__')}
   assert task_leaves == {
     k

@@ -208,7 +208,9 @@ def test_training_in_the_bucket_is_killed_resumes_and_publishes(
   results = paths.read_json(paths.join(workdir, 'results.json'))
   assert results['resumed_from_step'] == saved[-1]
   assert results['test_examples'] == 1000
-  assert results['task_file'] == f'{workdir}/task_params.npz'
+  assert results['task_file'] == 'task_params.npz'
+  task_path = f'{workdir}/task_params.npz'
+  assert results['task_file_sha256'] == paths.sha256(task_path)
   lines = paths.read_text(paths.join(workdir, 'metrics.jsonl')).splitlines()
   records = [json.loads(line) for line in lines]
   train_steps = [r['step'] for r in records if 'train/loss' in r]
@@ -228,7 +230,7 @@ def test_training_in_the_bucket_is_killed_resumes_and_publishes(
   served = predict.from_published(out)
   (prediction,) = predict.predict(served, [f'{BUCKET}/inputs/white.png'])
   from_task = predict.from_task(
-    paths.join(pretrained_dir, 'ViT-Micro_4.npz'), results['task_file']
+    paths.join(pretrained_dir, 'ViT-Micro_4.npz'), task_path
   )
   (same,) = predict.predict(from_task, [f'{BUCKET}/inputs/white.png'])
   assert prediction.path == f'{BUCKET}/inputs/white.png'

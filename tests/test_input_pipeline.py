@@ -370,7 +370,12 @@ def image_folder(tmp_path):
         size,
         mode,
       )
-  (tmp_path / 'train/cat/notes.txt').write_text('not an image')
+  # Hidden litter (macOS, Jupyter) is skipped: no problem, no class.
+  (tmp_path / 'train/cat/.DS_Store').write_bytes(b'\x00\x00\x00\x01Bud1')
+  (tmp_path / 'train/dog/._a.png').write_bytes(b'\x00\x05\x16\x07')
+  os.makedirs(tmp_path / 'train/.ipynb_checkpoints')
+  (tmp_path / 'test/.DS_Store').write_bytes(b'\x00\x00\x00\x01Bud1')
+  (tmp_path / 'README.txt').write_text('Beside train/ and test/: not read.')
   return tmp_path
 
 
@@ -450,6 +455,35 @@ def test_image_folder_reports_every_problem_at_once(image_folder):
   assert re.search(r'test/dog/notes.png is not a JPEG or PNG', message)
   assert re.search(r'train/bird holds no .jpg/.jpeg/.png images', message)
   assert 'more' not in message
+
+
+def test_image_folder_reports_every_file_it_would_not_read(image_folder):
+  """Real files that are not taken as images are problems, not skipped."""
+  Image.new('P', (8, 8)).save(image_folder / 'train/cat/anim.gif')
+  (image_folder / 'train/cat/README.txt').write_text('cats')
+  (image_folder / 'train/cat/LICENSE').write_text('CC-BY')
+  os.makedirs(image_folder / 'train/dog/puppies')
+  write_image(
+    str(image_folder / 'train/dog/puppies/p.png'), (0, 0, 255), (8, 8)
+  )
+  write_image(str(image_folder / 'test/loose.jpg'), (255, 0, 0), (8, 8))
+  with pytest.raises(input_pipeline.DatasetError) as error:
+    source_of(make_config(str(image_folder)))
+  lines = str(error.value).splitlines()
+  assert 'has 5 problem(s)' in lines[0]
+  expected = [
+    r'train/cat/LICENSE: not a JPEG/PNG file \(no extension\); convert',
+    r'train/cat/README.txt: not a JPEG/PNG file \(.txt\); convert it',
+    r'train/cat/anim.gif: not a JPEG/PNG file \(.gif\); convert it to '
+    r'JPEG/PNG \(.jpg/.jpeg/.png\) or remove it.',
+    r'train/dog/puppies: a folder inside a class folder; images must sit '
+    'directly in the class folder',
+    r'test/loose.jpg: a file outside the class folders; images must sit in '
+    r'.*/test/<class_name>/',
+  ]
+  assert len(lines) == 1 + len(expected)
+  for pattern, line in zip(expected, lines[1:]):  # In listing order.
+    assert re.search(pattern, line), (pattern, line)
 
 
 def test_image_folder_lists_at_most_max_listed_problems(image_folder):

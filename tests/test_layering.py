@@ -15,7 +15,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'vit_jax'
 
 # Lowest first. A new unit is placed here when it is added.
 LAYERS = (
-  ('errors', 'paths'),
+  ('errors',),
+  ('paths',),
   (
     'cli',
     'cpu_devices',
@@ -25,6 +26,7 @@ LAYERS = (
     'optim',
     'models',
     'input_pipeline',
+    'workdir_lock',
   ),
   ('checkpoint', 'features'),
   (
@@ -39,7 +41,7 @@ LAYERS = (
   ('engine',),
   ('experiment',),
   ('publish', 'benchmarks', 'lifecycle', 'evaluation'),
-  ('predict', 'attention', 'inference_time'),
+  ('predict', 'attention', 'inference_time', 'config_checks'),
   ('train',),
 )
 ENTRY_POINTS = ('main', '__main__')

@@ -1,8 +1,10 @@
 """A run's lifecycle: restarts with another config, SIGTERM/Ctrl-C, metrics."""
 
+import hashlib
 import json
 import os
 import pathlib
+import resource
 import shutil
 import signal
 import subprocess
@@ -13,10 +15,13 @@ import chex
 import ml_collections
 import pytest
 
+from configs import scratch
 from tests import helpers
 from vit_jax import errors
+from vit_jax import evaluation
 from vit_jax import lifecycle
 from vit_jax import metrics
+from vit_jax import publish
 from vit_jax import results as results_lib
 from vit_jax import train as train_lib
 from vit_jax.checkpoint import train_state
@@ -185,6 +190,126 @@ def test_restart_with_another_config_is_refused(straight, tmp_path):
   assert results_lib.read_config_record(str(workdir))['total_steps'] == 8
 
 
+def test_values_derived_from_total_steps_follow_it_on_a_restart(tmp_path):
+  """`configs/scratch.py` derives warmup_steps from total_steps: extending
+  the run changes both and resumes; warmup_steps set by hand does not."""
+  workdir = str(tmp_path)
+  recorded = scratch.get_config('digits')
+  recorded.total_steps = 40
+  (tmp_path / results_lib.RESULTS_FILE).write_text('{}')
+  results_lib.write_config_record(
+    workdir, recorded.copy_and_resolve_references()
+  )
+  extended = scratch.get_config('digits')
+  extended.total_steps = 60
+  derived = results_lib.derived_keys(extended)
+  assert derived == {'warmup_steps'}
+  lifecycle.check_restart(
+    extended.copy_and_resolve_references(), workdir, derived
+  )
+  extended.warmup_steps = 7  # Now the user's own value.
+  assert results_lib.derived_keys(extended) == set()
+  with pytest.raises(ConfigError, match=r'warmup_steps: 2 -> 7'):
+    lifecycle.check_restart(extended, workdir, set())
+
+
+def test_checkpoints_without_a_config_record_are_refused(straight, tmp_path):
+  """With config.json gone, nothing tells a changed learning rate from the
+  run's own: the restart is refused unless resume_anyway."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  (workdir / results_lib.CONFIG_FILE).unlink()
+  with pytest.raises(ConfigError, match='no config record'):
+    train(helpers.job_config(base_lr=0.5), workdir)
+  assert not (workdir / results_lib.CONFIG_FILE).exists()
+  lifecycle.check_restart(
+    helpers.job_config(resume_anyway=True), str(workdir)
+  )  # Does not raise.
+
+
+@pytest.mark.slow
+def test_a_refused_restart_leaves_the_config_record_alone(straight, tmp_path):
+  """resume_anyway with another model passes the config check, but the
+  checkpoint does not fit: the record keeps the run's config, so the
+  workdir still accepts its own command."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  record = (workdir / results_lib.CONFIG_FILE).read_bytes()
+  config = helpers.job_config(resume_anyway=True)
+  config.model.hidden_size = 2 * config.model.hidden_size
+  with pytest.raises(errors.CheckpointError, match='does not fit'):
+    train(config, workdir)
+  assert (workdir / results_lib.CONFIG_FILE).read_bytes() == record
+  lifecycle.check_restart(helpers.job_config(), str(workdir))
+
+
+def test_a_finished_run_is_not_shortened(straight, tmp_path):
+  """Its step-6 weights would be recorded as a 4-step run's."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  before = {name: (workdir / name).read_bytes() for name in OUTPUTS}
+  with pytest.raises(ConfigError, match=r'total_steps=4, but .* at step 6'):
+    train(helpers.job_config(total_steps=4), workdir)
+  assert {name: (workdir / name).read_bytes() for name in OUTPUTS} == before
+
+
+def test_results_name_the_task_file_in_the_workdir_by_its_contents(straight):
+  results = json.loads((straight / results_lib.RESULTS_FILE).read_text())
+  assert results['task_file'] == 'task_params.npz'
+  assert results['steps'] == 6
+  digest = hashlib.sha256((straight / 'task_params.npz').read_bytes())
+  assert results['task_file_sha256'] == digest.hexdigest()
+
+
+def test_publish_reads_the_copy_and_refuses_disagreeing_files(
+  straight, tmp_path
+):
+  """A copied workdir publishes its own task file; one whose task file is
+  not the one results.json describes is refused."""
+  copied = tmp_path / 'copied'
+  shutil.copytree(straight, copied)
+  with open(copied / 'task_params.npz', 'ab') as f:
+    f.write(b'\0')  # Not the weights results.json describes.
+  with pytest.raises(ConfigError, match='is not the task file'):
+    publish.publish(str(copied), str(tmp_path / 'card'))
+  assert not (tmp_path / 'card').exists()
+  shutil.copy(straight / 'task_params.npz', copied / 'task_params.npz')
+  publish.publish(str(copied), str(tmp_path / 'card'))
+  assert (tmp_path / 'card').is_dir()
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_the_outputs_is_one_error_and_resumes(
+  straight, tmp_path
+):
+  """The task file cannot be written (the process's file-size limit
+  stands in for a full disk: the same failed write): one error naming the
+  file and the intact checkpoint; the next start writes the outputs."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  for name in ('results.json', 'task_params.npz'):
+    (workdir / name).unlink()
+  limit = (straight / 'metrics.jsonl').stat().st_size + 4096
+  assert limit < (straight / 'task_params.npz').stat().st_size
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+  try:
+    with pytest.raises(errors.OutputError) as error:
+      train(helpers.job_config(), workdir)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+  assert str(error.value) == (
+    f'Cannot write {workdir}/task_params.npz: File too large. Its previous '
+    'version, if any, is unchanged; free space (or fix the permissions) and '
+    f'run again. The checkpoint of step 6 in {workdir} is intact; the same '
+    'command writes the outputs from it.'
+  )
+  assert not [n for n in os.listdir(workdir) if n.startswith('.tmp')]
+  assert train(helpers.job_config(), workdir)['steps'] == 6
+
+
 # --------------------------------------------------- SIGTERM and Ctrl-C
 
 
@@ -298,3 +423,107 @@ def test_main_stopped_by_sigterm_says_where_in_one_line(tmp_path):
     f'checkpoint of step {saved[0]} in {workdir}/checkpoints. Run the same '
     'command again to resume.'
   )
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_evaluation_stops_without_results(
+  straight, tmp_path, monkeypatch
+):
+  """A finished run whose results were not written yet evaluates on
+  restart; SIGTERM then stops it like any step: no results.json, exit
+  with the message, and the next start writes them."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  (workdir / results_lib.RESULTS_FILE).unlink()
+  original = evaluation.Evaluation.scores
+
+  def preempted(self, placed):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, placed)
+
+  monkeypatch.setattr(evaluation.Evaluation, 'scores', preempted)
+  with pytest.raises(errors.Interrupted, match='SIGTERM after step 6; the'):
+    train(helpers.job_config(), workdir)
+  assert not (workdir / results_lib.RESULTS_FILE).exists()
+  monkeypatch.undo()
+  assert train(helpers.job_config(), workdir)['steps'] == 6
+
+
+def test_a_second_signal_stops_at_once():
+  """The first signal asks the loop to stop after its step; the second
+  ends the process there, by the system's default action (no
+  traceback)."""
+  script = (
+    'import os, signal, time\n'
+    'from vit_jax import lifecycle\n'
+    'with lifecycle.StopSignals() as stop:\n'
+    '  os.kill(os.getpid(), signal.SIGINT)\n'
+    '  print(stop.reason, flush=True)\n'
+    '  os.kill(os.getpid(), signal.SIGTERM)\n'
+    '  time.sleep(60)\n'
+    'print("not stopped", flush=True)\n'
+  )
+  process = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert process.returncode == -signal.SIGTERM
+  assert process.stdout == 'SIGINT\n'
+  assert 'Traceback' not in process.stderr
+
+
+def test_step_time_leaves_out_the_compiling_first_step(tmp_path, monkeypatch):
+  """A resumed run with one report interval: its median step time is the
+  time of the steps after the first (which compiles), not the interval
+  that includes it."""
+  clock = [100.0]
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: clock[0])
+  intervals = lifecycle.Intervals(
+    total_steps=10, progress_every=100, eval_every=0, checkpoint_every=0
+  )
+  writer = metrics.MetricWriter(str(tmp_path), start_step=6)
+  with train_state.TrainCheckpointer(tmp_path) as checkpointer:
+    monitor = lifecycle.Monitor(
+      intervals, 6, 32, writer, checkpointer, 'float32'
+    )
+    step_metrics = {
+      'loss': 1.0,
+      'params_finite': True,
+      'grad_norm': 1.0,
+      'learning_rate': 0.1,
+    }
+    clock[0] += 30.0  # Step 7 compiles and runs.
+    monitor.record(7, step_metrics)
+    monitor.compiled(7)
+    for step in (8, 9, 10):
+      clock[0] += 0.5
+      monitor.record(step, step_metrics)
+    monitor.report(10)
+  writer.close()
+  assert monitor.median_step_time() == pytest.approx(0.5)
+
+
+def test_ctrl_c_before_training_starts_is_one_line(tmp_path):
+  """Ctrl-C while the run sets up (here: as soon as it logs its devices)
+  exits with status 130 and one line, without a traceback."""
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'vit_jax.main',
+      f'--config={REPO}/configs/scratch.py:digits',
+      f'--workdir={tmp_path / "run"}',
+    ],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  stderr = helpers.signal_on_line(process, 'JAX process 0 of 1', signal.SIGINT)
+  assert process.returncode == 130, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  (line,) = [x for x in stderr.splitlines() if x.startswith('error:')]
+  assert line.startswith('error: stopped by Ctrl-C.')

@@ -32,6 +32,7 @@ from vit_jax import input_pipeline
 from vit_jax import main as main_lib
 from vit_jax import metrics
 from vit_jax import results as results_lib
+from vit_jax import workdir_lock
 from vit_jax.checkpoint import train_state
 from vit_jax.input_pipeline import splits
 
@@ -329,7 +330,8 @@ def test_only_process_0_wrote_results_metrics_and_task_file(runs):
   writers = {re.search(r'\.(\d+)\.\d+\.v2$', name)[1] for name in events}
   assert writers == pids, events
   assert set(os.listdir(workdir)) == outputs | set(events) | {
-    train_state.CHECKPOINT_SUBDIR
+    train_state.CHECKPOINT_SUBDIR,
+    workdir_lock.LOCK_FILE,  # Process 0's (the lock of both).
   }
 
 

@@ -328,6 +328,19 @@ def test_published_folder_holds_the_same_model(run, digit_files, tmp_path):
     publish.publish(workdir, out)
 
 
+def test_the_published_folder_gets_the_permissions_mkdir_gives(run, tmp_path):
+  """Not the 0700 of a temporary folder: the umask decides, as for mkdir."""
+  previous = os.umask(0o027)  # Differs from 0700, and from the usual 022.
+  try:
+    os.makedirs(tmp_path / 'reference')
+    out = publish.publish(run[0], str(tmp_path / 'published'))
+  finally:
+    os.umask(previous)
+  expected = os.stat(tmp_path / 'reference').st_mode & 0o777
+  assert expected == 0o750
+  assert os.stat(out).st_mode & 0o777 == expected
+
+
 def test_publishing_an_unfinished_or_unshareable_run_fails_cleanly(
   run, tmp_path, monkeypatch
 ):

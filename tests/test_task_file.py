@@ -12,6 +12,7 @@ from vit_jax import trainable as trainable_lib
 from vit_jax.checkpoint import inspect
 from vit_jax.checkpoint import task_file
 from vit_jax.errors import CheckpointError
+from vit_jax.errors import OutputError
 
 ADAPTER = 'Transformer/encoderblock_0/adapter'
 
@@ -191,7 +192,7 @@ def test_writes_atomically_without_leftovers(saved, monkeypatch):
   with open(saved, 'rb') as f:
     before = f.read()
   monkeypatch.setattr(os, 'fsync', crash)
-  with pytest.raises(OSError, match='simulated crash'):
+  with pytest.raises(OutputError, match=f'Cannot write {saved}: simulated'):
     task_file.save_task_params(saved, base_params(), trainable_lib.is_head)
   assert os.listdir(os.path.dirname(saved)) == ['task.npz']
   with open(saved, 'rb') as f:

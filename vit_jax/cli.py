@@ -74,9 +74,14 @@ def _fail(message: str) -> NoReturn:
 
 
 def _drop_orbax_info(record: logging.LogRecord) -> bool:
-  """False for Orbax's records below WARNING. Orbax logs through absl's
-  shared logger, so its records are told apart by the file that made them."""
-  return record.levelno >= logging.WARNING or _ORBAX_DIR not in record.pathname
+  """False for Orbax's records below WARNING, and for those with a
+  traceback: a failed background save, which the checkpointer reports
+  itself, in one line (`train_state.TrainCheckpointer`). Orbax logs
+  through absl's shared logger, so its records are told apart by the file
+  that made them."""
+  if _ORBAX_DIR not in record.pathname:
+    return True
+  return record.levelno >= logging.WARNING and not record.exc_info
 
 
 @contextlib.contextmanager
@@ -144,7 +149,9 @@ _QUIET_TENSORFLOW = _QuietImport('tensorflow', _TENSORFLOW_LOAD_NOTICES)
 def quiet_libraries(verbose: bool) -> None:
   """Unless `verbose`, keeps the console to the project's own lines: drops
   TensorFlow's start-up notices (oneDNN, CPU features), JAX's backend
-  probing ("Unable to initialize backend 'tpu'") and Orbax's INFO lines.
+  probing ("Unable to initialize backend 'tpu'"), Orbax's INFO lines and
+  the tracebacks of its failed background work (reported by the
+  checkpointer in one line).
   Only messages go: oneDNN stays on (TF_ENABLE_ONEDNN_OPTS would change
   TensorFlow's kernels).
 
@@ -154,14 +161,19 @@ def quiet_libraries(verbose: bool) -> None:
   """
   absl_logger = logging.getLogger('absl')
   backend_logger = logging.getLogger(_JAX_BACKEND_LOGGER)
+  # Orbax's event loops, after a failed write or read, leave futures whose
+  # errors the checkpointer has already reported in one line.
+  asyncio_logger = logging.getLogger('asyncio')
   if verbose:
     absl_logger.removeFilter(_drop_orbax_info)
     backend_logger.setLevel(logging.NOTSET)
+    asyncio_logger.setLevel(logging.NOTSET)
     if _QUIET_TENSORFLOW in sys.meta_path:
       sys.meta_path.remove(_QUIET_TENSORFLOW)
     return
   absl_logger.addFilter(_drop_orbax_info)
   backend_logger.setLevel(logging.WARNING)
+  asyncio_logger.setLevel(logging.CRITICAL)
   if 'tensorflow' not in sys.modules and _QUIET_TENSORFLOW not in sys.meta_path:
     sys.meta_path.insert(0, _QUIET_TENSORFLOW)
 
@@ -175,6 +187,17 @@ def _call(main: Callable[[], Any], verbose: bool) -> Any:
     if verbose:
       raise
     _fail(str(e))
+  except KeyboardInterrupt:
+    if verbose:
+      raise
+    print(
+      'error: stopped by Ctrl-C. Files already written are whole (each is '
+      'replaced in one step); a training run resumes from its latest '
+      'checkpoint when started again.',
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(130)
 
 
 def unknown_key(config: Any, path: str, name: str = 'config') -> Optional[str]:

@@ -39,3 +39,18 @@ class Interrupted(Error):
   The message says which step was saved and where, so the same command
   resumes from it.
   """
+
+
+class WorkdirInUse(Error):
+  """Another run holds the workdir's lock (`vit_jax.workdir_lock`).
+
+  Messages name the holder (host, process id, start time) and the lock.
+  """
+
+
+class OutputError(Error):
+  """A file of the run cannot be written (a full disk, no permission).
+
+  Messages name the file, the reason, and that its previous version is
+  intact (writes are atomic, `vit_jax.paths`).
+  """

@@ -115,6 +115,36 @@ def _training_examples(
   return _Examples(np.concatenate(images)[grouped], labels[grouped])
 
 
+def check_shots_fit(
+  shots: Sequence[int],
+  labels: np.ndarray,
+  class_names: Sequence[str],
+  split: str,
+) -> None:
+  """A ConfigError naming config.fewshot.shots if a class has fewer than
+  `max(shots)` images among `labels` (the first `max(shots)` of each class
+  of the training `split`, read to its end for the rarer ones): a k-shot
+  fit would silently see fewer than k images of that class."""
+  counts = np.bincount(labels, minlength=len(class_names))
+  rarest = int(np.argmin(counts))
+  fewest = int(counts[rarest])
+  if fewest >= max(shots):
+    return
+  if not fewest:
+    raise ConfigError(
+      f'config.fewshot.shots={tuple(shots)!r}: class {rarest} '
+      f'({class_names[rarest]!r}) has no image in split {split!r}; few-shot '
+      'evaluation needs every class there, or --config.fewshot.shots=().'
+    )
+  fitting = tuple(k for k in shots if k <= fewest) or (fewest,)
+  raise ConfigError(
+    f'config.fewshot.shots={tuple(shots)!r} asks for {max(shots)} training '
+    f'images per class, but class {rarest} ({class_names[rarest]!r}) has '
+    f'only {fewest} in split {split!r}; give shots of at most {fewest}, '
+    f'e.g. --config.fewshot.shots="{fitting}".'
+  )
+
+
 class Evaluator:
   """`evaluator(params)` → {'1shot': accuracy, '5shot': ...} on the test
   split, for `config.fewshot` (shots, l2_reg) of a run."""
@@ -145,6 +175,9 @@ class Evaluator:
 
     self.train = _training_examples(
       split(config.pp.train), max(shots), self.num_classes
+    )
+    check_shots_fit(
+      shots, self.train.labels, source.info.class_names, config.pp.train
     )
     self.test = split(config.pp.test)
     self.batch = batch

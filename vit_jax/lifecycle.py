@@ -14,7 +14,7 @@ import dataclasses
 import math
 import signal
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -105,18 +105,34 @@ class Intervals:
     return Due(last=last, report=report, evaluate=evaluate, save=save)
 
 
-def check_restart(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_restart(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  derived: AbstractSet[str] = frozenset(),
+) -> None:
   """A ConfigError naming every changed key if `workdir` holds a run (a
   checkpoint or results.json) recorded with another config, beyond
-  `results.RESUMABLE_KEYS`; `config.resume_anyway` logs the keys instead."""
+  `results.RESUMABLE_KEYS` and the keys `derived` from them; or holds one
+  with no config record to compare with. `config.resume_anyway` logs the
+  keys instead."""
+  checkpoints = paths.join(workdir, train_state.CHECKPOINT_SUBDIR)
+  saved = results_lib.finished_results(workdir) is not None or any(
+    name.isdigit() for name in paths.listdir(checkpoints)
+  )
+  record_path = paths.join(workdir, results_lib.CONFIG_FILE)
   recorded = results_lib.read_config_record(workdir)
-  changes = recorded and results_lib.config_changes(recorded, config)
+  if recorded is None:
+    if saved and not config.resume_anyway:
+      raise ConfigError(
+        f'{workdir} holds checkpoints or results but no config record '
+        f'({record_path}), so this config cannot be checked against the '
+        "run's: use a new --workdir, or --config.resume_anyway=True if you "
+        'are sure it is the same config.'
+      )
+    return
+  changes = results_lib.config_changes(recorded, config, derived)
   if not changes:
     return
-  checkpoints = paths.join(workdir, train_state.CHECKPOINT_SUBDIR)
-  saved = results_lib.finished_results(workdir) is not None or bool(
-    paths.listdir(checkpoints)
-  )
   listed = '; '.join(f'{k}: {old!r} -> {new!r}' for k, old, new in changes)
   resumable = sorted(results_lib.RESUMABLE_KEYS - {'resume_anyway'})
   if not saved:  # Nothing to mix with: the earlier attempt saved nothing.
@@ -127,24 +143,25 @@ def check_restart(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
   else:
     raise ConfigError(
-      f'{workdir} holds a run with another config '
-      f'({paths.join(workdir, results_lib.CONFIG_FILE)}): {listed}. '
+      f'{workdir} holds a run with another config ({record_path}): {listed}. '
       'Resuming would mix the two runs and overwrite its results; use a new '
       '--workdir, or --config.resume_anyway=True to continue it with this '
-      f'config. Changes that resume: {", ".join(resumable)}.'
+      f'config. Changes that resume: {", ".join(resumable)}, and the values '
+      'a config derives from them.'
     )
 
 
 class StopSignals:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop, while active.
 
-  The training loop polls `requested` after each step but the last (which
-  then finishes the run), so a signal never cuts a step, whose input
-  buffers are donated, in half. A second signal raises KeyboardInterrupt at
-  once. The context suppresses KeyboardInterrupt (raised by that second
-  signal, or by code) and records it as the reason too. Outside the main
-  thread, the only one Python delivers signals to, no handler is installed.
-  The previous handlers are restored on exit.
+  The training loop polls `requested` after each step, so a signal never
+  cuts a step, whose input buffers are donated, in half; the run then saves
+  that step and stops. A second signal stops the process at once, without
+  saving (the operating system's default action: the checkpoints already
+  on disk are intact, a save in progress is cleaned up at the next start).
+  The context suppresses KeyboardInterrupt raised by code and records it as
+  the reason. Outside the main thread, the only one Python delivers signals
+  to, no handler is installed. The previous handlers are restored on exit.
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -155,9 +172,14 @@ class StopSignals:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    if self.reason is not None:
-      raise KeyboardInterrupt
     self.reason = signal.Signals(signum).name
+    for s in self._SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
+    logging.warning(
+      'Got %s: stopping after this step and saving it. Another signal '
+      'stops at once, without saving.',
+      self.reason,
+    )
 
   def requested(self, poll_other_hosts: bool) -> bool:
     """Whether to stop now. With several processes, all must stop at the
@@ -296,6 +318,8 @@ class Monitor:
     self._dtype = dtype
     self._history: List[Tuple[int, Dict[str, Any]]] = []
     self._step_times: List[float] = []
+    # Whether the first reported interval includes compiling the step.
+    self._first_compiles = True
 
   def record(self, step: int, step_metrics: Dict[str, Any]) -> None:
     """Keeps the metrics of `step` for the next report."""
@@ -304,6 +328,7 @@ class Monitor:
   def report(self, step: int) -> None:
     """Checks, logs and writes the metrics recorded since the last report;
     a FloatingPointError naming the first non-finite step."""
+    self._checkpointer.check_for_errors()
     bad_step, scalars = first_non_finite(self._history)
     self._history = []
     if bad_step is not None:
@@ -334,9 +359,17 @@ class Monitor:
     out of the next progress line."""
     self._progress.restart_clock()
 
+  def compiled(self, step: int) -> None:
+    """Waits for the run's first step, `step` (not a report step), and
+    starts the clock after it, so that no interval includes compiling."""
+    jax.block_until_ready(self._history)
+    self._progress.restart_clock(step)
+    self._first_compiles = False
+
   def median_step_time(self) -> Optional[float]:
-    """Seconds per step, the median over the reported intervals but the
-    first (which includes compiling) if there are others."""
-    if not self._step_times:
-      return None
-    return float(np.median(self._step_times[1:] or self._step_times))
+    """Seconds per step, the median over the reported intervals; without
+    the first if it includes compiling and there are others."""
+    times = self._step_times
+    if self._first_compiles and len(times) > 1:
+      times = times[1:]
+    return float(np.median(times)) if times else None

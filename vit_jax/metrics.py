@@ -159,6 +159,9 @@ class Progress:
     )
     return {'img_per_sec_per_core': rate, 'seconds_per_step': seconds_per_step}
 
-  def restart_clock(self) -> None:
-    """Excludes the time since the last report (evaluation, checkpoints)."""
+  def restart_clock(self, step: Optional[int] = None) -> None:
+    """Excludes the time since the last report (evaluation, checkpoints),
+    and the steps up to `step` if given (the first, which compiles)."""
     self._last_time = time.perf_counter()
+    if step is not None:
+      self._last_step = step

@@ -26,6 +26,7 @@ module that opens files imports this one, so the choice is made before.
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,8 @@ import uuid
 os.environ.setdefault('EPATH_USE_TF', 'false')
 
 from etils import epath  # noqa: E402 (after the backend choice above)
+
+from vit_jax.errors import OutputError  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
 
@@ -131,9 +134,31 @@ def read_json(path: PathLike) -> Any:
   return json.loads(read_text(path))
 
 
+def sha256(path: PathLike) -> str:
+  """The SHA-256 of the file's bytes, in hex: a fingerprint that tells
+  whether two records name the same file contents."""
+  digest = hashlib.sha256()
+  with epath.Path(path).open('rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes `data` to `path` atomically (see the module docstring)."""
+  """Writes `data` to `path` atomically (see the module docstring); an
+  OutputError naming the file if it cannot (a full disk, no permission)."""
   path = os.fspath(path)
+  try:
+    _write_atomically(path, data)
+  except OSError as e:
+    reason = e.strerror or str(e) or type(e).__name__
+    raise OutputError(
+      f'Cannot write {path}: {reason}. Its previous version, if any, is '
+      'unchanged; free space (or fix the permissions) and run again.'
+    ) from e
+
+
+def _write_atomically(path: str, data: bytes) -> None:
   if is_remote(path):
     epath.Path(path).write_bytes(data)
     return
@@ -182,7 +207,8 @@ def staged_folder(out: PathLike, last: str) -> Iterator[str]:
   On a disk the staging folder sits beside `out` and is renamed to it: `out`
   appears whole or not at all. For a bucket the files are uploaded one by
   one, file `last` after all others, so a reader that opens `last` first
-  finds a complete folder. On an error nothing reaches `out`.
+  finds a complete folder. On an error nothing reaches `out`. A local
+  `out` gets the permissions `os.makedirs` would give it (the umask's).
   """
   out = os.fspath(out)
   if is_remote(out):
@@ -194,9 +220,19 @@ def staged_folder(out: PathLike, last: str) -> Iterator[str]:
     return
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.tmp-stage-', dir=parent)
+  # Not tempfile.mkdtemp: its 0700 would stay on `out` after the rename.
+  # mkdir gives what any new folder gets (0777 less the umask); the
+  # random name keeps concurrent stagings apart (mkdir fails on a clash).
+  staging = os.path.join(parent, f'.tmp-stage-{uuid.uuid4().hex[:12]}')
+  os.mkdir(staging)
   try:
     yield staging
     os.rename(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def rename(source: PathLike, destination: PathLike) -> None:
+  """Renames file or folder `source` to `destination`, which must not exist.
+  In a bucket this copies every object and deletes the originals."""
+  epath.Path(source).rename(destination)

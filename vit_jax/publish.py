@@ -69,15 +69,31 @@ def _read_results(workdir: str) -> Dict[str, Any]:
 
 
 def _task_path(workdir: str, results: Mapping[str, Any]) -> str:
-  path = results.get('task_file')
+  """The task file of the run in `workdir`; a ConfigError if there is none,
+  or if its contents are not those `results.json` recorded (the training
+  was interrupted between the two writes, or one was replaced)."""
+  path = results_lib.task_file_path(workdir, results)
   if not path:
     raise ConfigError(
       f'The run in {workdir} wrote no task file '
       "(config.finetune.task_file=''); train with the default "
       "'task_params.npz' to publish it."
     )
-  if not paths.exists(path):  # The workdir was moved since.
-    path = paths.join(workdir, paths.name(path))
+  results_path = paths.join(workdir, results_lib.RESULTS_FILE)
+  if not paths.exists(path):
+    raise ConfigError(
+      f'{path}: no such file, but {results_path} names it; the workdir is '
+      'incomplete. Run the training command again with this --workdir to '
+      'write it.'
+    )
+  recorded = results.get('task_file_sha256')
+  if recorded and paths.sha256(path) != recorded:
+    raise ConfigError(
+      f'{path} is not the task file {results_path} describes (its SHA-256 '
+      'differs from the recorded one): the run was interrupted between the '
+      'two writes, or one of them was replaced. Run the training command '
+      'again with this --workdir to rewrite both.'
+    )
   return path
 
 
@@ -219,6 +235,7 @@ def publish(workdir: str, out: str, base: Optional[str] = None) -> str:
   Raises:
     ConfigError: `out` exists, or `workdir` holds no finished run with a
       task file.
+    CheckpointError: the run's `results.json` is damaged (not JSON).
   """
   if paths.exists(out):
     raise ConfigError(f'{out} exists; remove it or choose another folder.')

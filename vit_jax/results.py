@@ -7,11 +7,13 @@ scripts and the model card read it back through `finished_results`.
 with, so that a restart with another config is caught (`config_changes`).
 """
 
+import copy
 import json
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Tuple
 
 from vit_jax import paths
 from vit_jax.checkpoint import augreg
+from vit_jax.errors import CheckpointError
 
 RESULTS_FILE = 'results.json'
 CONFIG_FILE = 'config.json'
@@ -74,12 +76,61 @@ ADDED_KEYS = {
 _ABSENT = '(absent)'
 
 
+# How to fix a damaged record, by file name (after "restore it from a
+# backup, or").
+_RECORD_FIXES = {
+  RESULTS_FILE: (
+    'move it aside and run the same command again: the run resumes from '
+    'its last checkpoint and writes it anew'
+  ),
+  CONFIG_FILE: (
+    'move it aside only if you are sure the workdir was trained with the '
+    'config you start it with: without it, the check that a restart keeps '
+    'the config is skipped, and the next run records its own'
+  ),
+}
+
+
+def _read_record(path: str) -> Dict[str, Any]:
+  """The JSON object in `path`; a one-line CheckpointError naming the file
+  and its fix if it is not one (cut short by a full disk, overwritten)."""
+  try:
+    record = paths.read_json(path)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    problem = f'is not valid JSON ({e})'
+  else:
+    if isinstance(record, dict):
+      return record
+    problem = f'holds a JSON {type(record).__name__}, not an object'
+  fix = _RECORD_FIXES[paths.name(path)]
+  raise CheckpointError(
+    f'{path} {problem}; it is damaged. Restore it from a backup, or {fix}.'
+  )
+
+
 def finished_results(workdir: str) -> Optional[Dict[str, Any]]:
-  """The `results.json` of a run that finished in `workdir`, else None."""
+  """The `results.json` of a run that finished in `workdir`, else None.
+
+  Raises:
+    CheckpointError: the file is not a JSON object.
+  """
   path = paths.join(workdir, RESULTS_FILE)
   if not paths.exists(path):
     return None
-  return paths.read_json(path)
+  return _read_record(path)
+
+
+def task_file_path(workdir: str, results: Mapping[str, Any]) -> Optional[str]:
+  """The task file of the run whose `results` (its `results.json`) are in
+  `workdir`, None if it wrote none. The record names it relative to the
+  workdir, so a copied or moved workdir finds its own copy; a record that
+  names it absolutely finds the file of that name in `workdir`."""
+  name = results.get('task_file')
+  if not name:
+    return None
+  if paths.is_remote(name) or name.startswith('/'):
+    name = paths.name(name)
+  return paths.join(workdir, name)
 
 
 def pretrained_path(config: Mapping[str, Any]) -> Optional[str]:
@@ -122,20 +173,50 @@ def write_config_record(workdir: str, config: Any) -> None:
 
 
 def read_config_record(workdir: str) -> Optional[Dict[str, Any]]:
-  """The record in `workdir/config.json`, or None if there is none."""
+  """The record in `workdir/config.json`, or None if there is none.
+
+  Raises:
+    CheckpointError: the file is not a JSON object.
+  """
   path = paths.join(workdir, CONFIG_FILE)
   if not paths.exists(path):
     return None
-  return paths.read_json(path)
+  return _read_record(path)
+
+
+def derived_keys(config: Any) -> AbstractSet[str]:
+  """The keys of `config` (a ConfigDict whose references are not resolved
+  yet) computed from a resumable integer key, such as `configs/scratch.py`'s
+  `warmup_steps = total_steps // 16`: found by changing each such key in a
+  copy and seeing which other keys follow. They follow it on a restart
+  too, so a change in them does not stop a run from resuming."""
+  base = config_record(config)
+  derived = set()
+  for key in RESUMABLE_KEYS:
+    if not isinstance(base.get(key), int) or isinstance(base[key], bool):
+      continue
+    probe = copy.deepcopy(config)
+    *parents, name = key.split('.')
+    node = probe
+    for parent in parents:
+      node = node[parent]
+    with probe.unlocked():
+      node[name] = base[key] + 1000
+    changed = config_record(probe)
+    derived.update(k for k in base if k != key and changed.get(k) != base[k])
+  return frozenset(derived)
 
 
 def config_changes(
-  recorded: Mapping[str, Any], config: Any
+  recorded: Mapping[str, Any],
+  config: Any,
+  derived: AbstractSet[str] = frozenset(),
 ) -> List[Tuple[str, Any, Any]]:
   """`(key, recorded value, new value)` for every key outside
-  `RESUMABLE_KEYS` where `config` differs from the `recorded` record, sorted
-  by key; a key only one side has shows as '(absent)' on the other (for
-  a key of `ADDED_KEYS` the record lacks, its value there)."""
+  `RESUMABLE_KEYS` and `derived` (`derived_keys`) where `config` differs
+  from the `recorded` record, sorted by key; a key only one side has shows
+  as '(absent)' on the other (for a key of `ADDED_KEYS` the record lacks,
+  its value there)."""
   current = config_record(config)
   added = {k: v for k, v in ADDED_KEYS.items() if k in current}
   recorded = {**added, **recorded}
@@ -143,5 +224,6 @@ def config_changes(
     (key, recorded.get(key, _ABSENT), current.get(key, _ABSENT))
     for key in sorted(set(recorded) | set(current))
     if key not in RESUMABLE_KEYS
+    and key not in derived
     and recorded.get(key, _ABSENT) != current.get(key, _ABSENT)
   ]

@@ -18,9 +18,11 @@ the loop (intervals, restart check, stop signals, the NaN guard) is
 `vit_jax.lifecycle`'s; the evaluations are `vit_jax.evaluation`'s.
 """
 
+import contextlib
+import dataclasses
 import json
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from absl import logging
 import jax
@@ -28,6 +30,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import optax
 
+from vit_jax import config_checks
 from vit_jax import evaluation
 from vit_jax import experiment
 from vit_jax import features
@@ -41,10 +44,12 @@ from vit_jax import results as results_lib
 from vit_jax import steps
 from vit_jax import trainable as trainable_lib
 from vit_jax import views
+from vit_jax import workdir_lock
 from vit_jax.checkpoint import pretrained
 from vit_jax.checkpoint import task_file
 from vit_jax.checkpoint import train_state
 from vit_jax.errors import ConfigError
+from vit_jax.errors import OutputError
 
 
 def check_batch_sizes(
@@ -130,13 +135,14 @@ def train_and_evaluate(
   """Trains and evaluates as configured; resumes from `workdir`.
 
   `command` (the command line that started the run, if any) is recorded in
-  `results.json`, for the model card of a published run.
+  `results.json`, for the model card of a published run. The run holds
+  `workdir`'s lock (`vit_jax.workdir_lock`) from before it reads the
+  workdir until its results are written.
   """
   start_time = time.perf_counter()
+  derived = results_lib.derived_keys(config)
   config = with_complete_pp(config)
-
-  # Setup: intervals, hosts, batch sizes, the checkpoint to start from,
-  # the workdir and its config record. ----------------------------------
+  config_checks.check(config)  # Every value, before anything is built.
   intervals = lifecycle.Intervals.from_config(config)
   hosts = input_pipeline.Hosts.from_jax()
   check_batch_sizes(config, hosts)
@@ -144,12 +150,35 @@ def train_and_evaluate(
   pretrained_path = results_lib.pretrained_path(config)
   pretrained.check_exists(pretrained_path)
   paths.makedirs(workdir)
-  lifecycle.check_restart(config, workdir)
-  if hosts.process_count > 1:  # Every process checked the old record.
-    multihost_utils.sync_global_devices('vit_jax: config checked')
-  if jax.process_index() == 0:
-    results_lib.write_config_record(workdir, config)
+  with workdir_lock.WorkdirLock(workdir) as lock:
+    lifecycle.check_restart(config, workdir, derived)
+    return _train_locked(
+      Run(config, workdir, command, start_time, intervals, hosts, lock),
+      pretrained_path,
+    )
 
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run is, once its config is checked and its workdir locked."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  command: Optional[str]
+  start_time: float
+  intervals: lifecycle.Intervals
+  hosts: input_pipeline.Hosts
+  lock: workdir_lock.WorkdirLock
+
+
+def _train_locked(run: Run, pretrained_path: Optional[str]) -> Dict[str, Any]:
+  """`train_and_evaluate`, from the data on, with the workdir locked."""
+  config, workdir, intervals, hosts = (
+    run.config,
+    run.workdir,
+    run.intervals,
+    run.hosts,
+  )
   # Data: the source of `config.dataset`, and the test split. ------------
   source = input_pipeline.get_source(
     config.dataset,
@@ -172,7 +201,8 @@ def train_and_evaluate(
 
   engine = exp.engine
   with train_state.TrainCheckpointer(workdir) as checkpointer:
-    # Resume: the latest checkpoint in the workdir, if any. --------------
+    # Resume: the latest checkpoint in the workdir, if any; the run is
+    # accepted, and its config recorded, once that restored. -------------
     state = exp.state
     restored = checkpointer.restore(engine.restore_target(state))
     if restored is not None:
@@ -181,6 +211,11 @@ def train_and_evaluate(
         'Resuming from step %d in %s', int(state.step), checkpointer.directory
       )
     start_step = int(state.step)
+    check_not_shortened(start_step, intervals.total_steps, checkpointer)
+    if hosts.process_count > 1:  # Every process checked the old record.
+      multihost_utils.sync_global_devices('vit_jax: config checked')
+    if jax.process_index() == 0:
+      results_lib.write_config_record(workdir, config)
     writer = metrics_lib.MetricWriter(workdir, start_step)
     monitor = lifecycle.Monitor(
       intervals, start_step, config.batch, writer, checkpointer, config.dtype
@@ -201,10 +236,11 @@ def train_and_evaluate(
     )
     train_step = engine.train_step(exp.train_step)
 
-    # Loop: a step, then what is due after it. ----------------------------
+    # Loop: a step, then what is due after it. A stop signal ends the run
+    # after the step it arrives in, the last one and the final evaluation
+    # included. ----------------------------------------------------------
     scores = None  # The latest evaluation's.
     done_step = start_step  # The step whose state `placed` holds.
-    finished = False
     with lifecycle.StopSignals() as stop:
       for step in range(start_step + 1, intervals.total_steps + 1):
         if step == start_step + 1:
@@ -213,20 +249,23 @@ def train_and_evaluate(
         done_step = step
         monitor.record(step, engine.first(step_metrics))
         due = intervals.due(step)
+        if step == start_step + 1 and not due.report:
+          monitor.compiled(step)
         if due.report:
           monitor.report(step)
         if due.evaluate:
           scores = evaluate(step, placed)
         if due.save:
+          run.lock.check()
           checkpointer.save(step, engine.saveable(placed))
         if due.evaluate or due.save:
           monitor.restart_clock()
-        if not due.last and stop.requested(poll_other_hosts=due.report):
+        if stop.requested(poll_other_hosts=due.report):
           break
-      else:
-        finished = True  # Not stopped by a signal or KeyboardInterrupt.
+      if scores is None and stop.reason is None:
+        scores = evaluate.scores(placed)  # Resumed a finished run.
 
-    if not finished:  # SIGTERM, Ctrl-C: save, say where, stop.
+    if stop.reason is not None:  # SIGTERM, Ctrl-C.
       writer.close()
       raise lifecycle.save_on_stop(
         checkpointer,
@@ -236,15 +275,22 @@ def train_and_evaluate(
         stop.reason,
         intervals.checkpoint_every,
       )
-    if scores is None:  # Resumed a run that had already finished.
-      scores = evaluate.scores(placed)
   writer.close()
 
   # Outputs: the task file (what was trained) and results.json. ----------
+  run.lock.check()
+  saved_step = done_step if intervals.checkpoint_every else None
   test, shots = scores
   params = engine.gather(steps.evaluated_params(placed))
-  task_path = write_task_file(
-    config, workdir, params, exp, source.info, pretrained_path, test
+  with checkpoint_kept(saved_step, workdir):
+    task_name = write_task_file(
+      config, workdir, params, exp, source.info, pretrained_path, test
+    )
+  # Process 0 wrote the task file; the others record no figures of it.
+  task_path = (
+    paths.join(workdir, task_name)
+    if task_name and jax.process_index() == 0
+    else None
   )
   results = {
     'test_accuracy': test['accuracy'],
@@ -253,26 +299,57 @@ def train_and_evaluate(
     'eval_views': len(views.offsets(config.eval_shift)),
     'test_one_view_accuracy': test['one_view_accuracy'],
     'test_one_view_loss': test['one_view_loss'],
-    'steps': config.total_steps,
+    'steps': done_step,
     'resumed_from_step': start_step,
-    'wall_time_s': time.perf_counter() - start_time,
+    'wall_time_s': time.perf_counter() - run.start_time,
     'step_time_s': monitor.median_step_time(),
     'fewshot_accuracy': shots,
     'finetune': exp.finetune.describe(),
     'trainable_params': trainable_lib.count(params, exp.trainable),
     'total_params': trainable_lib.count(params),
-    'task_file': task_path,
-    'task_file_bytes': (
-      paths.size(task_path) if task_path and paths.exists(task_path) else None
-    ),
+    'task_file': task_name,
+    'task_file_bytes': paths.size(task_path) if task_path else None,
+    'task_file_sha256': paths.sha256(task_path) if task_path else None,
     'devices': jax.device_count(),
     'device_kind': jax.devices()[0].device_kind,
-    'command': command,
+    'command': run.command,
     'config': json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
-    write_results(workdir, results, test, config.eval_shift)
+    with checkpoint_kept(saved_step, workdir):
+      write_results(workdir, results, test, config.eval_shift)
   return results
+
+
+@contextlib.contextmanager
+def checkpoint_kept(step: Optional[int], workdir: str) -> Iterator[None]:
+  """Adds to an OutputError (an output that could not be written) that the
+  run's checkpoint of `step` is intact (None: none was kept), and how to
+  write the outputs from it."""
+  try:
+    yield
+  except OutputError as e:
+    kept = (
+      f'The checkpoint of step {step} in {workdir} is intact; the same '
+      'command writes the outputs from it.'
+      if step is not None
+      else 'config.checkpoint_every=0 kept no checkpoint to write them from.'
+    )
+    raise OutputError(f'{e} {kept}') from e
+
+
+def check_not_shortened(
+  step: int, total_steps: int, checkpointer: train_state.TrainCheckpointer
+) -> None:
+  """A ConfigError if the workdir's checkpoint is past `total_steps`: its
+  weights would be evaluated and published as a shorter run's."""
+  if step > total_steps:
+    raise ConfigError(
+      f'config.total_steps={total_steps}, but the run in '
+      f'{checkpointer.directory} is at step {step}. A run cannot be '
+      f'shortened after it trained: give --config.total_steps={step} or '
+      'more to continue it, or use a new --workdir.'
+    )
 
 
 def log_finetuning(
@@ -306,13 +383,13 @@ def write_task_file(
   test: Dict[str, float],
 ) -> Optional[str]:
   """Writes the trained leaves to `config.finetune.task_file` in `workdir`
-  (process 0), with what it takes to use them; its path, None if the config
-  names none."""
+  (process 0), with what it takes to use them; its name in `workdir`,
+  None if the config names none."""
   if not config.finetune.task_file:
     return None
   task_path = paths.join(workdir, config.finetune.task_file)
   if jax.process_index() != 0:
-    return task_path
+    return config.finetune.task_file
   task_file.save_task_params(
     task_path,
     params,
@@ -334,7 +411,7 @@ def write_task_file(
     task_path,
     paths.size(task_path),
   )
-  return task_path
+  return config.finetune.task_file
 
 
 def write_results(

@@ -27,11 +27,57 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.checkpoint import layer_stack
+from vit_jax.errors import ConfigError
 from vit_jax.models import vit
 
 Array = jax.Array
 HEAD_FUSIONS = ('mean', 'max', 'min')
 _BLOCK = re.compile(r'encoderblock_(\d+)$')
+
+
+# Why a model class without `sow_attention_weights` gets no maps.
+_NO_MAPS = {
+  'MlpMixer': 'has no attention: it mixes tokens with MLPs',
+  'ResNet': 'has no attention: it is a convolutional network',
+  'SwinTransformer': (
+    'attends only within shifted local windows, which this tool does not '
+    'draw (it draws global attention over the patch grid)'
+  ),
+}
+_NEEDED = 'attention maps need a plain ViT model (e.g. ViT-B_16, ViT-Micro_4)'
+
+
+def _base(model: Any) -> Any:
+  """The model under any injected fine-tuning (`finetune.InjectedModel`)."""
+  return _base(model.base) if hasattr(model, 'injection') else model
+
+
+def _label(model: Any) -> str:
+  """'Mixer-B_16 (MlpMixer)': the registry name, when set, and the class."""
+  cls = type(model).__name__
+  name = getattr(model, 'model_name', None)
+  return f'{name} ({cls})' if name else cls
+
+
+def check_supported(model: Any) -> None:
+  """Raises ConfigError naming `model` unless maps can be drawn for it.
+
+  Maps need a plain ViT (or an injected one): a Mixer, ResNet or Swin
+  records no global attention, and a hybrid's patch grid depends on its
+  ResNet root. Checked before any image is read, so the command line says
+  so in one line rather than with a traceback mid-way.
+  """
+  base = _base(model)
+  if not hasattr(base, 'sow_attention_weights'):
+    reason = _NO_MAPS.get(
+      type(base).__name__, 'has no attention layers this tool can record'
+    )
+    raise ConfigError(f'{_label(base)} {reason}; {_NEEDED}.')
+  if getattr(base, 'resnet', None) is not None:
+    raise ConfigError(
+      f'{_label(base)} is a hybrid, whose patch grid depends on its ResNet '
+      f'root, which this tool does not follow; {_NEEDED}.'
+    )
 
 
 # The encoder options that compute what the plain encoder computes, but
@@ -45,10 +91,7 @@ def _with_sown_attention(model: Any) -> Any:
   if hasattr(model, 'injection'):  # finetune.InjectedModel
     return dataclasses.replace(model, base=_with_sown_attention(model.base))
   if not hasattr(model, 'sow_attention_weights'):
-    raise ValueError(
-      f'{type(model).__name__} has no attention to record; attention maps '
-      'need a VisionTransformer.'
-    )
+    check_supported(model)  # Raises, naming the model.
   transformer = model.transformer
   if transformer is not None:
     transformer = {**transformer, **_PLAIN_ENCODER}
@@ -111,11 +154,7 @@ def rollout(weights: Array, head_fusion: str = 'mean') -> Array:
 
 def patch_grid(model: Any, image_size: Tuple[int, int]) -> Tuple[int, int]:
   """(rows, columns) of the model's patch grid for images of `image_size`."""
-  if getattr(model, 'resnet', None) is not None:
-    raise ValueError(
-      'Attention maps of hybrid models are not supported: the '
-      'patch grid depends on the ResNet root.'
-    )
+  check_supported(model)
   return vit.token_grid(image_size, model.patches, model.conv_stem)
 
 

@@ -105,7 +105,12 @@ def write_pngs(
   out_dir: str,
   head_fusion: str = 'mean',
 ) -> List[str]:
-  """Writes each image's rollout and per-head PNGs; returns their paths."""
+  """Writes each image's rollout and per-head PNGs; returns their paths.
+
+  Raises ConfigError (before reading any image) for a model without maps
+  (`maps.check_supported`).
+  """
+  maps.check_supported(model)
   images = input_pipeline.read_images(image_paths, crop)
   weights = maps.attention_weights(model, params, images)
   grid = maps.patch_grid(model, (crop, crop))

@@ -20,10 +20,25 @@ it writes a `commit_success.txt` marker instead). A crash mid-write thus leaves
 an unfinished directory that `latest_step` and `restore` never consider; it is
 deleted when the next `TrainCheckpointer` opens the directory.
 
+Damage: a step folder that is complete by name but cannot be read (a data
+file deleted or overwritten, `_METADATA` cut short, the folder emptied or
+made by hand) does not stop a restart. `restore(target)` logs one warning
+naming the step folder and Orbax's error, tries the next older step, and
+once one restores renames each damaged folder to `<step>.damaged` (or
+`<step>.damaged-2`, ...), a name Orbax neither lists as a step nor cleans
+up: nothing is deleted, and the run saves those steps again as it goes on.
+If no step can be read, nothing is moved and `restore` raises one
+CheckpointError listing each step's problem; so does `restore(target,
+step=N)` for a damaged step N. A readable checkpoint that does not fit
+`target` (another model) is not damage: it raises CheckpointError at once.
+
 Multi-host: every process must call `save` and `restore` with the same steps
 (Orbax synchronises the processes inside them; a process that skips a call
 leaves the others waiting). Only process 0 (Orbax's default primary host)
-creates and renames directories, writes the metadata and deletes old steps.
+creates and renames directories, writes the metadata and deletes old steps;
+it alone moves damaged steps aside, while the others wait. Processes that
+restore different steps (damage to one process's shards only) stop with a
+CheckpointError rather than train on from different states.
 A data-parallel state is replicated: each process holds whole copies on its
 own devices, which Orbax refuses to write as `jax.Array`s (it cannot tell
 them from shards of a global array), so `save` hands it host copies, written
@@ -31,10 +46,14 @@ once by process 0; arrays sharded over all processes are written shard by
 shard by their holders.
 """
 
+import contextlib
 import os
-from typing import Any, Optional, Sequence, Union
+import sys
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -47,6 +66,8 @@ PyTree = Any
 CHECKPOINT_SUBDIR = 'checkpoints'
 # Orbax's directory name for the one item of a single-item manager.
 _ITEM = 'default'
+# Appended to the folder of a step that cannot be read, moved aside.
+DAMAGED_SUFFIX = '.damaged'
 
 
 def _shape(leaf: Any) -> tuple:
@@ -78,6 +99,87 @@ def _path_shapes(tree: PyTree) -> dict:
   }
 
 
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception `error` was raised from or while handling:
+  Orbax wraps tensorstore's read errors (which name the file and what is
+  wrong with it) in one that prints a whole tensorstore spec instead."""
+  seen = {id(error)}
+  while True:
+    inner = error.__cause__ or (
+      None if error.__suppress_context__ else error.__context__
+    )
+    if inner is None or id(inner) in seen:
+      return error
+    seen.add(id(inner))
+    error = inner
+
+
+def _first_line(error: BaseException) -> str:
+  """`Type: first line of the message` of `error`'s root cause, for a
+  one-line log or error."""
+  error = _root_cause(error)
+  lines = str(error).strip().splitlines()
+  name = type(error).__name__
+  return f'{name}: {lines[0]}' if lines else name
+
+
+class _Damaged(Exception):
+  """A step that Orbax cannot read: missing, truncated or garbled files.
+
+  Caught by `restore`, which then tries the next older step. Any exception
+  of Orbax's reads counts: tensorstore, JSON and file errors have no
+  common base class, and a real bug or a wrong target fails on every step
+  alike, which `restore` reports without moving anything aside.
+  """
+
+  def __init__(self, error: Optional[BaseException] = None, reason: str = ''):
+    self.reason = reason or _first_line(error)
+    super().__init__(self.reason)
+
+
+def _is_closed_loop_noise(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a late callback of a failed
+  restore or save.
+
+  When one array of a restore (or save) fails, Orbax's event loop stops
+  while tensorstore still reads (writes) the others; each that completes
+  then tries to call back into the closed loop, and Python prints the
+  RuntimeError with a traceback, on stderr, at some later moment.
+  """
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == (
+    'Event loop is closed'
+  )
+
+
+def _silence_closed_loop_noise():
+  """Drops the tracebacks of `_is_closed_loop_noise` for the rest of the
+  process: they come at any moment after a failed read, which no `with`
+  block around the restore could cover. Every other unraisable exception
+  goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'vit_jax_closed_loop_filter', False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_noise(unraisable):
+      previous(unraisable)
+
+  hook.vit_jax_closed_loop_filter = True
+  sys.unraisablehook = hook
+
+
+def _aside_name(step_dir: str) -> str:
+  """`<step>.damaged`, or `.damaged-2`, `-3`... if taken: names that
+  Orbax's step listing and its clean-up of temporary folders ignore."""
+  aside = step_dir + DAMAGED_SUFFIX
+  number = 1
+  while paths.exists(aside):
+    number += 1
+    aside = f'{step_dir}{DAMAGED_SUFFIX}-{number}'
+  return aside
+
+
 class TrainCheckpointer:
   """Saves and restores training states under `WORKDIR/checkpoints/`.
 
@@ -106,6 +208,10 @@ class TrainCheckpointer:
     if keep < 1:
       raise ValueError(f'keep must be at least 1, got {keep}.')
     self._directory = paths.join(workdir, CHECKPOINT_SUBDIR)
+    self._saving: Optional[int] = None  # The step of the latest save.
+    # A failed read or write leaves late callbacks into Orbax's closed
+    # event loop, at any moment after; this error reports it instead.
+    _silence_closed_loop_noise()
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     registry.add(_ITEM, ocp.args.StandardSave)
     registry.add(_ITEM, ocp.args.StandardRestore)
@@ -145,51 +251,125 @@ class TrainCheckpointer:
       Whether a checkpoint was written: False if `step` is not larger than the
       latest saved step.
     """
-    return self._manager.save(
-      step, args=ocp.args.StandardSave(_host_local_to_numpy(state))
-    )
+    with self._save_errors():
+      saved = self._manager.save(
+        step, args=ocp.args.StandardSave(_host_local_to_numpy(state))
+      )
+    if saved:
+      self._saving = step
+    return saved
 
   def restore(
     self, target: PyTree, step: Optional[int] = None
   ) -> Optional[PyTree]:
     """Restores a saved state into the structure, shapes, devices of `target`.
 
+    With `step=None` a damaged newest step does not stop the run: each step
+    that Orbax cannot read is logged, and the next older one is tried; once
+    one restores, the damaged ones are moved aside (see the module doc).
+
     Args:
       target: a state like the one saved, e.g. freshly initialized; optax
         namedtuples come back as in `target`. Leaves may be
         `jax.ShapeDtypeStruct`s.
-      step: the step to restore; the latest if None.
+      step: the step to restore; the newest that restores if None.
 
     Returns:
       The restored state, or None if no step was saved yet.
 
     Raises:
-      CheckpointError: if `step` was not saved, or the checkpoint's tree
-        structure or shapes differ from `target`'s, or Orbax cannot read it.
+      CheckpointError: if `step` was not saved or cannot be read, or the
+        checkpoint's tree structure or shapes differ from `target`'s, or
+        (with `step=None`) no saved step can be read.
     """
     self._manager.wait_until_finished()
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        return None
+    if step is not None:
+      return self._restore_named(step, target)
+    problems, restored, restored_step = {}, None, None
+    for candidate in reversed(self.all_steps()):
+      try:
+        restored = self._restore_step(candidate, target)
+      except _Damaged as damage:
+        problems[candidate] = damage.reason
+        continue
+      restored_step = candidate
+      break
+    self._check_processes_agree(restored_step)
+    if restored_step is not None:
+      self._set_aside(problems, restored_step)
+      return restored
+    if problems:
+      listed = '; '.join(f'step {s}: {r}' for s, r in problems.items())
+      raise CheckpointError(
+        f'No checkpoint in {self._directory} can be restored ({listed}). '
+        f'Move the damaged step folders aside to start over in this workdir, '
+        f'or use a fresh workdir.'
+      )
+    return None
+
+  def _step_dir(self, step: int) -> str:
+    """The folder of `step`: `WORKDIR/checkpoints/<step>`."""
+    return paths.join(self._directory, str(step))
+
+  def _check_processes_agree(self, step: Optional[int]):
+    """Raises CheckpointError unless every process restored `step` (None:
+    none). Damage to the files of one process's shards fails the restore
+    on that process alone; the processes would then train on from
+    different steps."""
+    if jax.process_count() == 1:
+      return
+    mine = -1 if step is None else step
+    steps = multihost_utils.process_allgather(np.asarray(mine, np.int32))
+    steps = sorted({int(s) for s in np.ravel(steps)})
+    if len(steps) > 1:
+      listed = ', '.join('none' if s < 0 else str(s) for s in steps)
+      raise CheckpointError(
+        f'The processes restored different steps ({listed}) from '
+        f'{self._directory}: a step folder is damaged for some processes '
+        f'only. Move the newer step folders aside, or use a fresh workdir.'
+      )
+
+  def _restore_named(self, step: int, target: PyTree) -> PyTree:
+    """Restores `step`, asked for by name: no fallback to another step."""
     if step not in self.all_steps():
       raise CheckpointError(
         f'No complete checkpoint for step {step} in {self._directory}; the '
         f'saved steps are {self.all_steps()}. Pass one of them, or None for '
         f'the latest.'
       )
-    step_dir = paths.join(self._directory, str(step))
-    self._check_fits(step, step_dir, target)
+    try:
+      return self._restore_step(step, target)
+    except _Damaged as damage:
+      raise CheckpointError(
+        f'Cannot restore the checkpoint {self._step_dir(step)}: '
+        f'{damage.reason}. Restore another step (saved: {self.all_steps()}), '
+        f'or None for the newest that can be read.'
+      ) from damage.__cause__
+
+  def _restore_step(self, step: int, target: PyTree) -> PyTree:
+    """Restores `step` into `target`.
+
+    Raises:
+      _Damaged: Orbax cannot read the step's metadata or arrays.
+      CheckpointError: the step is intact but does not fit `target`; a
+        different model is not damage, so no older step is tried.
+    """
+    # Checked first: Orbax takes a step folder without the item folder for
+    # a checkpoint of several items, and then reads every step that way.
+    if not paths.exists(paths.join(self._step_dir(step), _ITEM)):
+      raise _Damaged(reason=f'no {_ITEM}/ folder: it holds no saved state')
+    try:
+      stored = self._manager.metadata(step).item_metadata
+    except Exception as e:  # Any failure to read is damage; see _Damaged.
+      raise _Damaged(e) from e
+    self._check_fits(self._step_dir(step), stored, target)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(target))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-      raise CheckpointError(
-        f'Cannot restore the checkpoint {step_dir}: {e}'
-      ) from e
+    except Exception as e:
+      raise _Damaged(e) from e
 
-  def _check_fits(self, step: int, step_dir: str, target: PyTree):
+  def _check_fits(self, step_dir: str, stored: PyTree, target: PyTree):
     """Raises CheckpointError naming paths where disk and `target` differ."""
-    stored = self._manager.metadata(step).item_metadata
     diff = inspect.compare(_path_shapes(stored), _path_shapes(target))
     if not diff.ok:
       raise CheckpointError(
@@ -199,13 +379,72 @@ class TrainCheckpointer:
         f'or use a fresh workdir.'
       )
 
+  def _set_aside(self, problems: Mapping[int, str], restored_step: int):
+    """Logs one warning per damaged step of `problems` (step: why) and has
+    process 0 rename its folder to `<step>.damaged`; then makes Orbax list
+    the steps anew, so that `save` may write those steps again."""
+    for step, reason in sorted(problems.items()):
+      step_dir = self._step_dir(step)
+      if jax.process_index() == 0:
+        aside = _aside_name(step_dir)
+        paths.rename(step_dir, aside)
+        moved = f'moved it aside to {aside}'
+      else:
+        moved = 'process 0 moves it aside'
+      logging.warning(
+        'Skipped the damaged checkpoint %s (%s); %s and resumed from step %d.',
+        step_dir,
+        reason,
+        moved,
+        restored_step,
+      )
+    if not problems:
+      return
+    if jax.process_count() > 1:  # The others list the steps after the move.
+      multihost_utils.sync_global_devices('vit_jax: damaged steps moved')
+    self._manager.reload()
+
   def wait_until_finished(self):
-    """Blocks until a pending asynchronous save is on disk; raises its error."""
-    self._manager.wait_until_finished()
+    """Blocks until a pending asynchronous save is on disk; a
+    CheckpointError if it failed."""
+    with self._save_errors():
+      self._manager.wait_until_finished()
+
+  def check_for_errors(self):
+    """A CheckpointError if an asynchronous save failed since the last
+    call (a full disk), without waiting for one in progress: the loop asks
+    at each report, so the failure stops the run when it happens."""
+    with self._save_errors():
+      self._manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _save_errors(self) -> Iterator[None]:
+    """Turns the failure of the save of `self._saving` (raised by Orbax at
+    its next call) into one CheckpointError naming the step, the reason and
+    the latest intact step."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 (Orbax's errors share no base)
+      if isinstance(e, CheckpointError):
+        raise
+      self._manager.reload()
+      latest = self._manager.latest_step()
+      kept = (
+        f'the checkpoint of step {latest} is intact'
+        if latest is not None
+        else 'no earlier checkpoint was saved'
+      )
+      raise CheckpointError(
+        f'Cannot write the checkpoint of step {self._saving} in '
+        f'{self._directory} ({_first_line(e)}); {kept}. Free space (or fix '
+        'the permissions) and run the same command again to resume.'
+      ) from e
 
   def close(self):
-    """Finishes pending saves and deletions and releases Orbax's threads."""
-    self._manager.close()
+    """Finishes pending saves and deletions and releases Orbax's threads;
+    a CheckpointError if a save failed."""
+    with self._save_errors():
+      self._manager.close()
 
   def __enter__(self) -> 'TrainCheckpointer':
     return self

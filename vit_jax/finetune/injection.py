@@ -50,17 +50,26 @@ def parse_targets(
   method's own."""
   if not targets:
     return tuple(method.default_targets)
+  given = targets
   if isinstance(targets, str):
     targets = [t.strip() for t in targets.split(',') if t.strip()]
+  if not targets:
+    raise ConfigError(
+      f'config.finetune.injection.targets={given!r} names no layer kind; '
+      f'give some of {list(TARGETS)}, comma-separated, or leave it unset '
+      f"for {method.name}'s default ({','.join(method.default_targets)})."
+    )
   unknown = sorted(set(targets) - set(TARGETS))
   if unknown:
     raise ConfigError(
-      f'Unknown injection target(s) {unknown}; choose from {list(TARGETS)} '
-      '(--config.finetune.injection.targets=key,value,mlp_hidden).'
+      f'Unknown injection target(s) {unknown} in '
+      f'config.finetune.injection.targets={given!r}; choose from '
+      f'{list(TARGETS)} (--config.finetune.injection.targets=key,value).'
     )
   if method.linear_only and 'layernorm' in targets:
     raise ConfigError(
-      f'{method.name} adapts weight matrices; it cannot target "layernorm".'
+      f'{method.name} adapts weight matrices; it cannot target "layernorm" '
+      '(drop it from config.finetune.injection.targets).'
     )
   return tuple(dict.fromkeys(targets))
 
@@ -72,6 +81,27 @@ def _module_paths(params: PyTree) -> Dict[str, Dict[str, Any]]:
     module, _, leaf = path.rpartition('/')
     modules.setdefault(module, {})[leaf] = value
   return modules
+
+
+def _targets_fix(modules: Sequence[str], method: methods.Method) -> str:
+  """How to fix targets a model lacks: the kinds of `TARGETS` that match
+  one of its `modules` (those `method` can adapt), or another mode."""
+  present = [
+    t
+    for t, pattern in TARGETS.items()
+    if any(re.fullmatch(pattern, m) for m in modules)
+    and not (method.linear_only and t == 'layernorm')
+  ]
+  if not present:
+    return (
+      f'it has no layer {method.name} can target; use '
+      'config.finetune.mode=head or full'
+    )
+  return (
+    f'set config.finetune.injection.targets to some of {",".join(present)} '
+    f"(unset, it is {method.name}'s default "
+    f'{",".join(method.default_targets)})'
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +146,9 @@ class Injection:
     missing = [t for t, found in matched.items() if not found]
     if missing:
       raise ConfigError(
-        f'Injection targets {missing} match no layer of this model (its '
-        f'modules include {modules[:6]}...); choose targets among '
-        f'{[t for t, found in matched.items() if found] or list(TARGETS)}.'
+        f'Injection targets {missing} match no layer of this model; '
+        f'{_targets_fix(modules, self.method)} (its modules include '
+        f'{modules[:6]}...).'
       )
     return matched
 

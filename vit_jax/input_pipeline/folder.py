@@ -5,9 +5,16 @@ split's folders). JPEG and PNG files are read whatever their extension case
 (`.jpg`, `.jpeg`, `.png`). Listing the folder decodes every image once, in
 parallel, and reports every problem at once (unreadable, not JPEG/PNG,
 truncated or corrupt files, empty class directories, test classes without a
-train directory) in one `DatasetError` naming each path, so a broken file
-stops the run before training rather than as an anonymous decode error
-mid-run.
+train directory, and every entry that would not be read: a file of another
+type in a class folder, a folder inside a class folder, a file directly in
+`train/` or `test/`) in one `DatasetError` naming each path, so a broken or
+misplaced file stops the run before training rather than as an anonymous
+decode error mid-run or a silently smaller dataset.
+
+Hidden names (starting with '.', such as macOS's `.DS_Store` and `._*`
+files or `.ipynb_checkpoints`) are skipped at every level: they are the
+litter of tools, not data. Of `DIR` itself only `train/` and `test/` are
+read; a README or licence beside them is left alone.
 
 The folder may be local or in a bucket (`gs://...`). Local images are read
 again by path in the input pipeline; a bucket's are kept, encoded, from the
@@ -16,6 +23,7 @@ TensorFlow's own GCS client rather than the project's path layer.
 """
 
 import concurrent.futures
+import os
 import re
 from typing import List, Optional, Sequence, Tuple
 
@@ -109,12 +117,30 @@ def _check_files(
   return [data for data, _ in checked], [p for _, p in checked if p]
 
 
+def _visible(folder: str) -> List[str]:
+  """The sorted names in `folder`, without hidden ones (module doc)."""
+  return [n for n in paths_lib.listdir(folder) if not n.startswith('.')]
+
+
+def _split_entries(split_dir: str) -> Tuple[List[str], List[str]]:
+  """The class folders of `split_dir` and a problem for each file in it:
+  a file there has no class, so it would not be read."""
+  classes, problems = [], []
+  for name in _visible(split_dir):
+    path = paths_lib.join(split_dir, name)
+    if paths_lib.is_dir(path):
+      classes.append(name)
+    else:
+      problems.append(
+        f'{path}: a file outside the class folders; images must sit in '
+        f'{split_dir}/<class_name>/. Move it into its class folder or '
+        'remove it.'
+      )
+  return classes, problems
+
+
 def _class_dirs(split_dir: str) -> List[str]:
-  return [
-    n
-    for n in paths_lib.listdir(split_dir)
-    if paths_lib.is_dir(paths_lib.join(split_dir, n))
-  ]
+  return _split_entries(split_dir)[0]
 
 
 def _no_classes(split_dir: str) -> str:
@@ -124,12 +150,35 @@ def _no_classes(split_dir: str) -> str:
   )
 
 
-def _image_names(class_dir: str) -> List[str]:
-  return [
-    n
-    for n in paths_lib.listdir(class_dir)
-    if n.lower().endswith(IMAGE_EXTENSIONS)
-  ]
+def _not_read(path: str) -> str:
+  """Why `path`, in a class folder without an image extension, is not read.
+
+  Only these entries are asked whether they are folders: asking of every
+  image would cost a request per file in a bucket.
+  """
+  if paths_lib.is_dir(path):
+    return (
+      f'{path}: a folder inside a class folder; images must sit directly '
+      'in the class folder (nested folders are not read). Move its images '
+      'up or remove it.'
+    )
+  extension = os.path.splitext(paths_lib.name(path))[1] or 'no extension'
+  return (
+    f'{path}: not a JPEG/PNG file ({extension}); convert it to JPEG/PNG '
+    f'({"/".join(IMAGE_EXTENSIONS)}) or remove it.'
+  )
+
+
+def _image_names(class_dir: str) -> Tuple[List[str], List[str]]:
+  """The image files of `class_dir` (by extension; decoding checks them)
+  and a problem for every other visible entry."""
+  images, problems = [], []
+  for name in _visible(class_dir):
+    if name.lower().endswith(IMAGE_EXTENSIONS):
+      images.append(name)
+    else:
+      problems.append(_not_read(paths_lib.join(class_dir, name)))
+  return images, problems
 
 
 def _report(root: str, problems: Sequence[str]) -> DatasetError:
@@ -183,7 +232,8 @@ def load_folder(root: str) -> sources.InMemorySource:
   problems, paths, labels, sizes = [], [], [], {}
   for split in SPLIT_DIRS:
     split_dir = paths_lib.join(root, split)
-    split_classes = _class_dirs(split_dir)
+    split_classes, stray_files = _split_entries(split_dir)
+    problems += stray_files
     if not split_classes:
       problems.append(_no_classes(split_dir))
     sizes[split] = 0
@@ -196,7 +246,8 @@ def load_folder(root: str) -> sources.InMemorySource:
           f'classes ({names}).'
         )
         continue
-      images = _image_names(class_dir)
+      images, not_read = _image_names(class_dir)
+      problems += not_read
       if not images:
         problems.append(
           f'Class directory {class_dir} holds no '
