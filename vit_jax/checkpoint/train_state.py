@@ -64,6 +64,8 @@ from vit_jax.errors import CheckpointError
 PyTree = Any
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+# Where Orbax's own code lives, to tell its coroutines apart.
+_ORBAX_DIR = os.path.dirname(ocp.__file__)
 # Orbax's directory name for the one item of a single-item manager.
 _ITEM = 'default'
 # Appended to the folder of a step that cannot be read, moved aside.
@@ -138,18 +140,22 @@ class _Damaged(Exception):
 
 
 def _is_closed_loop_noise(unraisable: Any) -> bool:
-  """Whether an unraisable exception is a late callback of a failed
-  restore or save.
+  """Whether an unraisable exception is a late echo of a failed restore or
+  save.
 
   When one array of a restore (or save) fails, Orbax's event loop stops
   while tensorstore still reads (writes) the others; each that completes
-  then tries to call back into the closed loop, and Python prints the
-  RuntimeError with a traceback, on stderr, at some later moment.
+  then tries to call back into the closed loop, and the coroutines of the
+  failed reads are collected later with their errors. Python prints either
+  with a traceback, on stderr, at some later moment.
   """
   error = unraisable.exc_value
-  return isinstance(error, RuntimeError) and str(error) == (
-    'Event loop is closed'
-  )
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return True
+  # A read coroutine of Orbax's collected with its (already reported)
+  # error: "Exception ignored in: <coroutine ...>".
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and _ORBAX_DIR in code.co_filename
 
 
 def _silence_closed_loop_noise():
