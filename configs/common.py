@@ -83,6 +83,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'sgd'
   # AdamW's decoupled weight decay, on weight matrices and embeddings only.
   config.weight_decay = 0.0
+  # Per-parameter learning rates and weight decay (`vit_jax.optim`), off by
+  # default; frozen leaves get none.
+  #   layer_decay: layer-wise learning-rate decay of a ViT (BEiT's): with L
+  #     layers, the embeddings train at base_lr * decay^(L+1), block i (from
+  #     0) at base_lr * decay^(L-i), the final norm and head at base_lr;
+  #     None, 0 or 1: off. E.g. 0.65 to 0.75 for fine-tuning ViT-B.
+  #   lr_mults: ((regex, multiplier), ...) over '/'-joined parameter paths,
+  #     as big_vision's: the first regex matching the whole path scales that
+  #     leaf's update (times layer_decay's factor); unmatched: 1.
+  #   wd_mults: the same for AdamW's weight decay term alone, on the leaves
+  #     it decays.
+  config.layer_decay = config_dict.placeholder(float)
+  config.lr_mults = ()
+  config.wd_mults = ()
   # Label smoothing of the training loss (0: plain cross-entropy).
   config.label_smoothing = 0.0
   # Peak learning rate (reached after warm-up).
@@ -91,6 +105,36 @@ def get_config() -> ml_collections.ConfigDict:
   config.decay_type = 'cosine'
   # Linear warm-up steps from 0 to `base_lr`.
   config.warmup_steps = 500
+  # Mixing of each device's training batch, in the train step
+  # (`vit_jax.mixing`); off while both alphas are 0 or `prob` is 0.
+  #   mixup_alpha: Mixup (Zhang et al. 2018): each image and its target
+  #     become lam * its own + (1 - lam) * its neighbour's in the batch,
+  #     lam ~ Beta(alpha, alpha) per batch, e.g. 0.8 (timm), 0.2;
+  #   mixup_p: Mixup as big_vision's `mixup(p=...)`: lam ~ Beta(p, p) with
+  #     each image keeping the larger share, max(lam, 1 - lam), e.g. 0.2
+  #     (use mixup_alpha or mixup_p, not both);
+  #   cutmix_alpha: CutMix (Yun et al. 2019): a box of the neighbour, of
+  #     area 1 - lam with lam ~ Beta(alpha, alpha), is pasted into each
+  #     image; the target weighs the neighbour by the area pasted, e.g. 1.0;
+  #   switch_prob: with both on, the share of batches given CutMix (the
+  #     others get Mixup), timm's;
+  #   prob: the share of batches mixed at all.
+  config.mix = ml_collections.ConfigDict(
+    {
+      'mixup_alpha': 0.0,
+      'mixup_p': 0.0,
+      'cutmix_alpha': 0.0,
+      'switch_prob': 0.5,
+      'prob': 1.0,
+    }
+  )
+  # Random erasing (Zhong et al. 2020), before mixing: with probability
+  # `prob` per training image, a rectangle of `area_min` to `area_max` of
+  # the image, aspect ratio log-uniform in [0.3, 1/0.3], is filled with
+  # standard normal noise (timm's 'pixel' mode); prob 0: off.
+  config.random_erase = ml_collections.ConfigDict(
+    {'prob': 0.0, 'area_min': 0.02, 'area_max': 1 / 3}
+  )
   # Evaluation averages the softmax over the (2s+1)² copies of each image
   # shifted by up to s = eval_shift pixels (`vit_jax.views`); the one-view
   # metrics are reported beside. 0: each image once, as vit_jax.
@@ -181,7 +225,16 @@ def get_config() -> ml_collections.ConfigDict:
   #     Simard et al. (2003): uniform noise in [-1, 1] per pixel and axis,
   #     blurred by a Gaussian of `elastic_sigma` pixels, times `elastic`,
   #     moves each pixel (0: none; Simard et al. used 34 and 4 at 28x28);
-  #   flip: random horizontal flips during training.
+  #   flip: random horizontal flips during training;
+  #   randaug: RandAugment (Cubuk et al. 2020) after the crop and flip, as
+  #     big_vision's `randaug(num_layers, magnitude)`, e.g. (2, 10) or
+  #     (2, 15): each of num_layers ops is drawn uniformly from 16 and
+  #     applied at the magnitude, 0 to 30 (at 10: rotations up to 30
+  #     degrees, shears up to 0.3, shifts up to 100/224 of the side, ...;
+  #     `vit_jax.input_pipeline.randaugment`). None: off;
+  #   randaug_exclude: names of RandAugment ops never drawn, e.g.
+  #     ('Invert', 'Solarize', 'Color') for grey digits, which are never
+  #     inverted at test time and have no colour.
   config.pp = None
 
   return config.lock()
@@ -213,6 +266,8 @@ def _preset(
         'elastic': 0.0,
         'elastic_sigma': 4.0,
         'flip': flip,
+        'randaug': config_dict.placeholder(tuple),
+        'randaug_exclude': (),
       },
     }
   )

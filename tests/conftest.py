@@ -18,6 +18,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ['XLA_FLAGS'] = ' '.join(
   [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']
 ).strip()
@@ -43,6 +45,8 @@ SLOW_FILES_FIRST = (
   'test_gcs.py',
   'test_engine.py',
   'test_lifecycle.py',
+  'test_checkpoint_damage.py',
+  'test_mixing.py',
   'test_layer_stack.py',
 )
 
@@ -58,3 +62,17 @@ def pytest_collection_modifyitems(items):
     return len(SLOW_FILES_FIRST)
 
   items.sort(key=rank)
+
+
+@pytest.fixture(scope='module')
+def emulator():
+  """A GCS API emulator serving `gs://test-bucket` (`tests.gcs_emulator`),
+  with this process, and the processes it starts, pointed at it."""
+  from tests import gcs_emulator  # Imports JAX: after XLA_FLAGS above.
+
+  server = gcs_emulator.GcsEmulator()
+  with pytest.MonkeyPatch.context() as patch:
+    for key, value in server.environment().items():
+      patch.setenv(key, value)
+    yield server
+  server.stop()

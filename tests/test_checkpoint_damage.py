@@ -304,24 +304,11 @@ def test_a_failed_save_is_one_error_naming_the_intact_step(workdir):
 
 
 def run_main(workdir: pathlib.Path, total_steps: int):
-  """`python -m vit_jax.main` training a 1-layer ViT-Micro on digits at
-  8x8, checkpointing every 2 steps: (exit code, stderr)."""
+  """`helpers.tiny_digits_main`: (exit code, stderr)."""
   process = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'vit_jax.main',
-      f'--config={REPO}/configs/scratch.py:digits',
-      f'--workdir={workdir}',
-      f'--config.total_steps={total_steps}',
-      '--config.checkpoint_every=2',
-      '--config.batch=32',
-      '--config.pp.crop=8',
-      '--config.model.transformer.num_layers=1',
-    ],
+    helpers.tiny_digits_main(workdir, total_steps),
     cwd=REPO,
-    # One CPU device, not the session's 8: compiles and runs faster.
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+    env=helpers.one_cpu_device(),
     capture_output=True,
     text=True,
     timeout=300,

@@ -45,6 +45,8 @@ def test_vit_b16_cifar10():
     'elastic': 0.0,
     'elastic_sigma': 4.0,
     'flip': True,
+    'randaug': None,
+    'randaug_exclude': (),
   }
   assert config.total_steps == 10_000
   assert config.base_lr == 0.01

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import chex
+import gcsfs
 import numpy as np
 from PIL import Image
 import pytest
@@ -37,17 +38,6 @@ BUCKET = f'gs://{gcs_emulator.BUCKET}'
 CROP = 8
 
 
-@pytest.fixture(scope='module')
-def emulator():
-  """The emulator, with this process's environment pointing at it."""
-  server = gcs_emulator.GcsEmulator()
-  with pytest.MonkeyPatch.context() as patch:
-    for key, value in server.environment().items():
-      patch.setenv(key, value)
-    yield server
-  server.stop()
-
-
 def test_paths_write_read_list_and_remove_objects(emulator):
   del emulator
   folder = f'{BUCKET}/paths'
@@ -64,6 +54,20 @@ def test_paths_write_read_list_and_remove_objects(emulator):
   assert paths.size(paths.join(folder, 'sub', 'b.txt')) == len('second')
   paths.remove_tree(folder)
   assert not paths.exists(paths.join(folder, 'a.json'))
+
+
+def test_listings_see_what_another_process_wrote(emulator):
+  """A listing made earlier in this process does not hide objects another
+  process (here: a client of its own) writes afterwards, such as the
+  newer checkpoints of a resumed run."""
+  del emulator
+  folder = f'{BUCKET}/shared'
+  paths.write_text(paths.join(folder, 'first.txt'), '1')
+  assert paths.listdir(folder) == ['first.txt']
+  other = gcsfs.GCSFileSystem(skip_instance_cache=True)
+  other.pipe_file(f'{folder}/second.txt'.removeprefix('gs://'), b'2')
+  assert paths.listdir(folder) == ['first.txt', 'second.txt']
+  assert paths.exists(paths.join(folder, 'second.txt'))
 
 
 @pytest.fixture(scope='module')
@@ -168,6 +172,7 @@ def _main(*flags: str) -> subprocess.Popen:
       *flags,
     ],
     cwd=REPO,
+    env=helpers.one_cpu_device(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

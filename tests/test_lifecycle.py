@@ -404,6 +404,7 @@ def test_main_stopped_by_sigterm_says_where_in_one_line(tmp_path):
       '--config.checkpoint_every=100000',
     ],
     cwd=REPO,
+    env=helpers.one_cpu_device(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,

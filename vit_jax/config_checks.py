@@ -10,9 +10,10 @@ derive from them (`configs/scratch.py` derives `warmup_steps` from
 `total_steps`), so the error names the value the user typed.
 
 Rules that span keys follow the table: the evaluation shift within the
-crop, the preprocessing and engine options, whether the model's patches
-tile the crop, the few-shot counts and the fine-tuning mode. Checks that
-need the dataset (few-shot counts against the smallest class,
+crop, the preprocessing, engine and mixing options, the per-parameter
+optimizer settings (`lr_mults`, `wd_mults`), whether the model's patches
+tile the crop, the few-shot counts and the fine-tuning mode.
+Checks that need the dataset (few-shot counts against the smallest class,
 `fewshot.Evaluator`) or the initialised model (injection targets,
 `finetune.injection`) run where those first exist, still before the first
 step.
@@ -29,11 +30,13 @@ import ml_collections
 from vit_jax import engine as engine_lib
 from vit_jax import finetune
 from vit_jax import lifecycle
+from vit_jax import mixing
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import views
 from vit_jax.errors import ConfigError
 from vit_jax.input_pipeline import preprocess
+from vit_jax.input_pipeline import randaugment
 
 DTYPES = ('float32', 'bfloat16')
 _INTERVAL = re.compile(r'^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$')
@@ -44,10 +47,12 @@ class Rule:
   """The values one config key accepts.
 
   Attributes:
-    kind: 'int', 'number' (an int or a float), 'bool' or 'choice'.
+    kind: 'int', 'number' (an int or a float), 'bool', 'choice' or
+      'tuple'.
     low, high: bounds of the range of 'int' and 'number' (inf: none).
     low_open, high_open: whether the bound itself is excluded.
     choices: the values of a 'choice'.
+    parts: the rules of a 'tuple''s items, in order.
     optional: whether None (the feature off) is accepted.
     why: what the value means, to say in the error.
   """
@@ -58,6 +63,7 @@ class Rule:
   low_open: bool = True
   high_open: bool = True
   choices: Tuple[Any, ...] = ()
+  parts: Tuple['Rule', ...] = ()
   optional: bool = False
   why: str = ''
 
@@ -69,6 +75,12 @@ class Rule:
       return value in self.choices
     if self.kind == 'bool':
       return isinstance(value, bool)
+    if self.kind == 'tuple':
+      return (
+        isinstance(value, (tuple, list))
+        and len(value) == len(self.parts)
+        and all(rule.accepts(v) for rule, v in zip(self.parts, value))
+      )
     wanted = numbers.Integral if self.kind == 'int' else numbers.Real
     if isinstance(value, bool) or not isinstance(value, wanted):
       return False
@@ -82,6 +94,8 @@ class Rule:
       text = f'one of {self.choices}'
     elif self.kind == 'bool':
       text = 'True or False'
+    elif self.kind == 'tuple':
+      text = f'({", ".join(rule.expectation() for rule in self.parts)})'
     else:
       text = 'an integer' if self.kind == 'int' else 'a number'
       text += _range_text(self)
@@ -140,6 +154,14 @@ def boolean(why: str = '') -> Rule:
   return Rule('bool', why=why)
 
 
+def pair(
+  first: Rule, second: Rule, why: str = '', optional: bool = False
+) -> Rule:
+  """Two values (a tuple, or a list as JSON gives it), each accepted by
+  its rule."""
+  return Rule('tuple', parts=(first, second), optional=optional, why=why)
+
+
 # What each key accepts, in the order checked (`configs/common.py` says
 # what each means). The intervals (total_steps, progress_every,
 # eval_every, checkpoint_every) are `lifecycle.Intervals`', checked before
@@ -157,6 +179,9 @@ RULES: Dict[str, Rule] = {
   'decay_type': choice(optim.DECAY_TYPES),
   'optimizer': choice(optim.OPTIMIZERS),
   'weight_decay': number('[0, inf)', "AdamW's decoupled decay; 0: none"),
+  'layer_decay': number(
+    '[0, 1]', 'the learning-rate ratio of adjacent layers; 0 or 1: off', True
+  ),
   'grad_norm_clip': number(
     '(0, inf)', 'the largest global gradient norm; None: no clipping', True
   ),
@@ -184,7 +209,21 @@ RULES: Dict[str, Rule] = {
   'pp.elastic': number('[0, inf)', 'the elastic distortion; 0: none'),
   'pp.elastic_sigma': number('(0, inf)', 'the blur of the distortion'),
   'pp.flip': boolean(),
+  'pp.randaug': pair(
+    integer('[0, inf)'),
+    number(f'[0, {randaugment.MAX_MAGNITUDE:g}]'),
+    "RandAugment's (num_layers, magnitude), e.g. (2, 10); None: off",
+    optional=True,
+  ),
   'eval_shift': integer('[0, inf)', 'pixels of test-time shifts; 0: none'),
+  'mix.mixup_alpha': number('[0, inf)', "Mixup's Beta(alpha, alpha); 0: off"),
+  'mix.mixup_p': number('[0, inf)', "big_vision's Mixup Beta(p, p); 0: off"),
+  'mix.cutmix_alpha': number('[0, inf)', "CutMix's Beta(alpha, alpha)"),
+  'mix.switch_prob': number('[0, 1]', 'the share of batches given CutMix'),
+  'mix.prob': number('[0, 1]', 'the share of batches mixed'),
+  'random_erase.prob': number('[0, 1]', 'the share of images erased'),
+  'random_erase.area_min': number('(0, 1]', 'the least share erased'),
+  'random_erase.area_max': number('(0, 1]', 'the largest share erased'),
   'fewshot.l2_reg': number('(0, inf)', 'the ridge penalty, e.g. 0.1'),
   'finetune.cache_features': boolean(),
   'finetune.head.mlp_dim': integer('[1, inf)', "the MLP head's width"),
@@ -194,6 +233,12 @@ RULES: Dict[str, Rule] = {
   'model.transformer.dropout_rate': number('[0, 1)', 'a dropout rate'),
   'model.transformer.attention_dropout_rate': number(
     '[0, 1)', 'a dropout rate'
+  ),
+  'model.transformer.stochastic_depth': number(
+    '[0, 1)', "the last block's drop-path rate; 0: off"
+  ),
+  'model.stochastic_depth': number(
+    '[0, 1)', "the last block's drop-path rate; 0: off"
   ),
   'model.dropout_rate': number('[0, 1)', 'a dropout rate'),
   'model.attention_dropout_rate': number('[0, 1)', 'a dropout rate'),
@@ -415,6 +460,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   views.check_eval_shift(config.eval_shift, config.pp.crop)
   preprocess.check_pp(config.pp)
   engine_lib.check_config(config)
+  mixing.check_config(config)
+  optim.check_config(config)
   check_fewshot_shots(config.fewshot.shots)
   check_model(config)
   finetune.from_config(config.finetune)

@@ -5,10 +5,11 @@ run's one decision of what trains), the optimizer, the step-0 train state
 and the per-device train and eval step functions. The trainer
 (`vit_jax.train`) and the benchmarks (`vit_jax.benchmarks.timing`) both
 call it, so a benchmark times the very step a run trains with: its moving
-average, seed, accumulation and, with `config.finetune.cache_features`,
-the head-only loss on features. The steps are returned uncompiled, built
-for the run's engine (`config.engine`), which compiles them and lays out
-states and batches on the devices.
+average, seed, accumulation, batch mixing (`vit_jax.mixing`) and, with
+`config.finetune.cache_features`, the head-only loss on features. The
+steps are returned uncompiled, built for the run's engine
+(`config.engine`), which compiles them and lays out states and batches on
+the devices.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from vit_jax import engine as engine_lib
 from vit_jax import features
 from vit_jax import finetune
 from vit_jax import losses
+from vit_jax import mixing
 from vit_jax import optim
 from vit_jax import steps
 from vit_jax.checkpoint import pretrained
@@ -116,6 +118,7 @@ def build(
     ema_decay=config.ema_decay,
     axis_name=engine.axis_name,
     batch_shards=engine.batch_shards,
+    batch_transform=mixing.from_config(config, num_classes),
   )
   return Experiment(
     model=model,

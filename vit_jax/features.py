@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import input_pipeline
+from vit_jax import mixing
 from vit_jax import trainable as trainable_lib
 from vit_jax.errors import ConfigError
 from vit_jax.models import heads
@@ -61,8 +62,9 @@ def check_cacheable(
   is_trainable: Callable[[str], bool],
 ) -> None:
   """ConfigErrors where training on cached features would differ from
-  training on images: augmented or flipped input, a trainable leaf outside
-  the head, or an encoder that is random in training mode (dropout)."""
+  training on images: augmented (RandAugment too), flipped, mixed or
+  erased input, a trainable leaf outside the head, or an encoder that is
+  random in training mode (dropout)."""
   key = 'config.finetune.cache_features'
   if config.pp.augment != 'none' or config.pp.flip:
     raise ConfigError(
@@ -70,6 +72,19 @@ def check_cacheable(
       f'config.pp.augment={config.pp.augment!r}, config.pp.flip='
       f'{config.pp.flip}; set --config.pp.augment=none '
       '--config.pp.flip=False, or drop the cache.'
+    )
+  randaug = config.pp.get('randaug')
+  if randaug and randaug[0]:
+    raise ConfigError(
+      f'{key}=True needs the same input at every epoch, but '
+      f'config.pp.randaug={tuple(randaug)}; leave it unset (None), or drop '
+      'the cache.'
+    )
+  if mixing.active(config):
+    raise ConfigError(
+      f'{key}=True needs the same input at every epoch, but the batches '
+      f'are changed by {", ".join(mixing.active(config))} (config.mix, '
+      'config.random_erase); turn them off, or drop the cache.'
     )
   outside = [
     path

@@ -13,7 +13,9 @@ def cross_entropy(
   """Mean softmax cross-entropy against (optionally smoothed) targets.
 
   `labels` are class indices `[B]`, or targets `[B, classes]` (one-hot, as
-  vit_jax's input pipeline gives, or soft).
+  vit_jax's input pipeline gives, or soft, as `vit_jax.mixing` makes).
+  Smoothing is affine in the targets, (1 - s) * t + s / classes, so
+  smoothing mixed targets equals mixing smoothed ones (timm's order).
   """
   if labels.ndim < logits.ndim:
     labels = jax.nn.one_hot(labels, logits.shape[-1])

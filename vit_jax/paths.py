@@ -2,8 +2,9 @@
 
 Paths are strings: a local path or a URL such as `gs://bucket/run`. All
 access goes through `etils.epath` (what Orbax uses for its own files), here
-and nowhere else, so a `gs://` pretrained_dir, workdir, published folder,
-image folder or prediction output works wherever a local one does.
+(and in `vit_jax.workdir_lock`, for the object preconditions epath lacks),
+so a `gs://` pretrained_dir, workdir, published folder, image folder or
+prediction output works wherever a local one does.
 
 Writes are whole-file and atomic, with a guarantee that depends on where:
 
@@ -15,6 +16,9 @@ Writes are whole-file and atomic, with a guarantee that depends on where:
   see the old object or the new one. A rename there is a copy and a delete,
   so no temporary object is used. Appending is not possible either; files
   that grow (metrics.jsonl, TensorBoard events) are rewritten whole.
+
+Listings of bucket folders are not cached (gcsfs would keep them for the
+life of the process, blind to what other processes write since).
 
 For gs:// this module makes epath use gcsfs rather than `tf.io.gfile`
 (`EPATH_USE_TF=false`, unless the environment sets it): TensorFlow's GCS
@@ -36,6 +40,13 @@ from typing import Any, BinaryIO, Iterator, List, Union
 import uuid
 
 os.environ.setdefault('EPATH_USE_TF', 'false')
+
+import fsspec.config  # noqa: E402
+
+# gcsfs caches folder listings for the life of the process, so objects
+# that another process wrote since stay unseen: a resumed run's newer
+# checkpoints, a lock taken over. Every listing asks the bucket instead.
+fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
 
 from etils import epath  # noqa: E402 (after the backend choice above)
 

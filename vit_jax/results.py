@@ -68,10 +68,26 @@ ADDED_KEYS = {
   'ema_decay': 0.0,
   'pp.elastic': 0.0,
   'pp.elastic_sigma': 4.0,
+  'pp.randaug': None,
+  'pp.randaug_exclude': [],  # A tuple, as JSON records hold it.
   'model.transformer.remat': False,
   'model.transformer.remat_policy': 'nothing_saveable',
   'model.transformer.scan': False,
   'model.transformer.attention': 'explicit',
+  'model.transformer.stochastic_depth': 0.0,
+  'model.stochastic_depth': 0.0,  # Swin's.
+  # As records hold them: JSON, a tuple a list.
+  'layer_decay': None,
+  'lr_mults': [],
+  'wd_mults': [],
+  'mix.mixup_alpha': 0.0,
+  'mix.mixup_p': 0.0,
+  'mix.cutmix_alpha': 0.0,
+  'mix.switch_prob': 0.5,
+  'mix.prob': 1.0,
+  'random_erase.prob': 0.0,
+  'random_erase.area_min': 0.02,
+  'random_erase.area_max': 1 / 3,
 }
 _ABSENT = '(absent)'
 

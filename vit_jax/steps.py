@@ -18,11 +18,16 @@ import numpy as np
 import optax
 
 from vit_jax import losses
+from vit_jax import mixing
 from vit_jax import trainable as trainable_lib
 from vit_jax import views
 from vit_jax.errors import ConfigError
 
 AXIS = 'batch'
+# Folded into a step's key for its batch transform's, so that dropout,
+# which folds the device and micro-batch indices into the step's key,
+# draws what it draws without a transform.
+TRANSFORM_FOLD = 0x6D6978  # 'mix'
 Batch = Dict[str, jnp.ndarray]
 Metrics = Dict[str, jnp.ndarray]
 
@@ -104,6 +109,7 @@ def make_train_step(
   ema_decay: float = 0.0,
   axis_name: Optional[str] = AXIS,
   batch_shards: int = 1,
+  batch_transform: Optional[mixing.BatchTransform] = None,
 ) -> Callable[[TrainState, Batch], Tuple[TrainState, Metrics]]:
   """One optimizer update from a batch `[B, H, W, 3]`.
 
@@ -113,7 +119,10 @@ def make_train_step(
   micro-batches and over `axis_name` (`mean_gradients`), then applied:
   with equal micro-batches, the update of the whole batch at once. Dropout
   keys derive from (seed, step, device index along `axis_name`), so a
-  resumed run draws the same masks.
+  resumed run draws the same masks. A `batch_transform` (Mixup, CutMix,
+  random erasing: `vit_jax.mixing`) first changes each device's batch
+  (`transform_batch`), before it is split into micro-batches, so
+  `accum_steps` does not change what it draws.
 
   Args:
     loss_fn: `loss_fn(params, images, labels, dropout_key)`, a scalar (see
@@ -129,6 +138,8 @@ def make_train_step(
       global batch (jit over a mesh).
     batch_shards: the devices a global batch is sharded over (1 under
       pmap), see `mean_gradients`.
+    batch_transform: changes the images and labels of each device's batch
+      (labels become targets `[B, classes]`); None: the batch as given.
   """
 
   def train_step(state: TrainState, batch: Batch):
@@ -138,9 +149,18 @@ def make_train_step(
         f'make_train_step(ema_decay={ema_decay}) got a state {has} moving '
         'averages; build it by initial_state with the same ema_decay.'
       )
-    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+    key = step_key
     if axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    if batch_transform is not None:
+      batch = transform_batch(
+        batch_transform,
+        batch,
+        jax.random.fold_in(step_key, TRANSFORM_FOLD),
+        axis_name,
+        batch_shards,
+      )
     params, frozen = trainable_lib.partition(state.params, trainable)
     loss, grads = mean_gradients(
       lambda p, *args: loss_fn(trainable_lib.combine(p, frozen), *args),
@@ -177,6 +197,42 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def transform_batch(
+  transform: mixing.BatchTransform,
+  batch: Batch,
+  key: jax.Array,
+  axis_name: Optional[str] = AXIS,
+  batch_shards: int = 1,
+) -> Batch:
+  """`batch` with its images and labels changed by `transform`, on each
+  device's share apart with the key `fold_in(key, device index)`.
+
+  Under pmap (`axis_name`) the share is the batch the step sees; over a
+  mesh it is each of the `batch_shards` equal blocks of the global batch.
+  Both engines thus draw the same per device, and no image is mixed with
+  another device's.
+  """
+
+  def one(index, images, labels):
+    return transform(jax.random.fold_in(key, index), images, labels)
+
+  if axis_name is not None:
+    images, labels = one(
+      jax.lax.axis_index(axis_name), batch['image'], batch['label']
+    )
+    return {**batch, 'image': images, 'label': labels}
+  blocks = [
+    batch[k].reshape(batch_shards, -1, *batch[k].shape[1:])
+    for k in ('image', 'label')
+  ]
+  images, labels = jax.vmap(one)(jnp.arange(batch_shards), *blocks)
+  return {
+    **batch,
+    'image': images.reshape(-1, *images.shape[2:]),
+    'label': labels.reshape(-1, *labels.shape[2:]),
+  }
 
 
 def mean_gradients(

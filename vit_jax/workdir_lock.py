@@ -167,7 +167,6 @@ class _BucketLock:
       self._fs.pipe_file(self._object, holder.to_bytes(), mode='create')
     except FileExistsError:
       return False
-    self._fs.invalidate_cache(self._object)
     created = self._fs.info(self._object)
     if Holder.from_bytes(self._fs.cat_file(self._object)) != holder:
       return False  # Another run replaced it in between.
@@ -177,7 +176,6 @@ class _BucketLock:
   def _state(self) -> Optional[Tuple[Optional[Holder], str, str, float]]:
     """The lock object's holder, generation, metageneration and seconds
     since its last refresh; None if there is no lock object."""
-    self._fs.invalidate_cache(self._object)
     try:
       info = self._fs.info(self._object)
       data = self._fs.cat_file(self._object)
@@ -240,8 +238,6 @@ class _BucketLock:
       )
     except (FileExistsError, FileNotFoundError):  # 412, 404.
       return False
-    finally:
-      self._fs.invalidate_cache(self._object)
     return True
 
   def _refresh(self) -> None:

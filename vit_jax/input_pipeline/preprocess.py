@@ -19,6 +19,10 @@ augmentations.
 * Training, `augment='none'`: as evaluation.
 * `flip`: random horizontal flip after any training augmentation (off for
   digits, where a mirrored 2 is not a 2).
+* `randaug=(num_layers, magnitude)`: RandAugment after the crop and flip,
+  on the image rounded to uint8 (`randaugment.py`: big_vision's 16 ops
+  and magnitude scale); the ops named in `randaug_exclude` are never
+  drawn. None: off.
 
 Every image leaves with 3 channels (grey repeated, alpha dropped) and values
 in [-1, 1]. Training randomness comes from stateless ops seeded by
@@ -27,13 +31,15 @@ however many threads tf.data uses.
 """
 
 import math
-from typing import Any, Callable, Dict, Mapping, Optional
+import numbers
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from vit_jax.errors import ConfigError
+from vit_jax.input_pipeline import randaugment
 
 AUGMENTATIONS = ('inception_crop', 'pad_and_crop', 'affine', 'none')
 INCEPTION_AREA_RANGE = (0.05, 1.0)
@@ -55,6 +61,8 @@ PP_DEFAULTS = {
   'elastic': 0.0,
   'elastic_sigma': 4.0,
   'flip': True,
+  'randaug': None,
+  'randaug_exclude': (),
 }
 
 
@@ -95,6 +103,53 @@ def check_pp(pp: ml_collections.ConfigDict) -> None:
       f"augment='affine', not augment={pp.augment!r}; set "
       "config.pp.augment='affine' or config.pp.elastic=0."
     )
+  _check_randaug(pp.get('randaug'), _excluded(pp))
+
+
+def _excluded(pp: Mapping[str, Any]) -> Tuple[str, ...]:
+  """`pp.randaug_exclude` as a tuple of names (one name alone too)."""
+  exclude = pp.get('randaug_exclude') or ()
+  return (exclude,) if isinstance(exclude, str) else tuple(exclude)
+
+
+def _check_randaug(randaug: Any, exclude: Tuple[str, ...]) -> None:
+  """ConfigErrors unless `randaug` is None or (num_layers, magnitude) in
+  range and `exclude` names RandAugment ops, leaving some to draw."""
+  unknown = [name for name in exclude if name not in randaugment.OPS]
+  if unknown:
+    raise ConfigError(
+      f'config.pp.randaug_exclude names {unknown}, not RandAugment ops; '
+      f'choose among {randaugment.OPS}.'
+    )
+  if randaug is None:
+    return
+  top = randaugment.MAX_MAGNITUDE
+  if not (
+    isinstance(randaug, (tuple, list))
+    and len(randaug) == 2
+    and _is_int(randaug[0])
+    and randaug[0] >= 0
+    and _is_number(randaug[1])
+    and 0 <= randaug[1] <= top
+  ):
+    raise ConfigError(
+      f'config.pp.randaug={randaug!r} must be None (off) or (num_layers, '
+      f'magnitude): an integer >= 0 and a number in [0, {top:g}], e.g. '
+      "--config.pp.randaug='(2, 10)'."
+    )
+  if randaug[0] and not randaugment.kept_ops(exclude):
+    raise ConfigError(
+      'config.pp.randaug_exclude excludes every RandAugment op; keep some, '
+      'or set config.pp.randaug=None.'
+    )
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _rgb_float(image: tf.Tensor) -> tf.Tensor:
@@ -227,6 +282,20 @@ def _elastic(
   return _bilinear(image, rows + field[..., 0], cols + field[..., 1])
 
 
+def _randaug(
+  image: tf.Tensor, pp: ml_collections.ConfigDict, seed: tf.Tensor
+) -> tf.Tensor:
+  """`image` (float, [0, 255]) rounded to uint8, where RandAugment's ops
+  are defined (posterize keeps bits, equalize counts levels), through
+  `pp.randaug`, and back to float."""
+  num_layers, magnitude = pp.randaug
+  pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+  pixels = randaugment.randaug(
+    pixels, num_layers, magnitude, seed, _excluded(pp)
+  )
+  return tf.cast(pixels, tf.float32)
+
+
 def eval_fn(crop: int) -> Callable[[Example], Example]:
   """The evaluation preprocessing of one example: resized to `crop`."""
 
@@ -263,6 +332,9 @@ def train_fn(
       image = _resize(image, pp.crop)
     if pp.flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if pp.randaug and pp.randaug[0]:
+      randaug_seed = tf.random.experimental.stateless_fold_in(crop_seed, 2)
+      image = _randaug(image, pp, randaug_seed)
     return {'image': _normalize(image), 'label': example['label']}
 
   return preprocess

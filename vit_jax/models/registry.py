@@ -56,6 +56,8 @@ def _vit(
         'num_layers': layers,
         'attention_dropout_rate': 0.0,
         'dropout_rate': dropout,
+        # Stochastic depth of the last block (`vit.drop_path_rates`); 0: off.
+        'stochastic_depth': 0.0,
         # How the encoder computes, not what (`vit.Encoder`'s defaults);
         # here so that the command line can set them.
         'remat': False,
@@ -327,6 +329,7 @@ def _swin(
       'depths': depths,
       'num_heads': heads,
       'window_size': window,
+      'stochastic_depth': 0.0,
     }
   )
 

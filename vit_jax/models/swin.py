@@ -15,6 +15,8 @@ first halves the grid by merging 2x2 patches. Parameter tree:
   stage_{i}/block_{j}/MlpBlock_0/{Dense_0,Dense_1}
   encoder_norm, head
 
+Stochastic depth (`stochastic_depth`) adds no parameter.
+
 The attention projections have the ViT's layout and names (so fine-tuning
 injection targets them alike); `vit_jax.checkpoint.swin_names` maps timm's
 Swin weights onto this tree. The computation follows timm's
@@ -163,6 +165,8 @@ class SwinBlock(nn.Module):
     shifted: shift the windows by half a window.
     mlp_ratio: MLP width over the token width.
     dtype, dropout_rate, attention_dropout_rate, layernorm_epsilon: as named.
+    drop_rate: stochastic depth of both residual branches (`vit.DropPath`,
+      training only); 0: none.
   """
 
   num_heads: int
@@ -173,6 +177,7 @@ class SwinBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   layernorm_epsilon: float = 1e-5
+  drop_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -205,7 +210,7 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
-    x = x + y
+    x = x + self._drop_path(y, deterministic)
     y = vit.MlpBlock(
       mlp_dim=int(c * self.mlp_ratio),
       dtype=self.dtype,
@@ -214,7 +219,13 @@ class SwinBlock(nn.Module):
       kernel_init=nn.initializers.truncated_normal(0.02),
       bias_init=nn.initializers.zeros,
     )(norm()(x), deterministic=deterministic)
-    return (x + y).reshape(b, h, w, c)
+    return (x + self._drop_path(y, deterministic)).reshape(b, h, w, c)
+
+  def _drop_path(self, branch: Array, deterministic: bool) -> Array:
+    """`branch` through a new `vit.DropPath` at `drop_rate`, if above 0."""
+    if not self.drop_rate:
+      return branch
+    return vit.DropPath()(branch, self.drop_rate, deterministic=deterministic)
 
 
 class PatchMerging(nn.Module):
@@ -248,7 +259,8 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
   """Patch merging (every stage but the first), then `depth` blocks that
-  alternate plain and shifted windows."""
+  alternate plain and shifted windows; block j drops its branches at
+  `drop_rates[j]` (none if empty)."""
 
   depth: int
   num_heads: int
@@ -259,6 +271,7 @@ class SwinStage(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   layernorm_epsilon: float = 1e-5
+  drop_rates: Sequence[float] = ()
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -278,6 +291,7 @@ class SwinStage(nn.Module):
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         layernorm_epsilon=self.layernorm_epsilon,
+        drop_rate=float(self.drop_rates[block]) if self.drop_rates else 0.0,
         name=f'block_{block}',
       )(x, deterministic=deterministic)
     return x
@@ -297,6 +311,9 @@ class SwinTransformer(nn.Module):
     dropout_rate: dropout after the attention and MLP.
     attention_dropout_rate: dropout on the attention weights.
     layernorm_epsilon: of every LayerNorm (timm: 1e-5).
+    stochastic_depth: the drop-path rate of the last block, rising
+      linearly from 0 over the blocks of all stages (`vit.drop_path_rates`,
+      timm's `drop_path_rate`); 0: off.
     head_mlp_dim, head_dropout_rate, head_bias_init: as in VisionTransformer.
     model_name: the registry name; informational.
     dtype: compute dtype; parameters stay float32, logits are float32.
@@ -312,6 +329,7 @@ class SwinTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   layernorm_epsilon: float = 1e-5
+  stochastic_depth: float = 0.0
   head_mlp_dim: Optional[int] = None
   head_dropout_rate: float = 0.0
   head_bias_init: float = 0.0
@@ -338,6 +356,8 @@ class SwinTransformer(nn.Module):
     x = nn.LayerNorm(
       epsilon=self.layernorm_epsilon, dtype=self.dtype, name='embedding_norm'
     )(x)
+    rates = vit.drop_path_rates(self.stochastic_depth, sum(self.depths))
+    starts = np.cumsum([0, *self.depths])
     for stage, (depth, head_count) in enumerate(
       zip(self.depths, self.num_heads)
     ):
@@ -351,6 +371,9 @@ class SwinTransformer(nn.Module):
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         layernorm_epsilon=self.layernorm_epsilon,
+        drop_rates=tuple(
+          float(r) for r in rates[starts[stage] : starts[stage] + depth]
+        ),
         name=f'stage_{stage}',
       )(x, deterministic=not train)
     x = nn.LayerNorm(

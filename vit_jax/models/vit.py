@@ -23,6 +23,9 @@ the per-layer names (`vit_jax.checkpoint.layer_stack` converts).
 Hybrid models (R50+ViT-B/16 and friends) add vit_jax's ResNet root
 (`conv_root`, `gn_root`, `block{i}/unit{j}/...`) in front of the embedding.
 
+Stochastic depth (`transformer.stochastic_depth`, `DropPath`) drops whole
+residual branches per example in training; it adds no parameter.
+
 Mixed precision: `dtype` is the compute dtype of every layer; parameters are
 always created in float32, LayerNorm statistics and the attention softmax are
 computed in float32, and the logits are returned in float32.
@@ -302,6 +305,36 @@ class MlpBlock(nn.Module):
     return x.reshape(inputs.shape[:-1] + (out_dim,))
 
 
+def drop_path_rates(rate: float, num_layers: int) -> np.ndarray:
+  """The stochastic-depth rate of each of `num_layers` blocks: rising
+  linearly from 0 at the first block to `rate` at the last, block i of L
+  at `rate * i / (L - 1)` (the rule of Huang et al., 2016, as timm's and
+  DeiT's `drop_path_rate` apply it); a single block gets 0."""
+  return np.linspace(0.0, rate, num_layers)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth (Huang et al., "Deep networks with stochastic depth",
+  2016) on a residual branch `x` (`[batch, ...]`): each example's branch is
+  dropped (zeroed) with probability `rate` and otherwise kept and scaled by
+  1 / (1 - rate), so its expectation is the branch itself; the identity
+  when `deterministic`. The masks come from the 'dropout' rng stream, so
+  the train step's dropout key drives them. No parameters.
+
+  `rate` is an argument of the call, not an attribute, so that a scanned
+  encoder can give each layer its own (traced) rate.
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, rate: Any, *, deterministic: bool) -> Array:
+    if deterministic:
+      return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return x * jnp.where(kept, 1.0 / keep, 0.0).astype(x.dtype)
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head self-attention with the parameters of Flax's (and vit_jax's)
   `MultiHeadDotProductAttention`:
@@ -425,6 +458,11 @@ class Encoder1DBlock(nn.Module):
       Hugging Face transformers' ViT uses 1e-12).
     attention: how the attention is computed, one of `ATTENTION_KERNELS`
       (see `MultiHeadSelfAttention.implementation`).
+
+  The call's `drop_rate` is this block's stochastic-depth rate (a float, or
+  a traced scalar under `nn.scan`): in training each residual branch, the
+  attention's and the MLP's, goes through its own `DropPath` (`DropPath_0`,
+  `DropPath_1`). None (the default) builds the block without them.
   """
 
   mlp_dim: int
@@ -440,7 +478,9 @@ class Encoder1DBlock(nn.Module):
   # `deterministic` may be positional: `nn.remat` needs it static, and
   # static arguments are positional (`static_argnums`).
   @nn.compact
-  def __call__(self, inputs: Array, deterministic: bool) -> Array:
+  def __call__(
+    self, inputs: Array, deterministic: bool, drop_rate: Any = None
+  ) -> Array:
     if inputs.ndim != 3:
       raise ValueError(
         f'Encoder1DBlock expects [batch, seq, dim], got {inputs.shape}'
@@ -455,7 +495,7 @@ class Encoder1DBlock(nn.Module):
       name='MultiHeadDotProductAttention_0',
     )(x, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = x + inputs
+    x = self._drop_path(x, drop_rate, deterministic) + inputs
 
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(x)
     y = MlpBlock(
@@ -465,7 +505,15 @@ class Encoder1DBlock(nn.Module):
       approximate_gelu=self.approximate_gelu,
       name='MlpBlock_0',
     )(y, deterministic=deterministic)
-    return x + y
+    return x + self._drop_path(y, drop_rate, deterministic)
+
+  def _drop_path(
+    self, branch: Array, drop_rate: Any, deterministic: bool
+  ) -> Array:
+    """`branch` through a new `DropPath`, or as it is without a rate."""
+    if drop_rate is None:
+      return branch
+    return DropPath()(branch, drop_rate, deterministic=deterministic)
 
 
 class Encoder(nn.Module):
@@ -497,6 +545,9 @@ class Encoder(nn.Module):
       `vit_jax.checkpoint.layer_stack`.
     attention: 'explicit' or 'dot_product_attention', see
       `MultiHeadSelfAttention.implementation`.
+    stochastic_depth: the drop-path rate of the last block; block i of L
+      drops its residual branches at `stochastic_depth * i / (L - 1)`
+      (`drop_path_rates`), in training only. 0: off.
   """
 
   num_layers: int
@@ -514,6 +565,7 @@ class Encoder(nn.Module):
   remat_policy: str = 'nothing_saveable'
   scan: bool = False
   attention: str = 'explicit'
+  stochastic_depth: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -538,7 +590,9 @@ class Encoder(nn.Module):
 
   def _blocks(self, x: Array, deterministic: bool) -> Array:
     """The `num_layers` blocks, one after the other or scanned, each
-    rematerialised with `remat`."""
+    rematerialised with `remat`; each given its stochastic-depth rate when
+    `stochastic_depth` is on (scanned: as the scan's per-layer input)."""
+    rates = drop_path_rates(self.stochastic_depth, self.num_layers)
     block = Encoder1DBlock
     policy = remat_policy(self.remat_policy)
     if self.remat:
@@ -563,20 +617,31 @@ class Encoder(nn.Module):
     )
     if not self.scan:
       for layer in range(self.num_layers):
-        x = block(name=f'encoderblock_{layer}', **options)(x, deterministic)
+        rate = float(rates[layer]) if rates[layer] > 0 else None
+        x = block(name=f'encoderblock_{layer}', **options)(
+          x, deterministic, rate
+        )
       return x
 
-    def layer(module: nn.Module, carry: Array) -> Tuple[Array, None]:
-      return module(carry, deterministic), None
+    def layer(
+      module: nn.Module, carry: Array, rate: Optional[Array]
+    ) -> Tuple[Array, None]:
+      return module(carry, deterministic, rate), None
 
     # Each layer gets its own parameters (and sown weights) along axis 0 of
-    # the stacked arrays, and its own initialisation and dropout rngs.
+    # the stacked arrays, its own initialisation and dropout rngs, and its
+    # own stochastic-depth rate (None: no DropPath, as without the option).
     x, _ = nn.scan(
       layer,
       variable_axes={'params': 0, 'intermediates': 0},
       split_rngs={'params': True, 'dropout': True},
+      in_axes=0,
       length=self.num_layers,
-    )(block(name=SCANNED_BLOCK, **options), x)
+    )(
+      block(name=SCANNED_BLOCK, **options),
+      x,
+      jnp.asarray(rates, jnp.float32) if self.stochastic_depth else None,
+    )
     return x
 
   def _sincos2d_table(self, seq_len: int, dim: int) -> Array:
@@ -605,9 +670,9 @@ class VisionTransformer(nn.Module):
       optionally 'padding': 'VALID' (default, vit_jax's) or 'SAME' (zero-pads
       the grid to whole patches, e.g. a 7x7 stem output to 4x4 patches of 2).
     transformer: keyword arguments of `Encoder` (num_layers, mlp_dim,
-      num_heads, dropout_rate, attention_dropout_rate; optionally remat,
-      remat_policy, scan and attention); None stops after the patch
-      embedding.
+      num_heads, dropout_rate, attention_dropout_rate; optionally
+      stochastic_depth, remat, remat_policy, scan and attention); None
+      stops after the patch embedding.
     hidden_size: token width.
     resnet: {'num_layers': (...), 'width_factor': w} for a hybrid model.
     conv_stem: widths of 3x3 stride-2 convolutions (each followed by a
