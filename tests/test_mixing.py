@@ -2,7 +2,6 @@
 reference computed here in NumPy, and their place in the train step."""
 
 import functools
-import json
 
 import chex
 import jax
@@ -14,7 +13,6 @@ from configs import common
 from tests import helpers
 from vit_jax import config_checks
 from vit_jax import losses
-from vit_jax import metrics as metrics_lib
 from vit_jax import mixing
 from vit_jax import models
 from vit_jax import optim
@@ -413,19 +411,3 @@ def test_both_engines_mix_each_device_batch_alike():
     others = np.delete(targets[device], device, axis=1)
     assert (others == 0).all()
   assert not np.array_equal(np.asarray(meshed['image']), flat['image'])
-
-
-@pytest.mark.slow
-def test_two_steps_with_mixup_and_cutmix_on_digits(tmp_path):
-  config = helpers.job_config(
-    total_steps=2, eval_every=2, checkpoint_every=0, progress_every=1
-  )
-  config.dataset = 'digits'
-  config.mix.update({'mixup_alpha': 0.8, 'cutmix_alpha': 1.0})
-  config.random_erase.prob = 0.25
-  results = train_lib.train_and_evaluate(config, str(tmp_path))
-  assert 0 <= results['test_accuracy'] <= 1
-  lines = (tmp_path / metrics_lib.METRICS_FILE).read_text().splitlines()
-  losses_seen = [json.loads(line).get('train/loss') for line in lines]
-  losses_seen = [loss for loss in losses_seen if loss is not None]
-  assert len(losses_seen) == 2 and np.isfinite(losses_seen).all()

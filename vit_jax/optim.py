@@ -101,16 +101,18 @@ def learning_rate_schedule(
 _STACKED_BLOCK = 'encoderblock'
 
 
+def _decays(path: str, leaf: Any) -> bool:
+  """Whether AdamW decays the leaf at '/'-joined `path`: weight matrices
+  and embeddings, not biases or norm scales, i.e. leaves of more than one
+  dimension per layer (a scanned encoder's stacked biases are 2-D, one row
+  per layer, and are not decayed either)."""
+  stacked = f'/{_STACKED_BLOCK}/' in f'/{path}/'
+  return leaf.ndim - int(stacked) > 1
+
+
 def _decayed(params):
-  """AdamW decays weight matrices and embeddings, not biases or norm scales:
-  leaves of more than one dimension per layer (a scanned encoder's stacked
-  biases are 2-D, one row per layer, and are not decayed either)."""
-
-  def decayed(path, leaf) -> bool:
-    stacked = any(getattr(k, 'key', None) == _STACKED_BLOCK for k in path)
-    return leaf.ndim - int(stacked) > 1
-
-  return jax.tree_util.tree_map_with_path(decayed, params)
+  """AdamW's decay mask over `params` (`_decays`)."""
+  return _map_paths(_decays, params)
 
 
 def vit_layer_id(path: str, num_layers: int) -> Union[int, np.ndarray]:
@@ -265,7 +267,7 @@ def add_decayed_weights_by_path(
       raise ValueError('add_decayed_weights_by_path needs the params.')
 
     def decay(path, u, p):
-      if p.ndim <= 1:
+      if not _decays(path, p):
         return u
       return u + _scaled(p, weight_decay * np.asarray(multipliers(path)))
 
