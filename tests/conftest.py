@@ -48,6 +48,11 @@ SLOW_FILES_FIRST = (
   'test_checkpoint_damage.py',
   'test_mixing.py',
   'test_layer_stack.py',
+  'test_vit.py',
+  'test_models.py',
+  'test_finetune.py',
+  'test_cli.py',
+  'test_swin.py',
 )
 
 
