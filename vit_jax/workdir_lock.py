@@ -34,7 +34,7 @@ import json
 import os
 import socket
 import threading
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 import uuid
 
 from absl import logging
@@ -103,7 +103,9 @@ class Holder:
     return False
 
 
-def _in_use(lock_path: str, holder: Optional[Holder], detail: str = '') -> Any:
+def _in_use(
+  lock_path: str, holder: Optional[Holder], detail: str = ''
+) -> WorkdirInUse:
   """The error for a workdir whose lock `holder` holds."""
   who = holder.describe() if holder else 'a process that is just starting'
   return WorkdirInUse(
