@@ -141,8 +141,11 @@ def test_bucket_lock_is_refused_while_fresh_and_taken_over_when_stale(
   finally:
     kill(holder)
   assert f'process {holder.pid} on host tpu-vm-7' in str(error.value)
+  # On a loaded machine a heartbeat can land while this run tries a
+  # takeover; the refusal then comes from the failed re-creation, which
+  # names the holder without its age.
   refreshed = re.search(r'refreshed (\d+) s ago', str(error.value))
-  assert refreshed and int(refreshed[1]) <= stale_after_s
+  assert refreshed is None or int(refreshed[1]) <= stale_after_s
   killed_at = time.monotonic()
   lock_object = paths.join(workdir, workdir_lock.LOCK_FILE)
   assert paths.exists(lock_object)  # Nothing released it.
