@@ -24,6 +24,12 @@ os.environ['XLA_FLAGS'] = ' '.join(
   [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# gcsfs chooses its file system class when imported (test modules import it
+# at collection, before the `emulator` fixture sets its variables): its
+# default one asks each bucket's layout from the storage-control API, which
+# the emulator lacks, and looks for the GCE metadata server with a back-off
+# before every request (minutes per test).
+os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 
 # A folder of this process's own: xdist workers would otherwise inherit the
 # controller's, and one process may read an entry another is writing.

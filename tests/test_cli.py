@@ -239,3 +239,18 @@ def test_run_argparse_reports_expected_errors_and_keeps_bugs(capsys):
     cli.run_argparse(main, parser(), ['user', '--verbose'])
   with pytest.raises(KeyError):
     cli.run_argparse(main, parser(), ['bug'])
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line(capsys):
+  """A tool (or a run before it installs its signal handlers) stopped by
+  Ctrl-C exits with status 130 and one line, without a traceback."""
+
+  def main(args):
+    del args
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_argparse(main, argparse.ArgumentParser(), [])
+  assert exit_info.value.code == 130
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith('error: stopped by Ctrl-C. Files already written')

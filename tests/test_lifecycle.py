@@ -507,24 +507,30 @@ def test_step_time_leaves_out_the_compiling_first_step(tmp_path, monkeypatch):
   assert monitor.median_step_time() == pytest.approx(0.5)
 
 
-def test_ctrl_c_before_training_starts_is_one_line(tmp_path):
-  """Ctrl-C while the run sets up (here: as soon as it logs its devices)
-  exits with status 130 and one line, without a traceback."""
+def test_ctrl_c_while_the_run_sets_up_stops_before_the_first_step(tmp_path):
+  """Ctrl-C while the run sets up (here: when it has read the config and
+  chosen its starting point) is a stop request like one during training:
+  raised as KeyboardInterrupt inside TensorFlow's setup it was swallowed
+  (the run trained on) or crashed the process. The run stops before its
+  first step with one line, without a traceback, and wrote no checkpoint."""
+  workdir = tmp_path / 'run'
   process = subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'vit_jax.main',
-      f'--config={REPO}/configs/scratch.py:digits',
-      f'--workdir={tmp_path / "run"}',
-    ],
+    helpers.tiny_digits_main(workdir, total_steps=4),
     cwd=REPO,
+    env=helpers.one_cpu_device(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
   )
-  stderr = helpers.signal_on_line(process, 'JAX process 0 of 1', signal.SIGINT)
-  assert process.returncode == 130, stderr[-3000:]
+  stderr = helpers.signal_on_line(
+    process, 'No pretrained checkpoint configured', signal.SIGINT
+  )
+  assert process.returncode == 1, stderr[-3000:]
   assert 'Traceback' not in stderr
   (line,) = [x for x in stderr.splitlines() if x.startswith('error:')]
-  assert line.startswith('error: stopped by Ctrl-C.')
+  assert line == (
+    'error: Training stopped by SIGINT before its first step, while the run '
+    'was being set up; nothing was trained or saved. Run the same command '
+    'again to start.'
+  )
+  assert not list((workdir / 'checkpoints').glob('[0-9]*'))

@@ -6,15 +6,16 @@ at each step. `check_restart` refuses a workdir that holds a run with
 another config. `Monitor` turns the metrics of the steps since the last
 report into a progress line and TensorBoard scalars, and stops the run at
 the first NaN/inf (`divergence_error`). `StopSignals` turns SIGTERM
-(a preempted TPU VM) or Ctrl-C into a stop at the end of the current step;
-`save_on_stop` saves that step and says where.
+(a preempted TPU VM) or Ctrl-C into a stop before the first step or at the
+end of the current one; `save_on_stop` saves that step and says where.
 """
 
+import contextlib
 import dataclasses
 import math
 import signal
 import threading
-from typing import AbstractSet, Any, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -154,14 +155,17 @@ def check_restart(
 class StopSignals:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop, while active.
 
-  The training loop polls `requested` after each step, so a signal never
-  cuts a step, whose input buffers are donated, in half; the run then saves
-  that step and stops. A second signal stops the process at once, without
-  saving (the operating system's default action: the checkpoints already
-  on disk are intact, a save in progress is cleaned up at the next start).
-  The context suppresses KeyboardInterrupt raised by code and records it as
-  the reason. Outside the main thread, the only one Python delivers signals
-  to, no handler is installed. The previous handlers are restored on exit.
+  A run is inside from its setup to its outputs. A signal only records its
+  name: raised as KeyboardInterrupt in the middle of a library's setup (a
+  TensorFlow or tfds call) it can be swallowed there, or crash the
+  process. The run asks `requested` at safe points: before its first step
+  and after each step, so a signal never cuts a step, whose input buffers
+  are donated, in half; it then saves that step and stops. A second signal
+  stops the process at once, without saving (the operating system's
+  default action: the checkpoints already on disk are intact, a save in
+  progress is cleaned up at the next start). Outside the main thread, the
+  only one Python delivers signals to, no handler is installed. The
+  previous handlers are restored on exit.
   """
 
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -176,8 +180,9 @@ class StopSignals:
     for s in self._SIGNALS:
       signal.signal(s, signal.SIG_DFL)
     logging.warning(
-      'Got %s: stopping after this step and saving it. Another signal '
-      'stops at once, without saving.',
+      'Got %s: stopping after the current step and saving it (before the '
+      'first step if training has not started). Another signal stops at '
+      'once, without saving.',
       self.reason,
     )
 
@@ -195,6 +200,16 @@ class StopSignals:
       self.reason = 'a signal on another host'
     return bool(stop.any())
 
+  @contextlib.contextmanager
+  def recording_interrupts(self) -> Iterator[None]:
+    """Records a KeyboardInterrupt raised inside as a stop request, for
+    code run where no handler could be installed (a thread other than the
+    main one, whose Ctrl-C Python raises in the main thread)."""
+    try:
+      yield
+    except KeyboardInterrupt:
+      self.reason = self.reason or 'KeyboardInterrupt'
+
   def __enter__(self) -> 'StopSignals':
     if threading.current_thread() is threading.main_thread():
       self._previous = {
@@ -202,13 +217,19 @@ class StopSignals:
       }
     return self
 
-  def __exit__(self, exc_type, exc, traceback) -> bool:
+  def __exit__(self, exc_type, exc, traceback) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
-    if exc_type is KeyboardInterrupt:
-      self.reason = self.reason or 'KeyboardInterrupt'
-      return True
-    return False
+
+
+def stopped_before_training(reason: str, start_step: int) -> Interrupted:
+  """The `Interrupted` error of a run stopped while it was set up."""
+  again = f'resume from step {start_step}' if start_step else 'start'
+  return Interrupted(
+    f'Training stopped by {reason} before its first step, while the run was '
+    f'being set up; nothing was trained or saved. Run the same command '
+    f'again to {again}.'
+  )
 
 
 def save_on_stop(

@@ -140,22 +140,25 @@ def train_and_evaluate(
   workdir until its results are written.
   """
   start_time = time.perf_counter()
-  derived = results_lib.derived_keys(config)
-  config = with_complete_pp(config)
-  config_checks.check(config)  # Every value, before anything is built.
-  intervals = lifecycle.Intervals.from_config(config)
-  hosts = input_pipeline.Hosts.from_jax()
-  check_batch_sizes(config, hosts)
-  views.check_eval_shift(config.eval_shift, config.pp.crop)
-  pretrained_path = results_lib.pretrained_path(config)
-  pretrained.check_exists(pretrained_path)
-  paths.makedirs(workdir)
-  with workdir_lock.WorkdirLock(workdir) as lock:
-    lifecycle.check_restart(config, workdir, derived)
-    return _train_locked(
-      Run(config, workdir, command, start_time, intervals, hosts, lock),
-      pretrained_path,
-    )
+  # A signal from here on is a stop request, honoured before the first
+  # step or after the current one.
+  with lifecycle.StopSignals() as stop:
+    derived = results_lib.derived_keys(config)
+    config = with_complete_pp(config)
+    config_checks.check(config)  # Every value, before anything is built.
+    intervals = lifecycle.Intervals.from_config(config)
+    hosts = input_pipeline.Hosts.from_jax()
+    check_batch_sizes(config, hosts)
+    views.check_eval_shift(config.eval_shift, config.pp.crop)
+    pretrained_path = results_lib.pretrained_path(config)
+    pretrained.check_exists(pretrained_path)
+    paths.makedirs(workdir)
+    with workdir_lock.WorkdirLock(workdir) as lock:
+      lifecycle.check_restart(config, workdir, derived)
+      return _train_locked(
+        Run(config, workdir, command, start_time, intervals, hosts, lock, stop),
+        pretrained_path,
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +172,7 @@ class Run:
   intervals: lifecycle.Intervals
   hosts: input_pipeline.Hosts
   lock: workdir_lock.WorkdirLock
+  stop: lifecycle.StopSignals
 
 
 def _train_locked(run: Run, pretrained_path: Optional[str]) -> Dict[str, Any]:
@@ -241,7 +245,11 @@ def _train_locked(run: Run, pretrained_path: Optional[str]) -> Dict[str, Any]:
     # included. ----------------------------------------------------------
     scores = None  # The latest evaluation's.
     done_step = start_step  # The step whose state `placed` holds.
-    with lifecycle.StopSignals() as stop:
+    stop = run.stop
+    if stop.requested(poll_other_hosts=True):  # A signal during setup.
+      writer.close()
+      raise lifecycle.stopped_before_training(stop.reason, start_step)
+    with stop.recording_interrupts():
       for step in range(start_step + 1, intervals.total_steps + 1):
         if step == start_step + 1:
           logging.info('Compiling the train step (the first step waits)...')
