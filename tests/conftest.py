@@ -20,8 +20,20 @@ import tempfile
 
 import pytest
 
+# The test programs are tiny: compiling them takes far longer than running
+# them, and most of the compile time is LLVM's optimisation of the CPU code.
+# The tests compile without it (what a program computes is unchanged; its
+# floating-point sums may round differently).
+FAST_COMPILE_FLAGS = (
+  '--xla_backend_optimization_level=0',
+  '--xla_llvm_disable_expensive_passes=true',
+)
 os.environ['XLA_FLAGS'] = ' '.join(
-  [os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8']
+  [
+    os.environ.get('XLA_FLAGS', ''),
+    *FAST_COMPILE_FLAGS,
+    '--xla_force_host_platform_device_count=8',
+  ]
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # gcsfs chooses its file system class when imported (test modules import it

@@ -3,6 +3,7 @@
 import functools
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -33,16 +34,27 @@ def free_port() -> int:
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def one_cpu_device() -> dict:
-  """This process's environment, for a subprocess on one CPU device (not
-  the session's 8): it compiles and runs faster."""
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+def xla_flags(devices: int) -> str:
+  """The session's XLA flags (tests/conftest.py) with `devices` CPU
+  devices instead of 8."""
+  flags = re.sub(
+    r'--xla_force_host_platform_device_count=\d+',
+    '',
+    os.environ.get('XLA_FLAGS', ''),
+  )
+  return f'{flags.strip()} --xla_force_host_platform_device_count={devices}'
+
+
+def cpu_env(devices: int = 1) -> dict:
+  """This process's environment, for a subprocess on `devices` CPU devices
+  (not the session's 8): it compiles and runs faster."""
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(devices)}
 
 
 def tiny_digits_main(workdir, total_steps: int) -> list:
   """The command `python -m vit_jax.main` training a 1-layer ViT-Micro on
   digits at 8x8 for `total_steps`, checkpointing every 2 steps (run it
-  with `env=one_cpu_device()`, `cwd=REPO`)."""
+  with `env=cpu_env()`, `cwd=REPO`)."""
   return [
     sys.executable,
     '-m',

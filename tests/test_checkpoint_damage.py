@@ -308,7 +308,7 @@ def run_main(workdir: pathlib.Path, total_steps: int):
   process = subprocess.run(
     helpers.tiny_digits_main(workdir, total_steps),
     cwd=REPO,
-    env=helpers.one_cpu_device(),
+    env=helpers.cpu_env(),
     capture_output=True,
     text=True,
     timeout=300,
@@ -367,7 +367,11 @@ def run_two_processes(workdir: pathlib.Path, out: pathlib.Path) -> list:
     for k, v in os.environ.items()
     if not k.startswith(('JAX_', 'SLURM_', 'OMPI_', 'PMI_', 'TPU_'))
   }
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='2')
+  env.update(
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=helpers.xla_flags(1),
+    TF_CPP_MIN_LOG_LEVEL='2',
+  )
   processes, logs = [], []
   for index in range(2):
     logs.append(out / f'process{index}.log')

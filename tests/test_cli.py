@@ -13,6 +13,7 @@ import sys
 import ml_collections
 import pytest
 
+from tests import helpers
 from vit_jax import cli
 from vit_jax.errors import ConfigError
 
@@ -101,7 +102,7 @@ def test_a_bad_run_fails_in_one_line_before_training(tmp_path, flag, expected):
       '--config.warmup_steps=1',
       f'--workdir={tmp_path / "run"}',
       *flag.format(npz=npz).split(),
-      xla_flags='--xla_force_host_platform_device_count=2',
+      xla_flags=helpers.xla_flags(2),
     )
   )
   assert expected.format(npz=npz) in line

@@ -172,7 +172,7 @@ def _main(*flags: str) -> subprocess.Popen:
       *flags,
     ],
     cwd=REPO,
-    env=helpers.one_cpu_device(),
+    env=helpers.cpu_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

@@ -404,7 +404,7 @@ def test_main_stopped_by_sigterm_says_where_in_one_line(tmp_path):
       '--config.checkpoint_every=100000',
     ],
     cwd=REPO,
-    env=helpers.one_cpu_device(),
+    env=helpers.cpu_env(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -517,7 +517,7 @@ def test_ctrl_c_while_the_run_sets_up_stops_before_the_first_step(tmp_path):
   process = subprocess.Popen(
     helpers.tiny_digits_main(workdir, total_steps=4),
     cwd=REPO,
-    env=helpers.one_cpu_device(),
+    env=helpers.cpu_env(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,

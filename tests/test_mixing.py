@@ -405,7 +405,8 @@ def test_both_engines_mix_each_device_batch_alike():
     lambda b: steps.transform_batch(transform, b, key, None, batch_shards=4)
   )(flat)
   mapped = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mapped)
-  chex.assert_trees_all_close(mapped, meshed, rtol=1e-6)
+  # Two programs: a multiply-add may be fused in one and not the other.
+  chex.assert_trees_all_close(mapped, meshed, rtol=1e-6, atol=1e-6)
   targets = np.asarray(meshed['label']).reshape(4, 4, 4, 4)
   for device in range(4):
     others = np.delete(targets[device], device, axis=1)

@@ -496,7 +496,7 @@ def test_main_end_to_end_on_mnist5k(tmp_path):
     '--config.eval_shift=1',
   ]
   # Two devices (not the session's 8): pmap over several, at less cost.
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = helpers.cpu_env(2)
   process = subprocess.run(
     command,
     cwd=REPO,

@@ -6,7 +6,6 @@ module paths: `vit_jax.configs` (models, common, inference_time),
 `vit_jax.inference_time`, `vit_jax.test_utils`, `input_pipeline.prefetch`."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -311,7 +310,7 @@ def test_vit_jax_s_timing_config_runs_from_the_command_line(tmp_path, module):
       '--config.initial_steps=0',
     ],
     cwd=REPO,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+    env=helpers.cpu_env(),
     capture_output=True,
     text=True,
     timeout=300,

@@ -104,7 +104,7 @@ def test_two_runs_started_together_one_trains_one_is_refused(tmp_path):
     subprocess.Popen(
       helpers.tiny_digits_main(workdir, total_steps=4),
       cwd=REPO,
-      env=helpers.one_cpu_device(),
+      env=helpers.cpu_env(),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
