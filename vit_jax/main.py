@@ -23,9 +23,7 @@ from ml_collections import config_flags
 
 from vit_jax import cli
 from vit_jax import cpu_devices
-from vit_jax import inference_time
 from vit_jax import paths
-from vit_jax import train
 from vit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -143,10 +141,16 @@ def main(argv) -> None:
     jax.device_count(),
     jax.devices()[0].device_kind,
   )
+  # The trainers import TensorFlow (the input pipeline), seconds of start-up
+  # that a mistake in the command line or the config need not wait for.
   if config.trainer == 'train':
+    from vit_jax import train
+
     command = shlex.join(['python', '-m', 'vit_jax.main'] + sys.argv[1:])
     train.train_and_evaluate(config, _WORKDIR.value, command)
   else:
+    from vit_jax import inference_time
+
     inference_time.inference_time(config, _WORKDIR.value)
 
 
