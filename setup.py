@@ -6,8 +6,6 @@ TEST_REQUIRES = [
   'pytest>=8',
   'pytest-xdist>=3.5',
   'chex>=0.1.90',
-  # JAX's lock around its compilation cache, which the test processes share.
-  'filelock>=3.12',
   # A local GCS API for the gs:// tests (tests/gcs_emulator.py).
   'gcp-storage-emulator>=2026.7',  # Its routes are patched there.
   'pillow>=10',

@@ -8,9 +8,9 @@ Many tests compile the same programs (the train and eval steps of
 `helpers.job_config`, run again to resume or to compare). JAX's persistent
 cache keys each compiled program by its HLO, devices and compiler options,
 so a repeat loads the executable the first compile wrote instead of
-compiling it again; what runs is the same. The xdist workers and the
-subprocesses the tests start (the CLI, the multi-host workers) share one
-folder, removed when the session ends.
+compiling it again; what runs is the same. Each test process (an xdist
+worker) gets its own folder, removed when it exits; subprocesses the tests
+start (the CLI, the multi-host workers) inherit it through the environment.
 """
 
 import atexit
@@ -43,18 +43,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # before every request (minutes per test).
 os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 
-# One folder for the session: the xdist controller, which imports this file
-# before it starts the workers, makes it, and the workers and every process
-# they start inherit it, so a program compiled by one (the train step of
-# `helpers.job_config`, the CLI's digits run) loads in the others. A size
-# limit turns on JAX's file lock around each read and write of the cache,
-# which makes sharing it between processes safe.
-_CACHE_ENV = 'VIT_JAX_TESTS_XLA_CACHE'
-if _CACHE_ENV not in os.environ:
-  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix='vit_jax-tests-xla-cache-')
-  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
-os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ[_CACHE_ENV]
-os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
+# A folder of this process's own: xdist workers would otherwise inherit the
+# controller's, and one process may read an entry another is writing (JAX
+# locks its cache only when it also evicts, and then scans the whole folder
+# at each write). Subprocesses the tests start share their worker's.
+_cache_dir = tempfile.mkdtemp(prefix='vit_jax-tests-xla-cache-')
+atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
 # The programs of the tiny test models compile in well under JAX's default
 # threshold for caching (1 s).
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.1'
