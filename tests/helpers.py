@@ -51,6 +51,29 @@ def cpu_env(devices: int = 1) -> dict:
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(devices)}
 
 
+# Variables by which JAX would detect a cluster instead of reading the
+# coordinator variables the tests set; of JAX's own, the compilation cache
+# (tests/conftest.py) is kept.
+_CLUSTER_ENV = re.compile(r'^(SLURM_|OMPI_|PMI_|TPU_|KUBERNETES_|JAX_)')
+_KEPT_JAX_ENV = (
+  'JAX_COMPILATION_CACHE_DIR',
+  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+)
+
+
+def process_env(devices: int) -> dict:
+  """`cpu_env(devices)` without cluster variables: the environment of one
+  process of a local multi-process run, to which the test adds JAX's
+  coordinator variables."""
+  env = {
+    k: v
+    for k, v in cpu_env(devices).items()
+    if k in _KEPT_JAX_ENV or k == 'JAX_PLATFORMS' or not _CLUSTER_ENV.match(k)
+  }
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return env
+
+
 def tiny_digits_main(workdir, total_steps: int) -> list:
   """The command `python -m vit_jax.main` training a 1-layer ViT-Micro on
   digits at 8x8 for `total_steps`, checkpointing every 2 steps (run it

@@ -362,16 +362,7 @@ def run_two_processes(workdir: pathlib.Path, out: pathlib.Path) -> list:
   in the shared `workdir`; their records, by process index. Both are killed
   once one fails or the time is up (the other would wait for it)."""
   port = helpers.free_port()
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if not k.startswith(('JAX_', 'SLURM_', 'OMPI_', 'PMI_', 'TPU_'))
-  }
-  env.update(
-    JAX_PLATFORMS='cpu',
-    XLA_FLAGS=helpers.xla_flags(1),
-    TF_CPP_MIN_LOG_LEVEL='2',
-  )
+  env = helpers.process_env(1)
   processes, logs = [], []
   for index in range(2):
     logs.append(out / f'process{index}.log')

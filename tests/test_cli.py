@@ -24,15 +24,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRATCH = '--config=configs/scratch.py:mnist5k'
 
 
-def run_module(
-  module, *args, xla_flags=None, cwd=REPO, jax_platforms='cpu', env=()
-):
+def run_module(module, *args, cwd=REPO, jax_platforms='cpu', env=()):
   """`python -m module args` from `cwd` (the repo root) on CPU (None: on
   the backends JAX finds), with the variables `env` set: (exit code,
   stderr)."""
   env = {**os.environ, 'JAX_PLATFORMS': jax_platforms or '', **dict(env)}
-  if xla_flags is not None:
-    env['XLA_FLAGS'] = xla_flags
   process = subprocess.run(
     [sys.executable, '-m', module, *args],
     cwd=cwd,

@@ -40,31 +40,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 4
 FIRST_STEPS, TOTAL_STEPS = 2, 4
 TIMEOUT_S = 120  # Per 2-process run; each takes ~15 s on 2 cores.
-# Variables by which JAX would detect a cluster instead of reading ours.
-_CLUSTER_ENV = re.compile(r'^(SLURM_|OMPI_|PMI_|TPU_|KUBERNETES_|JAX_)')
-# Kept: the worker's compilation cache (tests/conftest.py), which process
-# 0 writes, so the 4-step run loads the programs the 2-step run compiled.
-_KEPT_ENV = (
-  'JAX_COMPILATION_CACHE_DIR',
-  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
-)
-_DEVICE_COUNT_FLAG = re.compile(r'--xla_force_host_platform_device_count=\d+')
-
-
-def _clean_env(local_devices: int) -> dict:
-  """This environment without cluster variables, on `local_devices` CPU
-  devices."""
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if k in _KEPT_ENV or not _CLUSTER_ENV.match(k)
-  }
-  flags = _DEVICE_COUNT_FLAG.sub('', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = (
-    f'{flags} --xla_force_host_platform_device_count={local_devices}'
-  ).strip()
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  return env
 
 
 def _stop(processes) -> None:
@@ -86,7 +61,7 @@ def run_processes(
   port = helpers.free_port()
   processes, logs = [], []
   for index in range(PROCESSES):
-    env = _clean_env(LOCAL_DEVICES)
+    env = helpers.process_env(LOCAL_DEVICES)
     env.update(
       {
         main_lib.COORDINATOR_ADDRESS_ENV: f'127.0.0.1:{port}',
@@ -361,7 +336,7 @@ def test_distributed_without_a_cluster_is_a_config_error(tmp_path):
       f'--workdir={tmp_path}',
     ],
     cwd=REPO,
-    env=_clean_env(1),
+    env=helpers.process_env(1),
     capture_output=True,
     text=True,
     timeout=120,
